@@ -1,0 +1,53 @@
+"""Pickup Portal: the Flask application factory."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from portal import config as settings
+from portal import logs
+from portal.extensions import csrf, db, limiter, login_manager
+from portal.paths import asset_dir
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Return the portal app: defaults, then ``PORTAL_*`` environment, then ``config``.
+
+    Raises portal.config.ConfigError naming the first malformed setting.
+    """
+    app = Flask("portal", template_folder=str(asset_dir("templates")),
+                static_folder=str(asset_dir("static")))
+    app.config.update(settings.load(overrides=config))
+    _harden(app)
+    logs.configure(app.config["LOG_LEVEL"])
+    db.init_app(app)
+    csrf.init_app(app)
+    login_manager.init_app(app)
+    app.config.setdefault("RATELIMIT_STORAGE_URI", app.config["REDIS_URL"] or "memory://")
+    limiter.init_app(app)
+    _register(app)
+    return app
+
+
+def _harden(app: Flask) -> None:
+    https = app.config["BASE_URL"].startswith("https://")
+    app.config.update(
+        SESSION_COOKIE_SECURE=https,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_NAME="__Host-session" if https else "session",
+        PREFERRED_URL_SCHEME="https" if https else "http",
+        MAX_CONTENT_LENGTH=app.config["MAX_UPLOAD"] + 1024 * 1024,
+        WTF_CSRF_TIME_LIMIT=None,
+    )
+
+
+def _register(app: Flask) -> None:
+    from portal import web
+    from portal.auth import views as auth_views
+
+    web.init_app(app)
+    app.register_blueprint(auth_views.bp)

@@ -1,0 +1,233 @@
+"""The audit trail: append events in the caller's transaction, and verify the hash chain.
+
+Each event stores the hash of the one before it and its own SHA-256 over a
+canonical JSON encoding of every field, so an edited, deleted or reordered row
+breaks the chain. Appends lock the single ``audit_head`` row first (an UPDATE,
+which PostgreSQL row-locks and SQLite serialises with its write lock), so
+concurrent writers queue: no forks, no gaps in ``seq``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from portal.database import utcnow
+from portal.models import AuditEvent, AuditHead
+
+GENESIS_HASH = "0" * 64
+MAX_DETAIL_TEXT = 200
+_DETAIL_KEY = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
+class Action(StrEnum):
+    """The fixed vocabulary of audited actions (``area.subject.verb``)."""
+
+    AUTH_SIGNIN = "auth.signin"
+    AUTH_SIGNIN_FAILED = "auth.signin.failed"
+    AUTH_LOCKOUT = "auth.lockout"
+    AUTH_SIGNOUT = "auth.signout"
+    AUTH_REAUTH = "auth.reauth"
+    AUTH_MFA_ENROL = "auth.mfa.enrol"
+    AUTH_RECOVERY_USED = "auth.recovery.used"
+    AUTH_RECOVERY_REGENERATED = "auth.recovery.regenerated"
+    AUTH_IDENTITY_VERIFY = "auth.identity.verify"
+    AUTH_PASSWORD_SET = "auth.password.set"
+    AUTH_RESET_REQUEST = "auth.reset.request"
+    AUTH_RESET = "auth.reset"
+    AUTH_INVITE_ACCEPT = "auth.invite.accept"
+    USER_CREATE = "user.create"
+    USER_DISABLE = "user.disable"
+    USER_ENABLE = "user.enable"
+    USER_MFA_RESET = "user.mfa.reset"
+    MESSAGE_SEND = "message.send"
+    MESSAGE_VIEW = "message.view"
+    MESSAGE_PDF = "message.pdf"
+    MESSAGE_REPLY = "message.reply"
+    MESSAGE_REVOKE = "message.revoke"
+    MESSAGE_RESEND = "message.resend"
+    MESSAGE_SHRED = "message.shred"
+    ATTACHMENT_DOWNLOAD = "attachment.download"
+    ATTACHMENT_VIEW = "attachment.view"
+    LINK_OPEN = "link.open"
+    LINK_REISSUE = "link.reissue"
+    ACCESS_DENIED = "access.denied"
+    NOTICE_SENT = "notice.sent"
+    NOTICE_FAILED = "notice.failed"
+    KEY_ROTATE = "key.rotate"
+    AUDIT_SEARCH = "audit.search"
+    AUDIT_EXPORT = "audit.export"
+    AUDIT_REPORT = "audit.report"
+    AUDIT_VERIFY = "audit.verify"
+    RETENTION_RUN = "retention.run"
+
+
+class Outcome(StrEnum):
+    """How an audited action ended."""
+
+    SUCCESS = "success"
+    FAILURE = "failure"
+    DENIED = "denied"
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who acts: a user id and role, or the system (id None)."""
+
+    id: int | None
+    role: str
+
+
+SYSTEM = Actor(None, "system")
+
+
+@dataclass(frozen=True)
+class RequestMeta:
+    """Where a request came from; the CLI and workers pass :data:`NO_REQUEST`."""
+
+    client_ip: str | None = None
+    user_agent: str | None = None
+    request_id: str | None = None
+
+
+NO_REQUEST = RequestMeta()
+
+
+class AuditDetailError(ValueError):
+    """Details must be short scalars under snake_case keys: no room for free-text PHI."""
+
+
+def _check_details(details: Mapping[str, object]) -> str:
+    for key, value in details.items():
+        if not _DETAIL_KEY.fullmatch(key):
+            raise AuditDetailError(f"audit detail key {key!r} is not snake_case")
+        if isinstance(value, str) and len(value) > MAX_DETAIL_TEXT:
+            raise AuditDetailError(f"audit detail {key!r} is longer than {MAX_DETAIL_TEXT}")
+        if value is not None and not isinstance(value, str | int | bool | float):
+            raise AuditDetailError(f"audit detail {key!r} must be a scalar")
+    return _canonical(dict(details))
+
+
+def _canonical(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _timestamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def event_hash(event: AuditEvent) -> str:
+    """Return the SHA-256 (hex) of the event's canonical encoding, ``prev_hash`` included."""
+    return _hash_fields(
+        event.seq, event.occurred_at, event.actor_id, event.actor_role, event.action,
+        event.target_type, event.target_id, event.patient_id, event.message_id, event.outcome,
+        event.client_ip, event.user_agent, event.request_id, event.details, event.prev_hash)
+
+
+def _hash_fields(*fields: object) -> str:
+    names = ("seq", "occurred_at", "actor_id", "actor_role", "action", "target_type",
+             "target_id", "patient_id", "message_id", "outcome", "client_ip", "user_agent",
+             "request_id", "details", "prev_hash")
+    values = [(_timestamp(v) if isinstance(v, datetime) else v) for v in fields]
+    return hashlib.sha256(_canonical(dict(zip(names, values, strict=True))).encode()).hexdigest()
+
+
+def record(
+    session: Session,
+    action: Action,
+    *,
+    actor: Actor = SYSTEM,
+    meta: RequestMeta = NO_REQUEST,
+    outcome: Outcome = Outcome.SUCCESS,
+    target_type: str | None = None,
+    target_id: str | None = None,
+    patient_id: int | None = None,
+    message_id: int | None = None,
+    details: Mapping[str, object] | None = None,
+) -> AuditEvent:
+    """Append an event in ``session``'s transaction (flushed, not committed) and return it.
+
+    The caller's commit makes the event and the change it records durable
+    together. Raises AuditDetailError for details that could carry free text.
+    """
+    detail_text = _check_details(details or {})
+    seq, prev_hash = session.execute(
+        update(AuditHead).where(AuditHead.id == 1).values(seq=AuditHead.seq + 1)
+        .returning(AuditHead.seq, AuditHead.hash)
+    ).one()
+    event = AuditEvent(
+        seq=seq, occurred_at=utcnow(), actor_id=actor.id, actor_role=actor.role,
+        action=Action(action).value, target_type=target_type, target_id=target_id,
+        patient_id=patient_id, message_id=message_id, outcome=Outcome(outcome).value,
+        client_ip=meta.client_ip, user_agent=(meta.user_agent or "")[:256] or None,
+        request_id=meta.request_id, details=detail_text, prev_hash=prev_hash)
+    event.hash = event_hash(event)
+    session.add(event)
+    session.execute(update(AuditHead).where(AuditHead.id == 1).values(hash=event.hash))
+    session.flush()
+    return event
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The outcome of walking the chain."""
+
+    ok: bool
+    count: int
+    head_hash: str
+    head_time: datetime | None
+    bad_seq: int | None = None
+    problem: str | None = None
+
+
+VERIFY_COLUMNS = (
+    AuditEvent.seq, AuditEvent.occurred_at, AuditEvent.actor_id, AuditEvent.actor_role,
+    AuditEvent.action, AuditEvent.target_type, AuditEvent.target_id, AuditEvent.patient_id,
+    AuditEvent.message_id, AuditEvent.outcome, AuditEvent.client_ip, AuditEvent.user_agent,
+    AuditEvent.request_id, AuditEvent.details, AuditEvent.prev_hash, AuditEvent.hash,
+)
+
+
+def _rows(session: Session, batch: int = 5000) -> Iterator[tuple[object, ...]]:
+    stmt = select(*VERIFY_COLUMNS).order_by(AuditEvent.seq).execution_options(
+        yield_per=batch, stream_results=True)
+    yield from session.execute(stmt)
+
+
+def verify(session: Session) -> Verification:
+    """Walk the whole chain in ``seq`` order and return a :class:`Verification`.
+
+    Finds an edited row (hash mismatch), a deleted row (gap in ``seq`` or a
+    broken ``prev_hash``), a reordering (``prev_hash`` mismatch) and a trail
+    cut short at its end (the head row counts further than the last event).
+    """
+    expected_seq, prev, head_time = 1, GENESIS_HASH, None
+    for row in _rows(session):
+        seq, stored = row[0], row[-1]
+        problem = _check_row(row, expected_seq, prev)
+        if problem:
+            return Verification(False, expected_seq - 1, prev, head_time, int(seq), problem)
+        expected_seq, prev, head_time = expected_seq + 1, str(stored), row[1]
+    head = session.get(AuditHead, 1)
+    if head is not None and (head.seq != expected_seq - 1 or head.hash != prev):
+        return Verification(False, expected_seq - 1, prev, head_time, expected_seq,
+                            "events are missing after the last one (the head counts further)")
+    return Verification(True, expected_seq - 1, prev, head_time)
+
+
+def _check_row(row: tuple[object, ...], expected_seq: int, prev: str) -> str | None:
+    if row[0] != expected_seq:
+        return f"expected event {expected_seq}, found {row[0]} (deleted or reordered)"
+    if row[-2] != prev:
+        return "does not follow the event before it (deleted, inserted or reordered)"
+    if _hash_fields(*row[:-1]) != row[-1]:
+        return "contents do not match the hash (edited)"
+    return None

@@ -1,0 +1,1 @@
+"""Sign-in, enrolment, recovery and session views (HTTP only; the work is in services)."""

@@ -1,0 +1,107 @@
+"""The ``portal`` command (DESIGN.md's contract). Each command runs in its own app context."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+from flask import Flask
+
+from portal.config import ConfigError
+
+
+def make_app(overrides: dict[str, Any] | None = None) -> Flask:
+    """Return the app, or exit 2 with the one-line settings error."""
+    from portal import create_app
+
+    try:
+        return create_app(overrides)
+    except ConfigError as error:
+        click.echo(f"portal: configuration error: {error}", err=True)
+        sys.exit(2)
+
+
+def with_app(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a click command inside an app context; commit on success, roll back on error."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from portal.extensions import db
+
+        app = make_app()
+        with app.app_context():
+            try:
+                result = func(app, *args, **kwargs)
+                db.session.commit()
+                return result
+            except BaseException:
+                db.session.rollback()
+                raise
+
+    return wrapper
+
+
+@click.group()
+def main() -> None:
+    """Pickup Portal: secure patient messages."""
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@with_app
+def db_upgrade(app: Flask) -> None:
+    """Apply migrations up to head."""
+    from portal.extensions import db as database
+    from portal.migrate import schema_state, upgrade
+
+    upgrade(database.engine)
+    click.echo(f"database at revision {schema_state(database.engine)[0]}")
+
+
+@main.group()
+def audit() -> None:
+    """The audit trail."""
+
+
+@audit.command("verify")
+@with_app
+def audit_verify(app: Flask) -> None:
+    """Walk the hash chain: exit 0 when intact, 1 and the first bad event otherwise."""
+    from portal import audit as trail
+    from portal.extensions import db as database
+
+    result = trail.verify(database.session)
+    if result.ok:
+        when = result.head_time.isoformat() if result.head_time else "-"
+        click.echo(f"audit trail intact: {result.count} events, head {result.head_hash} at {when}")
+        return
+    click.echo(f"audit trail BROKEN at event {result.bad_seq}: {result.problem} "
+               f"({result.count} events verified before it)", err=True)
+    sys.exit(1)
+
+
+@main.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--workers", default=2, show_default=True, type=int)
+def serve(host: str, port: int, workers: int) -> None:
+    """Run the portal under gunicorn (production WSGI server)."""
+    make_app()  # fail fast, with the one-line settings error, before forking workers
+    from portal.server import run_gunicorn
+
+    run_gunicorn(host, port, workers)
+
+
+def _load_commands() -> None:
+    # Command modules attach themselves to ``main`` on import.
+    from portal.commands import demo, users  # noqa: F401
+
+
+_load_commands()

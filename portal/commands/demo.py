@@ -1,0 +1,102 @@
+"""``portal demo``: migrate, seed demo accounts, run every process, print where to go."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import date
+
+import click
+from flask import Flask
+
+from portal.audit import NO_REQUEST, SYSTEM
+from portal.cli import main, make_app
+
+DEMO_PORT = 5000
+
+
+@dataclass(frozen=True)
+class DemoAccount:
+    """A demo login; the passwords are public, so demo data must never be real."""
+
+    role: str
+    email: str
+    name: str
+    password: str
+    dob: date | None = None
+
+
+ACCOUNTS = (
+    DemoAccount("staff", "staff@demo.example", "Sam Staffer", "Lantern-Ocelot-Ripple-41"),
+    DemoAccount("patient", "patient@demo.example", "Pat Demo", "Harbour-Quince-Velvet-73",
+                date(1980, 1, 31)),
+    DemoAccount("auditor", "auditor@demo.example", "Ada Auditor", "Meadow-Cobalt-Thistle-58"),
+    DemoAccount("admin", "admin@demo.example", "Al Admin", "Granite-Willow-Saffron-26"),
+)
+
+
+def seed(app: Flask) -> None:
+    """Create the demo accounts that do not exist yet (idempotent)."""
+    from portal.extensions import db
+    from portal.services import accounts
+
+    with app.app_context():
+        for account in ACCOUNTS:
+            if accounts.find_by_email(db.session, account.email) is None:
+                accounts.create_user(db.session, role=account.role, email=account.email,
+                                     name=account.name, dob=account.dob,
+                                     password=account.password, actor=SYSTEM, meta=NO_REQUEST)
+        db.session.commit()
+
+
+def _banner(app: Flask, port: int) -> str:
+    base = f"http://127.0.0.1:{port}"
+    lines = ["", "Pickup Portal demo is running (test data only).", "",
+             f"  Portal:        {base}/signin",
+             f"  Health:        {base}/healthz", "",
+             "  Demo logins (email / password):"]
+    lines += [f"    {a.role:<8} {a.email:<24} {a.password}" for a in ACCOUNTS]
+    lines += ["", f"  Instance folder: {app.config['INSTANCE_DIR']}", "  Stop with Ctrl-C.", ""]
+    return "\n".join(lines)
+
+
+@main.command("demo")
+@click.option("--port", default=DEMO_PORT, show_default=True, type=int)
+def demo(port: int) -> None:
+    """Migrate, seed demo accounts, start the portal; print the URL and logins."""
+    os.environ["PORTAL_DEMO"] = "1"
+    os.environ.setdefault("PORTAL_BASE_URL", f"http://127.0.0.1:{port}")
+    app = make_app()
+    from portal.extensions import db
+    from portal.migrate import upgrade
+
+    with app.app_context():
+        upgrade(db.engine)
+    seed(app)
+    processes = [subprocess.Popen([sys.executable, "-m", "portal", "serve", "--port", str(port)])]
+    click.echo(_banner(app, port))
+    _wait(processes)
+
+
+def _wait(processes: list[subprocess.Popen[bytes]]) -> None:
+    stop = False
+
+    def _stop(_signum: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stop and all(p.poll() is None for p in processes):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        process.wait(timeout=20)

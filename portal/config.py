@@ -1,0 +1,244 @@
+"""Settings: embedded defaults, then ``PORTAL_*`` environment variables, then overrides.
+
+A wrong setting stops start-up with one :class:`ConfigError` line that names the
+setting (and never echoes a secret's value).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+MIB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names the setting."""
+
+
+def parse_duration(name: str, raw: str) -> int:
+    """Return ``raw`` ("90s", "15m", "12h", "7d" or plain seconds) in seconds.
+
+    Raises ConfigError naming ``name`` when it is not a positive duration.
+    """
+    match = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", raw)
+    if not match or int(match.group(1)) <= 0:
+        raise ConfigError(f"{name}: expected a positive duration such as 90s, 15m, 12h or 7d")
+    return int(match.group(1)) * SECONDS[match.group(2) or "s"]
+
+
+def parse_size(name: str, raw: str) -> int:
+    """Return ``raw`` ("100M", "2G", "512K" or bytes) in bytes; ConfigError if malformed."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)i?B?\s*", raw, re.IGNORECASE)
+    if not match or int(match.group(1)) <= 0:
+        raise ConfigError(f"{name}: expected a size such as 100M or 2G")
+    power = {"": 0, "K": 1, "M": 2, "G": 3}[match.group(2).upper()]
+    return int(match.group(1)) * 1024**power
+
+
+def _parse_int(name: str, raw: str, low: int, high: int) -> int:
+    if not raw.strip().isdigit() or not low <= int(raw) <= high:
+        raise ConfigError(f"{name}: expected a whole number from {low} to {high}")
+    return int(raw)
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigError(f"{name}: expected true or false")
+
+
+def _parse_base_url(name: str, raw: str) -> str:
+    parts = urlsplit(raw.strip())
+    if parts.scheme not in {"http", "https"} or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(f"{name}: expected an http(s) URL such as https://portal.example.org")
+    return raw.strip().rstrip("/")
+
+
+def _parse_database_url(name: str, raw: str) -> str:
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        raise ConfigError(
+            f"{name}: not a database URL (sqlite:///path or postgresql://...)") from None
+    if url.get_backend_name() not in {"sqlite", "postgresql"}:
+        raise ConfigError(f"{name}: only sqlite and postgresql are supported")
+    if url.get_backend_name() == "postgresql" and url.drivername == "postgresql":
+        url = url.set(drivername="postgresql+psycopg")
+    return url.render_as_string(hide_password=False)
+
+
+def _parse_redis_url(name: str, raw: str) -> str:
+    if urlsplit(raw).scheme not in {"redis", "rediss", "unix"}:
+        raise ConfigError(f"{name}: expected a redis:// or rediss:// URL")
+    return raw
+
+
+def _readable_file(name: str, raw: str) -> str:
+    path = Path(raw).expanduser()
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise ConfigError(f"{name}: file {path} does not exist or is not readable")
+    return str(path)
+
+
+def _smtp_tls(name: str, raw: str) -> str:
+    if raw not in {"starttls", "implicit"}:
+        raise ConfigError(f"{name}: expected starttls or implicit")
+    return raw
+
+
+def _email(name: str, raw: str) -> str:
+    if not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", raw):
+        raise ConfigError(f"{name}: expected an email address")
+    return raw
+
+
+def _text(_name: str, raw: str) -> str:
+    return raw
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One ``PORTAL_*`` environment variable and the Flask config key it fills."""
+
+    env: str
+    key: str
+    parse: Any
+    default: Any
+    help: str
+
+
+def _port(name: str, raw: str) -> int:
+    return _parse_int(name, raw, 1, 65535)
+
+
+def _drift(name: str, raw: str) -> int:
+    return _parse_int(name, raw, 0, 2)
+
+
+def _bool(name: str, raw: str) -> bool:
+    return _parse_bool(name, raw)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("PORTAL_DATABASE_URL", "DATABASE_URL", _parse_database_url, None,
+            "Database URL; default SQLite in the instance folder"),
+    Setting("PORTAL_SECRET_KEY", "SECRET_KEY", _text, None,
+            "Session signing secret; default generated once in instance/secret_key"),
+    Setting("PORTAL_KEYRING", "KEYRING_PATH", _readable_file, None,
+            "Key-encryption keyring file; default generated once in instance/keyring.json"),
+    Setting("PORTAL_BLOB_DIR", "BLOB_DIR", _text, None,
+            "Folder for encrypted blobs; default instance/blobs"),
+    Setting("PORTAL_BASE_URL", "BASE_URL", _parse_base_url, "http://127.0.0.1:5000",
+            "Public URL of the portal, used in links"),
+    Setting("PORTAL_SMTP_HOST", "SMTP_HOST", _text, "127.0.0.1", "SMTP relay host"),
+    Setting("PORTAL_SMTP_PORT", "SMTP_PORT", _port, 8025, "SMTP relay port"),
+    Setting("PORTAL_SMTP_USERNAME", "SMTP_USERNAME", _text, None, "SMTP AUTH user (optional)"),
+    Setting("PORTAL_SMTP_PASSWORD", "SMTP_PASSWORD", _text, None, "SMTP AUTH password"),
+    Setting("PORTAL_SMTP_TLS", "SMTP_TLS", _smtp_tls, "starttls", "starttls or implicit"),
+    Setting("PORTAL_SMTP_CA_FILE", "SMTP_CA_FILE", _readable_file, None,
+            "CA bundle for a private SMTP certificate"),
+    Setting("PORTAL_MAIL_FROM", "MAIL_FROM", _email, "no-reply@pickup.invalid",
+            "From address of notices"),
+    Setting("PORTAL_ORG_NAME", "ORG_NAME", _text, "Pickup Portal Demo Clinic",
+            "Organisation name shown in notices and pages"),
+    Setting("PORTAL_ORG_ADDRESS", "ORG_ADDRESS", _text, "1 Example Street, Exampletown",
+            "Postal address shown in notices"),
+    Setting("PORTAL_SUPPORT_CONTACT", "SUPPORT_CONTACT", _text, "the practice's front desk",
+            "How patients reach support (shown in notices)"),
+    Setting("PORTAL_REDIS_URL", "REDIS_URL", _parse_redis_url, None,
+            "Redis for rate limits across processes; default in-process memory"),
+    Setting("PORTAL_LINK_TTL", "LINK_TTL", parse_duration, 7 * 86400,
+            "Default lifetime of a pickup link"),
+    Setting("PORTAL_LINK_MAX_TTL", "LINK_MAX_TTL", parse_duration, 30 * 86400,
+            "Longest expiry staff may choose"),
+    Setting("PORTAL_MAX_UPLOAD", "MAX_UPLOAD", parse_size, 100 * MIB,
+            "Largest accepted upload"),
+    Setting("PORTAL_REMINDER_AFTER", "REMINDER_AFTER", parse_duration, 3 * 86400,
+            "Remind once when a message is not opened after this long"),
+    Setting("PORTAL_SESSION_IDLE", "SESSION_IDLE", parse_duration, 15 * 60,
+            "Idle session timeout"),
+    Setting("PORTAL_SESSION_LIFETIME", "SESSION_LIFETIME", parse_duration, 12 * 3600,
+            "Absolute session lifetime"),
+    Setting("PORTAL_TOTP_DRIFT", "TOTP_DRIFT", _drift, 1,
+            "TOTP steps of clock drift accepted either way"),
+    Setting("PORTAL_PASSWORD_BLOCKLIST", "PASSWORD_BLOCKLIST", _readable_file, None,
+            "Optional file of breached passwords, one a line"),
+    Setting("PORTAL_DKIM_KEY", "DKIM_KEY", _readable_file, None,
+            "PEM private key; notices are DKIM-signed when set"),
+    Setting("PORTAL_DKIM_SELECTOR", "DKIM_SELECTOR", _text, "pickup", "DKIM selector"),
+    Setting("PORTAL_DEMO", "DEMO", _bool, False,
+            "Demo mode: shows the mail sink and demo TOTP codes. Never in production"),
+    Setting("PORTAL_DEMO_MAILDIR", "DEMO_MAILDIR", _text, None, "Maildir the demo sink writes"),
+    Setting("PORTAL_LOG_LEVEL", "LOG_LEVEL", _text, "INFO", "Log level"),
+)
+
+
+def instance_dir(environ: Mapping[str, str]) -> Path:
+    """Return the instance folder (``PORTAL_INSTANCE_DIR``, default ``instance``), made 0700."""
+    path = Path(environ.get("PORTAL_INSTANCE_DIR") or "instance").resolve()
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def secret_file(path: Path, nbytes: int = 32) -> str:
+    """Return the secret stored in ``path``, creating it once with mode 0600.
+
+    The file is created with O_EXCL so two processes starting together agree on
+    one secret; the loser reads the winner's file.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    value = secrets.token_urlsafe(nbytes)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return value
+
+
+def load(environ: Mapping[str, str] | None = None,
+         overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Return the Flask config: defaults, then environment, then ``overrides``.
+
+    Raises ConfigError naming the first malformed setting.
+    """
+    environ = os.environ if environ is None else environ
+    folder = instance_dir(environ)
+    config: dict[str, Any] = {"INSTANCE_DIR": str(folder)}
+    for setting in SETTINGS:
+        raw = environ.get(setting.env)
+        config[setting.key] = setting.default if raw in (None, "") else setting.parse(
+            setting.env, raw)
+    config.update(overrides or {})
+    _fill_embedded_defaults(config, folder)
+    return config
+
+
+def _fill_embedded_defaults(config: dict[str, Any], folder: Path) -> None:
+    if not config.get("DATABASE_URL"):
+        config["DATABASE_URL"] = f"sqlite:///{folder / 'portal.db'}"
+    if not config.get("SECRET_KEY"):
+        config["SECRET_KEY"] = secret_file(folder / "secret_key")
+    config.setdefault("KEYRING_PATH", None)
+    if not config.get("KEYRING_PATH"):
+        config["KEYRING_PATH"] = str(folder / "keyring.json")
+    if not config.get("BLOB_DIR"):
+        config["BLOB_DIR"] = str(folder / "blobs")
+    if not config.get("DEMO_MAILDIR"):
+        config["DEMO_MAILDIR"] = str(folder / "maildir")

@@ -1,0 +1,103 @@
+"""The database: declarative base with a stable naming convention, engine and session."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import current_app
+from flask.globals import app_ctx
+from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy.orm import DeclarativeBase, Session, scoped_session
+from sqlalchemy.types import TypeDecorator
+
+# Alembic autogenerate compares constraint names; a convention keeps them stable
+# across SQLite and PostgreSQL (STYLE.md: migrations).
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    """Base of every model."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def utcnow() -> datetime:
+    """Return the current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored in UTC and always returned timezone-aware (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: timestamps must be timezone-aware UTC")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """Return an engine for ``url``; SQLite gets foreign keys, WAL and a busy timeout."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, **kwargs)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys = ON")
+    cursor.execute("PRAGMA journal_mode = WAL")
+    cursor.execute("PRAGMA busy_timeout = 30000")
+    cursor.close()
+
+
+class Database:
+    """Per-app engine and a session scoped to the current app context.
+
+    Unbound until :meth:`init_app` (flaskr's pattern), so one process can hold
+    several apps, each on its own database (the tests run SQLite and PostgreSQL).
+    """
+
+    def __init__(self) -> None:
+        self.session: scoped_session[Session] = scoped_session(
+            self._new_session, scopefunc=_app_context_id)
+
+    @staticmethod
+    def _new_session() -> Session:
+        return Session(bind=current_app.extensions["engine"], expire_on_commit=False)
+
+    @property
+    def engine(self) -> Engine:
+        """Return the current app's engine."""
+        engine: Engine = current_app.extensions["engine"]
+        return engine
+
+    def init_app(self, app: Any) -> None:
+        """Create the engine from ``app.config['DATABASE_URL']`` and remove sessions at teardown."""
+        app.extensions["engine"] = make_engine(app.config["DATABASE_URL"])
+        app.teardown_appcontext(self._remove)
+
+    def _remove(self, _exc: BaseException | None) -> None:
+        self.session.remove()
+
+
+def _app_context_id() -> int:
+    return id(app_ctx._get_current_object())

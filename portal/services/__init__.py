@@ -1,0 +1,1 @@
+"""Domain operations. They flush, never commit; the caller commits at its boundary."""

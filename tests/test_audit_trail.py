@@ -1,0 +1,180 @@
+"""The hash-chained audit trail: append, verify, tamper detection, concurrency, PG trigger."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import Any
+
+import pytest
+from flask import Flask
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from portal import audit
+from portal.audit import Action, Actor, AuditDetailError, Outcome, RequestMeta
+from portal.extensions import db
+from portal.models import AuditEvent
+
+STAFF = Actor(7, "staff")
+META = RequestMeta(client_ip="192.0.2.10", user_agent="pytest", request_id="r-1")
+
+
+def append(n: int, **kwargs: Any) -> None:
+    for i in range(n):
+        audit.record(db.session, Action.MESSAGE_VIEW, actor=STAFF, meta=META,
+                     target_type="message", target_id=f"m{i}", patient_id=3, **kwargs)
+    db.session.commit()
+
+
+def tamper(session: Any, backend: str, sql: str, **params: Any) -> None:
+    """Change rows as an attacker with table-owner rights would (PostgreSQL: trigger bypassed)."""
+    if backend == "postgresql":
+        session.execute(text("SET LOCAL session_replication_role = replica"))
+    session.execute(text(sql), params)
+    session.commit()
+
+
+def test_append_and_verify(app: Flask) -> None:
+    with app.app_context():
+        append(5)
+        result = audit.verify(db.session)
+        assert result.ok
+        assert result.count == 5
+        events = db.session.query(AuditEvent).order_by(AuditEvent.seq).all()
+        assert [e.seq for e in events] == [1, 2, 3, 4, 5]
+        assert events[0].prev_hash == audit.GENESIS_HASH
+        assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(events))
+        assert result.head_hash == events[-1].hash
+        assert events[0].occurred_at.tzinfo is not None
+        assert events[0].client_ip == "192.0.2.10"
+        assert events[0].outcome == "success"
+
+
+def test_empty_trail_verifies(app: Flask) -> None:
+    with app.app_context():
+        result = audit.verify(db.session)
+        assert result.ok
+        assert result.count == 0
+
+
+def test_event_is_in_callers_transaction(app: Flask) -> None:
+    with app.app_context():
+        audit.record(db.session, Action.MESSAGE_SEND, actor=STAFF)
+        db.session.rollback()
+        assert db.session.query(AuditEvent).count() == 0
+        append(1)
+        assert audit.verify(db.session).count == 1
+
+
+@pytest.mark.parametrize("details", [
+    {"note": "x" * 500},
+    {"Free Text": "a"},
+    {"nested": {"a": 1}},
+])
+def test_details_refuse_free_text(app: Flask, details: dict[str, Any]) -> None:
+    with app.app_context(), pytest.raises(AuditDetailError):
+        audit.record(db.session, Action.MESSAGE_SEND, details=details)
+
+
+def test_unknown_action_refused(app: Flask) -> None:
+    with app.app_context(), pytest.raises(ValueError, match="not a valid Action"):
+        audit.record(db.session, "message.eat", actor=STAFF)  # type: ignore[arg-type]
+
+
+def test_detects_edit(app: Flask, backend: str) -> None:
+    with app.app_context():
+        append(5)
+        tamper(db.session, backend, "UPDATE audit_events SET outcome = 'denied' WHERE seq = 3")
+        result = audit.verify(db.session)
+        assert not result.ok
+        assert result.bad_seq == 3
+        assert "edited" in (result.problem or "")
+
+
+def test_detects_deletion(app: Flask, backend: str) -> None:
+    with app.app_context():
+        append(5)
+        tamper(db.session, backend, "DELETE FROM audit_events WHERE seq = 2")
+        result = audit.verify(db.session)
+        assert not result.ok
+        assert result.bad_seq == 3
+
+
+def test_detects_deletion_of_the_last_event(app: Flask, backend: str) -> None:
+    with app.app_context():
+        append(5)
+        tamper(db.session, backend, "DELETE FROM audit_events WHERE seq = 5")
+        result = audit.verify(db.session)
+        assert not result.ok
+        assert result.bad_seq == 5
+
+
+def test_detects_swap(app: Flask, backend: str) -> None:
+    with app.app_context():
+        append(5)
+        tamper(db.session, backend, "UPDATE audit_events SET seq = -1 WHERE seq = 2")
+        tamper(db.session, backend, "UPDATE audit_events SET seq = 2 WHERE seq = 3")
+        tamper(db.session, backend, "UPDATE audit_events SET seq = 3 WHERE seq = -1")
+        result = audit.verify(db.session)
+        assert not result.ok
+        assert result.bad_seq == 2
+
+
+def test_cli_verify_exit_codes(app: Flask, backend: str) -> None:
+    from click.testing import CliRunner
+
+    from portal import cli
+
+    with app.app_context():
+        append(3)
+    runner = CliRunner()
+    env = {"PORTAL_DATABASE_URL": app.config["DATABASE_URL"]}
+    ok = runner.invoke(cli.main, ["audit", "verify"], env=env)
+    assert ok.exit_code == 0, ok.output
+    assert "intact: 3 events" in ok.output
+    with app.app_context():
+        tamper(db.session, backend, "UPDATE audit_events SET action = 'x' WHERE seq = 2")
+    bad = runner.invoke(cli.main, ["audit", "verify"], env=env)
+    assert bad.exit_code == 1
+    assert "BROKEN at event 2" in bad.output
+
+
+@pytest.mark.postgres_only
+def test_trigger_refuses_update_and_delete(app: Flask) -> None:
+    with app.app_context():
+        append(2)
+        for sql in ("UPDATE audit_events SET outcome = 'denied'", "DELETE FROM audit_events",
+                    "TRUNCATE audit_events"):
+            with pytest.raises(DBAPIError, match="append-only"):
+                db.session.execute(text(sql))
+            db.session.rollback()
+        assert audit.verify(db.session).count == 2
+
+
+def test_concurrent_appends_make_one_chain(app: Flask, backend: str) -> None:
+    threads, per_thread = (8, 25) if backend == "postgresql" else (4, 10)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(threads)
+
+    def worker() -> None:
+        try:
+            with app.app_context():
+                barrier.wait()
+                for _ in range(per_thread):
+                    audit.record(db.session, Action.AUTH_SIGNIN, actor=STAFF,
+                                 outcome=Outcome.SUCCESS)
+                    db.session.commit()
+        except BaseException as error:
+            errors.append(error)
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    assert errors == []
+    with app.app_context():
+        result = audit.verify(db.session)
+        assert result.ok, result.problem
+        assert result.count == threads * per_thread

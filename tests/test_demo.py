@@ -1,0 +1,50 @@
+"""`portal demo` from an empty instance folder: migrates, seeds, serves, prints the logins."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(url: str, deadline: float) -> bytes:
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 (loopback http)
+                return bytes(response.read())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def test_demo_serves_health_and_sign_in(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "PORTAL_INSTANCE_DIR": str(tmp_path / "instance")}
+    process = subprocess.Popen([sys.executable, "-m", "portal", "demo", "--port", str(port)],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        assert b'"ok"' in wait_for(f"http://127.0.0.1:{port}/healthz", deadline)
+        page = wait_for(f"http://127.0.0.1:{port}/signin", deadline).decode()
+        assert "Email" in page
+        assert "Password" in page
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        out, _ = process.communicate(timeout=30)
+    assert f"http://127.0.0.1:{port}/signin" in out
+    for role in ("staff", "patient", "auditor", "admin"):
+        assert f"{role}@demo.example" in out
+    assert (tmp_path / "instance" / "portal.db").exists()
