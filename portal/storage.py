@@ -129,6 +129,13 @@ class FilesystemBlobStore(BlobStore):
         except FileNotFoundError:
             raise BlobNotFound(blob_id) from None
 
+    def mtime(self, blob_id: str) -> float:
+        """Return when the blob was written (epoch seconds). Raises ``BlobNotFound``."""
+        try:
+            return self._path(blob_id).stat().st_mtime
+        except FileNotFoundError:
+            raise BlobNotFound(blob_id) from None
+
     def sweep_temp(self, older_than_seconds: float) -> int:
         """Remove temporary files left by interrupted puts; return how many were removed.
 

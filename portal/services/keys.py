@@ -8,28 +8,55 @@ unrecoverable (crypto-shredding).
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from flask import current_app
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from portal import audit
+from portal.audit import Action, Actor, RequestMeta
 from portal.crypto.errors import ContentDestroyed
 from portal.crypto.fields import field_aad, open_sealed, seal
 from portal.crypto.keyring import Keyring
 from portal.database import utcnow
 from portal.models import DataKey
+from portal.services.errors import ServiceError
 
 WRAP_AAD = b"pickup-portal/data-key/v1"
+
+
+@dataclass(frozen=True)
+class RotationResult:
+    """What a rotation did: the active KEK version, keys rewrapped, whether it resumed."""
+
+    version: int
+    rewrapped: int
+    resumed: bool
 
 
 def keyring() -> Keyring:
     """Return the current app's keyring, created on first use in the embedded default.
 
-    Raises portal.crypto.errors.KeyUnavailable when the keyring file is unreadable.
+    Re-read when the file changes (another process rotated). Raises
+    portal.crypto.errors.KeyUnavailable when the keyring file is unreadable.
     """
-    ring = current_app.extensions.get("keyring")
-    if ring is None:
-        ring = Keyring.load_or_create(current_app.config["KEYRING_PATH"])
-        current_app.extensions["keyring"] = ring
-    return ring
+    path = current_app.config["KEYRING_PATH"]
+    cached = current_app.extensions.get("keyring")
+    stamp = _mtime(path)
+    if cached is None or cached[1] != stamp or stamp is None:
+        ring = Keyring.load_or_create(path)
+        cached = current_app.extensions["keyring"] = (ring, _mtime(path))
+    return cached[0]
+
+
+def _mtime(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
 
 
 def create(session: Session, purpose: str) -> tuple[DataKey, bytes]:
@@ -52,6 +79,71 @@ def unwrap(session: Session, data_key_id: int) -> bytes:
     if row is None or row.wrapped is None:
         raise ContentDestroyed("the data key was destroyed")
     return keyring().unwrap(row.kek_version, row.wrapped, WRAP_AAD)
+
+
+def status(session: Session) -> dict[int, int]:
+    """Return the number of live (not destroyed) data keys per KEK version."""
+    rows = session.execute(
+        select(DataKey.kek_version, func.count()).where(DataKey.wrapped.is_not(None))
+        .group_by(DataKey.kek_version))
+    return {int(version): int(count) for version, count in rows}
+
+
+def rotate(session: Session, *, actor: Actor, meta: RequestMeta, batch_size: int = 500,
+           after_batch: Callable[[int], None] | None = None) -> RotationResult:
+    """Make a new KEK active and rewrap every live data key under it, committing per batch.
+
+    Resumable: when live keys are still wrapped by older versions (a rotation
+    that crashed), no new version is made and the rewrapping carries on.
+    Content is never re-encrypted. Each batch and its audit event commit
+    together; ``after_batch`` (tests) runs after each commit. Raises
+    KeyUnavailable when a key's KEK is missing from the keyring.
+    """
+    ring = keyring()
+    resumed = any(version != ring.active_version for version in status(session))
+    if not resumed:
+        ring.add_version()
+    target, total = ring.active_version, 0
+    audit.record(session, Action.KEY_ROTATE, actor=actor, meta=meta, target_type="keyring",
+                 target_id=str(target), details={"stage": "start", "resumed": resumed})
+    session.commit()
+    while rewrapped := _rewrap_batch(session, ring, target, batch_size):
+        total += rewrapped
+        audit.record(session, Action.KEY_ROTATE, actor=actor, meta=meta, target_type="keyring",
+                     target_id=str(target), details={"stage": "batch", "rewrapped": rewrapped})
+        session.commit()
+        if after_batch:
+            after_batch(total)
+    return RotationResult(target, total, resumed)
+
+
+def _rewrap_batch(session: Session, ring: Keyring, target: int, size: int) -> int:
+    rows = session.scalars(
+        select(DataKey).where(DataKey.wrapped.is_not(None), DataKey.kek_version != target)
+        .order_by(DataKey.id).limit(size).with_for_update(skip_locked=True)).all()
+    for row in rows:
+        assert row.wrapped is not None
+        row.kek_version, row.wrapped = ring.rewrap(row.kek_version, row.wrapped, WRAP_AAD)
+    session.flush()
+    return len(rows)
+
+
+def remove_kek(session: Session, version: int) -> None:
+    """Delete KEK ``version`` from the keyring (dangerous: irreversible).
+
+    Raises ServiceError while any live data key is still wrapped by it, or when
+    it is the active version.
+    """
+    if version == keyring().active_version:
+        raise ServiceError(f"KEK version {version} is the active one; rotate first.")
+    still = status(session).get(version, 0)
+    if still:
+        raise ServiceError(f"KEK version {version} still wraps {still} data keys; "
+                           "run 'portal keys rotate' first.")
+    try:
+        keyring().remove_version(version)
+    except ValueError as error:
+        raise ServiceError(str(error)) from None
 
 
 def destroy(session: Session, data_key_id: int) -> None:

@@ -1,0 +1,139 @@
+"""Message content at rest: encrypted attachment blobs, their cleanup, and crypto-shredding.
+
+Blobs are written before the transaction commits (a file cannot join a
+database transaction), so every blob written in a session is remembered: if
+the session rolls back, they are deleted at once; if the process dies first,
+:func:`sweep_orphans` (run by ``portal retention run``) removes blobs that no
+attachment row names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from flask import current_app
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session
+
+from portal import audit
+from portal.audit import Action, Actor, RequestMeta
+from portal.database import utcnow
+from portal.models import Attachment, Message
+from portal.services import keys
+from portal.storage import FilesystemBlobStore, read_decrypted
+
+log = logging.getLogger(__name__)
+ORPHAN_GRACE_SECONDS = 3600  # a blob younger than this may belong to a transaction in flight
+READ_CHUNK = 256 * 1024
+
+
+def blob_store() -> FilesystemBlobStore:
+    """Return the current app's blob store (``PORTAL_BLOB_DIR``)."""
+    store = current_app.extensions.get("blob_store")
+    if store is None:
+        store = current_app.extensions["blob_store"] = FilesystemBlobStore(
+            current_app.config["BLOB_DIR"])
+    return store
+
+
+@dataclass
+class Digest:
+    """Size and SHA-256 of the plaintext that streamed through :func:`measured`."""
+
+    size: int = 0
+    sha256: str = ""
+
+
+def measured(src: BinaryIO, digest: Digest, limit: int | None = None) -> Iterator[bytes]:
+    """Yield ``src`` in chunks, filling ``digest``; raise ValueError past ``limit`` bytes."""
+    hasher = hashlib.sha256()
+    while chunk := src.read(READ_CHUNK):
+        digest.size += len(chunk)
+        if limit is not None and digest.size > limit:
+            raise ValueError("file larger than the limit")
+        hasher.update(chunk)
+        yield chunk
+    digest.sha256 = hasher.hexdigest()
+
+
+def store_blob(session: Session, key: bytes, object_id: str, chunks: Iterator[bytes]) -> str:
+    """Encrypt ``chunks`` for ``object_id`` into a new blob; return its id.
+
+    The blob is deleted again if ``session`` rolls back. Exceptions from
+    ``chunks`` propagate and leave no blob.
+    """
+    from portal.storage import put_encrypted
+
+    blob_id = put_encrypted(blob_store(), key, object_id, chunks)
+    session.info.setdefault("new_blobs", []).append(blob_id)
+    return blob_id
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _delete_blobs_of_rolled_back(session: Session, _previous: object) -> None:
+    session.info.pop("delete_blobs", None)
+    blob_ids = session.info.pop("new_blobs", [])
+    if blob_ids:
+        store = blob_store()
+        for blob_id in blob_ids:
+            store.delete(blob_id)
+        log.info("deleted blobs of a rolled-back transaction", extra={"count": len(blob_ids)})
+
+
+@event.listens_for(Session, "after_commit")
+def _after_commit(session: Session) -> None:
+    session.info.pop("new_blobs", None)
+    doomed = session.info.pop("delete_blobs", [])
+    if doomed:
+        store = blob_store()
+        for blob_id in doomed:
+            store.delete(blob_id)
+
+
+def open_attachment(session: Session, attachment: Attachment) -> Iterator[bytes]:
+    """Return the verified plaintext of ``attachment`` as an iterator of segments.
+
+    Raises ContentDestroyed when the message was shredded, ContentTampered when
+    the blob fails authentication (also while iterating: the consumer aborts).
+    """
+    key = keys.unwrap(session, attachment.message.data_key_id)
+    return read_decrypted(blob_store(), key, attachment.blob_id, attachment.public_id)
+
+
+def shred(session: Session, message: Message, *, actor: Actor, meta: RequestMeta) -> None:
+    """Destroy ``message``'s data key and blobs: its content is unrecoverable. Audited.
+
+    Idempotent. The blob files are deleted too once the caller commits;
+    without the key they were already unreadable.
+    """
+    if message.destroyed_at is not None:
+        return
+    keys.destroy(session, message.data_key_id)
+    message.destroyed_at = utcnow()
+    audit.record(session, Action.MESSAGE_SHRED, actor=actor, meta=meta, target_type="message",
+                 target_id=message.public_id, patient_id=message.recipient_id,
+                 message_id=message.id)
+    session.flush()
+    # Deleted once the shredding commits; a rollback keeps key and blobs together.
+    session.info.setdefault("delete_blobs", []).extend(a.blob_id for a in message.attachments)
+
+
+def sweep_orphans(session: Session, grace_seconds: int = ORPHAN_GRACE_SECONDS) -> int:
+    """Delete blobs no attachment names (older than ``grace_seconds``) and stale temp files.
+
+    Returns how many blobs were deleted.
+    """
+    store = blob_store()
+    known = set(session.scalars(select(Attachment.blob_id)))
+    cutoff, removed = time.time() - grace_seconds, 0
+    for blob_id in list(store.iter_ids()):
+        if blob_id not in known and store.mtime(blob_id) < cutoff:
+            store.delete(blob_id)
+            removed += 1
+    store.sweep_temp(grace_seconds)
+    return removed
