@@ -47,7 +47,20 @@ def _harden(app: Flask) -> None:
 
 def _register(app: Flask) -> None:
     from portal import web
-    from portal.auth import views as auth_views
+    from portal.auth import onboarding, views  # noqa: F401 - onboarding adds routes to auth
+    from portal.auth.sessions import DatabaseSessionInterface
+
+    app.session_interface = DatabaseSessionInterface()
+    login_manager.session_protection = None  # sessions are server-side, renewed at sign-in
+    login_manager.login_view = "auth.signin"
+    from portal.admin import views as admin_views
+    from portal.auth.policy import nav_links
 
     web.init_app(app)
-    app.register_blueprint(auth_views.bp)
+    app.register_blueprint(views.bp)
+    app.register_blueprint(admin_views.bp)
+    app.jinja_env.globals["nav_links"] = nav_links
+    if app.config["DEMO"]:
+        from portal.web import demo
+
+        app.register_blueprint(demo.bp)

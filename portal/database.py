@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flask import current_app
@@ -28,9 +28,18 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+_clock_offset = timedelta(0)
+
+
 def utcnow() -> datetime:
-    """Return the current time, timezone-aware UTC."""
-    return datetime.now(UTC)
+    """Return the current time, timezone-aware UTC (shifted by :func:`travel` in tests)."""
+    return datetime.now(UTC) + _clock_offset
+
+
+def travel(delta: timedelta | None) -> None:
+    """Move the clock by ``delta`` (None: back to real time). For tests of expiry."""
+    global _clock_offset  # the one clock every expiry reads
+    _clock_offset = delta or timedelta(0)
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -41,6 +42,8 @@ def test_demo_serves_health_and_sign_in(tmp_path: Path) -> None:
         page = wait_for(f"http://127.0.0.1:{port}/signin", deadline).decode()
         assert "Email" in page
         assert "Password" in page
+        codes = wait_for(f"http://127.0.0.1:{port}/demo/", deadline).decode()
+        assert re.search(r'mono">\d{6}</td>', codes), "demo page shows no current code"
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         out, _ = process.communicate(timeout=30)
@@ -48,3 +51,7 @@ def test_demo_serves_health_and_sign_in(tmp_path: Path) -> None:
     for role in ("staff", "patient", "auditor", "admin"):
         assert f"{role}@demo.example" in out
     assert (tmp_path / "instance" / "portal.db").exists()
+
+
+def test_demo_page_absent_outside_demo_mode(client: object) -> None:
+    assert client.get("/demo/").status_code == 404  # type: ignore[attr-defined]

@@ -65,7 +65,8 @@ def test_post_with_csrf_token_is_accepted(client: FlaskClient) -> None:
     token = csrf_token(client, "/signin")
     response = client.post("/signin", data={"csrf_token": token, "email": "a@example.org",
                                             "password": "x" * 12})
-    assert response.status_code == 200
+    assert response.status_code == 401  # the form was accepted; the credentials were not
+    assert "not right" in response.get_data(as_text=True)
 
 
 @pytest.fixture

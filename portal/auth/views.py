@@ -1,32 +1,36 @@
-"""Sign-in views."""
+"""Sign-in (both factors), sign-out, re-authentication and the account page."""
 
 from __future__ import annotations
 
-from flask import Blueprint, redirect, render_template, url_for
+from flask import Blueprint, flash, redirect, render_template, request, session, url_for
 from flask.typing import ResponseReturnValue
-from sqlalchemy import select
+from flask_login import current_user, login_user, logout_user
+from sqlalchemy import func, select
 
-from portal.auth.forms import SignInForm
-from portal.extensions import db, login_manager
-from portal.models import User
+from portal import audit
+from portal.audit import Action
+from portal.auth import forms
+from portal.auth.policy import (
+    fresh_auth,
+    home_for,
+    is_internal_path,
+    mark_reauthenticated,
+    signed_in,
+)
+from portal.database import utcnow
+from portal.extensions import db, limiter, login_manager
+from portal.models import RecoveryCode, User
+from portal.services import accounts
+from portal.services import signin as auth_service
+from portal.services.errors import ServiceError
+from portal.web.security import request_meta
 
 bp = Blueprint("auth", __name__)
+PENDING_SECONDS = 5 * 60  # a half-finished sign-in (password right, code pending) expires
 
 
-@bp.get("/")
-def index() -> ResponseReturnValue:
-    """Send visitors to sign in."""
-    return redirect(url_for("auth.signin"))
-
-
-@bp.route("/signin", methods=["GET", "POST"])
-def signin() -> ResponseReturnValue:
-    """Show the sign-in form; check the first factor."""
-    form = SignInForm()
-    error = None
-    if form.validate_on_submit():
-        error = "The email or password is not right."
-    return render_template("auth/signin.html", form=form, error=error)
+def _email_key() -> str:
+    return "acct:" + (request.form.get("email") or "").strip().lower()[:254]
 
 
 @login_manager.user_loader
@@ -34,3 +38,173 @@ def load_user(user_id: str) -> User | None:
     """Return the signed-in user, or None when the account is unknown or disabled."""
     user = db.session.scalar(select(User).where(User.public_id == user_id))
     return user if user is not None and not user.disabled else None
+
+
+@bp.get("/")
+def index() -> ResponseReturnValue:
+    """Send visitors to sign in, and signed-in users to their home page."""
+    if current_user.is_authenticated:
+        return redirect(url_for(home_for(current_user.role)))
+    return redirect(url_for("auth.signin"))
+
+
+@bp.route("/signin", methods=["GET", "POST"])
+@limiter.limit("20/minute;200/hour", methods=["POST"])
+@limiter.limit("30/hour", methods=["POST"], key_func=_email_key)
+def signin() -> ResponseReturnValue:
+    """First factor: email and password."""
+    if current_user.is_authenticated:
+        return redirect(url_for(home_for(current_user.role)))
+    form, error = forms.SignInForm(), None
+    if form.validate_on_submit():
+        try:
+            first = auth_service.check_password(db.session, form.email.data or "",
+                                          form.password.data or "", request_meta())
+        except auth_service.SignInFailed as failed:
+            db.session.commit()
+            error = str(failed)
+        else:
+            return _after_password(first)
+    status = 401 if error else 200
+    return render_template("auth/signin.html", form=form, error=error), status
+
+
+def _after_password(first: auth_service.FirstFactor) -> ResponseReturnValue:
+    target = request.args.get("next")
+    session.clear()
+    session.regenerate()  # type: ignore[attr-defined]
+    if is_internal_path(target):
+        session["next"] = target
+    db.session.commit()
+    if not first.enrolled:
+        session["enrol_uid"] = first.user.id
+        return redirect(url_for("auth.enrol"))
+    session["pending_uid"], session["pending_at"] = first.user.id, utcnow().timestamp()
+    return redirect(url_for("auth.code"))
+
+
+def pending_user() -> User | None:
+    """Return the user half-way through sign-in, if that is still within five minutes."""
+    started = float(session.get("pending_at", 0))
+    if utcnow().timestamp() - started > PENDING_SECONDS:
+        return None
+    user = db.session.get(User, session.get("pending_uid", -1))
+    return user if user is not None and not user.disabled else None
+
+
+@bp.route("/signin/code", methods=["GET", "POST"])
+@limiter.limit("20/minute;200/hour", methods=["POST"])
+def code() -> ResponseReturnValue:
+    """Second factor: a TOTP code, or a recovery code."""
+    user = pending_user()
+    if user is None:
+        session.clear()
+        flash("Your sign-in timed out. Please start again.", "error")
+        return redirect(url_for("auth.signin"))
+    form, error = forms.CodeForm(), None
+    if form.validate_on_submit():
+        try:
+            remaining = auth_service.second_factor(db.session, user, form.code.data or "",
+                                             request_meta())
+        except auth_service.SignInFailed as failed:
+            db.session.commit()
+            error = str(failed)
+        else:
+            return complete_signin(user, remaining)
+    return render_template("auth/code.html", form=form, error=error)
+
+
+def complete_signin(user: User, recovery_left: int | None = None) -> ResponseReturnValue:
+    """Log ``user`` in on a fresh session id and send them on (to ``next`` if internal)."""
+    target = session.get("next")
+    session.clear()
+    session.regenerate()  # type: ignore[attr-defined]
+    login_user(user)
+    session["uid"] = user.id
+    mark_reauthenticated()
+    db.session.commit()
+    if recovery_left is not None:
+        flash(f"You used a recovery code. {recovery_left} remain; create new ones on your "
+              "account page if you are running low.", "info")
+    return redirect(target if is_internal_path(target) else url_for(home_for(user.role)))
+
+
+@bp.post("/signout")
+@signed_in
+def signout() -> ResponseReturnValue:
+    """End the session on the server, so a copied cookie stops working too."""
+    audit.record(db.session, Action.AUTH_SIGNOUT, actor=auth_service.actor_of(current_user),
+                 meta=request_meta(), target_type="user", target_id=current_user.public_id)
+    db.session.commit()
+    logout_user()
+    session.end()  # type: ignore[attr-defined]
+    flash("You are signed out.", "success")
+    return redirect(url_for("auth.signin"))
+
+
+@bp.route("/reauth", methods=["GET", "POST"])
+@signed_in
+@limiter.limit("20/minute", methods=["POST"])
+def reauth() -> ResponseReturnValue:
+    """Prove the second factor again before a sensitive action."""
+    form, error = forms.ReauthForm(back=request.args.get("next")), None
+    if form.validate_on_submit():
+        user = current_user._get_current_object()
+        ok = auth_service.consume_totp(db.session, user, form.code.data or "") or (
+            auth_service.consume_recovery_code(db.session, user, form.code.data or "",
+                                         request_meta()) is not None)
+        audit.record(db.session, Action.AUTH_REAUTH, actor=auth_service.actor_of(user),
+                     meta=request_meta(), outcome="success" if ok else "failure",
+                     target_type="user", target_id=user.public_id)
+        db.session.commit()
+        if ok:
+            mark_reauthenticated()
+            back = form.back.data
+            return redirect(back if is_internal_path(back) else url_for("auth.account"))
+        error = auth_service.CODE_FAILED
+    return render_template("auth/reauth.html", form=form, error=error)
+
+
+@bp.get("/account")
+@signed_in
+def account() -> ResponseReturnValue:
+    """The user's own account: name, role, recovery codes left, security actions."""
+    left = db.session.scalar(select(func.count()).where(
+        RecoveryCode.user_id == current_user.id, RecoveryCode.used_at.is_(None)))
+    return render_template("auth/account.html", name=accounts.display_name(db.session,
+                           current_user), recovery_left=left, form=forms.ContinueForm())
+
+
+@bp.post("/account/recovery-codes")
+@signed_in
+@fresh_auth
+def regenerate_codes() -> ResponseReturnValue:
+    """Replace the recovery codes and show the new ones once."""
+    codes = auth_service.new_recovery_codes(db.session, current_user)
+    audit.record(db.session, Action.AUTH_RECOVERY_REGENERATED,
+                 actor=auth_service.actor_of(current_user), meta=request_meta(),
+                 target_type="user", target_id=current_user.public_id)
+    db.session.commit()
+    return render_template("auth/recovery_codes.html", codes=codes,
+                           next_url=url_for("auth.account"))
+
+
+@bp.route("/account/password", methods=["GET", "POST"])
+@signed_in
+@fresh_auth
+def change_password() -> ResponseReturnValue:
+    """Change the password; every other session of the user ends."""
+    form = forms.NewPasswordForm()
+    if form.validate_on_submit():
+        try:
+            auth_service.set_password(db.session, current_user, form.password.data or "",
+                                request_meta())
+        except ServiceError as refused:
+            form.password.errors = list(refused.messages)
+        else:
+            db.session.commit()
+            session.regenerate()  # type: ignore[attr-defined]
+            flash("Your password is changed. Other sessions were signed out.", "success")
+            return redirect(url_for("auth.account"))
+    return render_template("auth/new_password.html", form=form, hint=forms.CHOICE_HINT,
+                           title="Change your password", back=request.path)

@@ -47,16 +47,33 @@ def seed(app: Flask) -> None:
     with app.app_context():
         for account in ACCOUNTS:
             if accounts.find_by_email(db.session, account.email) is None:
-                accounts.create_user(db.session, role=account.role, email=account.email,
-                                     name=account.name, dob=account.dob,
-                                     password=account.password, actor=SYSTEM, meta=NO_REQUEST)
+                user = accounts.create_user(db.session, role=account.role, email=account.email,
+                                            name=account.name, dob=account.dob,
+                                            password=account.password, actor=SYSTEM,
+                                            meta=NO_REQUEST).user
+                _enrol(user)
         db.session.commit()
+
+
+def _enrol(user: object) -> None:
+    """Enrol a demo account's authenticator with a code from the step before, so every
+    code the demo page shows from now on is still unused."""
+    from portal.database import utcnow
+    from portal.extensions import db
+    from portal.security import otp
+    from portal.services import signin
+
+    secret = signin.start_enrolment(db.session, user)  # type: ignore[arg-type]
+    step = int(utcnow().timestamp() // otp.STEP_SECONDS) - 1
+    signin.finish_enrolment(db.session, user, otp.code_at(secret, step),  # type: ignore[arg-type]
+                            NO_REQUEST)
 
 
 def _banner(app: Flask, port: int) -> str:
     base = f"http://127.0.0.1:{port}"
     lines = ["", "Pickup Portal demo is running (test data only).", "",
              f"  Portal:        {base}/signin",
+             f"  Demo codes:    {base}/demo/  (current authenticator codes of the demo logins)",
              f"  Health:        {base}/healthz", "",
              "  Demo logins (email / password):"]
     lines += [f"    {a.role:<8} {a.email:<24} {a.password}" for a in ACCOUNTS]

@@ -1,12 +1,26 @@
 """SQLAlchemy models, one module per aggregate. Import from here."""
 
 from portal.models.audit import AuditEvent, AuditHead
+from portal.models.auth import AccountToken, RecoveryCode, WebSession
 from portal.models.keys import DataKey
 from portal.models.messages import Attachment, Message, PickupLink
 from portal.models.notifications import Notification
 from portal.models.users import ApiClient, Consent, PatientProfile, Role, User
 
 __all__ = [
-    "ApiClient", "Attachment", "AuditEvent", "AuditHead", "Consent", "DataKey", "Message",
-    "Notification", "PatientProfile", "PickupLink", "Role", "User",
+    "AccountToken",
+    "ApiClient",
+    "Attachment",
+    "AuditEvent",
+    "AuditHead",
+    "Consent",
+    "DataKey",
+    "Message",
+    "Notification",
+    "PatientProfile",
+    "PickupLink",
+    "RecoveryCode",
+    "Role",
+    "User",
+    "WebSession",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from enum import StrEnum
 
+from flask_login import UserMixin
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -29,7 +30,7 @@ class Role(StrEnum):
     ADMIN = "admin"
 
 
-class User(Base):
+class User(UserMixin, Base):
     """An account. Never deleted: disabled instead, so the audit trail keeps its actors."""
 
     __tablename__ = "users"
@@ -54,6 +55,15 @@ class User(Base):
     created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
 
     profile: Mapped[PatientProfile | None] = relationship(back_populates="user", uselist=False)
+
+    def get_id(self) -> str:
+        """Return the id flask-login keeps in the session: the public id, never the row id."""
+        return self.public_id
+
+    @property
+    def is_active(self) -> bool:
+        """Disabled accounts cannot sign in or stay signed in."""
+        return not self.disabled
 
     __table_args__ = (
         CheckConstraint("role IN ('patient', 'staff', 'auditor', 'admin')", name="role"),

@@ -1,0 +1,100 @@
+"""Admin pages: list, invite, disable/enable accounts, reset MFA; key status."""
+
+from __future__ import annotations
+
+from flask import Blueprint, abort, flash, redirect, render_template, url_for
+from flask.typing import ResponseReturnValue
+from flask_login import current_user
+from sqlalchemy import select
+
+from portal.admin.forms import NewAccountForm
+from portal.auth.forms import ContinueForm
+from portal.auth.policy import fresh_auth, roles
+from portal.extensions import db
+from portal.models import Role, User
+from portal.services import accounts, admin
+from portal.services import keys as key_service
+from portal.services.errors import ServiceError
+from portal.services.signin import actor_of
+from portal.web.security import request_meta
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+
+
+def _user(public_id: str) -> User:
+    user = db.session.scalar(select(User).where(User.public_id == public_id))
+    if user is None:
+        abort(404)
+    return user
+
+
+@bp.get("/users")
+@roles(Role.ADMIN)
+def users() -> ResponseReturnValue:
+    """Every account that is not a patient's, with its state."""
+    rows = db.session.scalars(select(User).where(User.role != Role.PATIENT)
+                              .order_by(User.created_at)).all()
+    named = [(u, accounts.display_name(db.session, u)) for u in rows]
+    return render_template("admin/users.html", users=named, form=ContinueForm())
+
+
+@bp.route("/users/new", methods=["GET", "POST"])
+@roles(Role.ADMIN)
+def new_user() -> ResponseReturnValue:
+    """Invite staff, an auditor or an admin: they get a one-time link by email."""
+    form = NewAccountForm()
+    if form.validate_on_submit():
+        try:
+            admin.invite(db.session, role=form.role.data or "", email=form.email.data or "",
+                         name=form.name.data or "", actor=actor_of(current_user),
+                         meta=request_meta())
+        except ServiceError as refused:
+            db.session.rollback()
+            form.email.errors = list(refused.messages)
+        else:
+            db.session.commit()
+            flash("Invitation sent. The link works for 72 hours.", "success")
+            return redirect(url_for("admin.users"))
+    return render_template("admin/new_user.html", form=form)
+
+
+@bp.post("/users/<public_id>/<any(disable, enable):change>")
+@roles(Role.ADMIN)
+@fresh_auth
+def toggle(public_id: str, change: str) -> ResponseReturnValue:
+    """Disable (ends their sessions at once) or enable an account."""
+    if not ContinueForm().validate_on_submit():
+        abort(400)
+    try:
+        admin.set_disabled(db.session, _user(public_id), change == "disable",
+                           actor=actor_of(current_user), meta=request_meta())
+    except ServiceError as refused:
+        flash(str(refused), "error")
+        return redirect(url_for("admin.users"))
+    db.session.commit()
+    flash(f"Account {change}d.", "success")
+    return redirect(url_for("admin.users"))
+
+
+@bp.post("/users/<public_id>/reset-mfa")
+@roles(Role.ADMIN)
+@fresh_auth
+def reset_mfa(public_id: str) -> ResponseReturnValue:
+    """Reset someone who lost both phone and recovery codes: they get a new invite."""
+    if not ContinueForm().validate_on_submit():
+        abort(400)
+    admin.reset_mfa(db.session, _user(public_id), actor=actor_of(current_user),
+                    meta=request_meta())
+    db.session.commit()
+    flash("Sign-in reset. They have been emailed a link to set a password and enrol again.",
+          "success")
+    return redirect(url_for("admin.users"))
+
+
+@bp.get("/keys")
+@roles(Role.ADMIN)
+def keys() -> ResponseReturnValue:
+    """Key-encryption keys and how many data keys each wraps (rotate with `portal keys`)."""
+    ring = key_service.keyring()
+    return render_template("admin/keys.html", counts=key_service.status(db.session),
+                           versions=ring.versions(), active=ring.active_version)

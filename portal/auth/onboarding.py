@@ -1,0 +1,195 @@
+"""TOTP enrolment, invites (staff, auditors, admins) and password reset."""
+
+from __future__ import annotations
+
+from flask import flash, redirect, render_template, request, session, url_for
+from flask.typing import ResponseReturnValue
+from flask_login import current_user
+from markupsafe import Markup
+
+from portal import audit
+from portal.audit import Action
+from portal.auth import forms
+from portal.auth.policy import fresh_auth, signed_in
+from portal.auth.views import bp, complete_signin
+from portal.extensions import db, limiter
+from portal.models import User
+from portal.security import otp, qr
+from portal.services import account_links
+from portal.services import signin as auth_service
+from portal.services.errors import ServiceError
+from portal.web.security import request_meta
+
+
+def enrolling_user() -> User | None:
+    """Return who is enrolling: a new user (after password or invite), or a user resetting MFA."""
+    if "enrol_uid" in session:
+        user = db.session.get(User, session["enrol_uid"])
+        return user if user is not None and not user.disabled else None
+    if current_user.is_authenticated and session.get("mfa_change"):
+        return current_user._get_current_object()
+    return None
+
+
+@bp.route("/mfa/enrol", methods=["GET", "POST"])
+@limiter.limit("20/minute", methods=["POST"])
+def enrol() -> ResponseReturnValue:
+    """Show the QR code and secret; activate them once a correct code comes back."""
+    user = enrolling_user()
+    if user is None:
+        return redirect(url_for("auth.signin"))
+    secret = auth_service.start_enrolment(db.session, user)
+    db.session.commit()
+    form, error = forms.CodeForm(), None
+    if form.validate_on_submit():
+        try:
+            codes = auth_service.finish_enrolment(db.session, user, form.code.data or "",
+                                                  request_meta())
+        except ServiceError as wrong:
+            db.session.commit()
+            error = str(wrong)
+        else:
+            return _enrolled(user, codes)
+    uri = otp.provisioning_uri(secret, user.email, _issuer())
+    return render_template("auth/enrol.html", form=form, error=error, secret=secret,
+                           qr=Markup(qr.qr_svg(uri)))  # noqa: S704 - SVG made by segno
+
+
+def _issuer() -> str:
+    from flask import current_app
+
+    return str(current_app.config["ORG_NAME"])
+
+
+def _enrolled(user: User, codes: list[str]) -> ResponseReturnValue:
+    session.pop("mfa_change", None)
+    session.pop("enrol_uid", None)
+    complete_signin(user)  # logs in on a fresh session id, commits
+    flash("Your authenticator app is set up.", "success")
+    return render_template("auth/recovery_codes.html", codes=codes, next_url=url_for("auth.index"))
+
+
+@bp.post("/account/mfa")
+@signed_in
+@fresh_auth
+def change_mfa() -> ResponseReturnValue:
+    """Start enrolling a new authenticator app (the old one works until the new one is proved)."""
+    session["mfa_change"] = True
+    return redirect(url_for("auth.enrol"))
+
+
+@bp.route("/invite/<token>", methods=["GET", "POST"])
+@limiter.limit("30/minute")
+def invite(token: str) -> ResponseReturnValue:
+    """An emailed invite. GET only shows a button (mail scanners follow links); POST acts."""
+    row = account_links.find(db.session, token, "invite")
+    form = forms.ContinueForm()
+    if row is None:
+        return render_template("auth/link_invalid.html"), 404
+    if form.validate_on_submit():
+        session.clear()
+        session.regenerate()  # type: ignore[attr-defined]
+        session["invite_tid"] = row.id
+        return redirect(url_for("auth.welcome"))
+    return render_template("auth/invite.html", form=form, action=request.path)
+
+
+@bp.route("/welcome", methods=["GET", "POST"])
+def welcome() -> ResponseReturnValue:
+    """Invite, step two: choose a password, then enrol the authenticator app."""
+    row = account_links.valid_by_id(db.session, session.get("invite_tid"), "invite")
+    if row is None:
+        return render_template("auth/link_invalid.html"), 404
+    user = db.session.get(User, row.user_id)
+    form = forms.NewPasswordForm()
+    if user is not None and form.validate_on_submit():
+        try:
+            auth_service.set_password(db.session, user, form.password.data or "", request_meta())
+        except ServiceError as refused:
+            form.password.errors = list(refused.messages)
+        else:
+            return _accept_invite(row, user)
+    return render_template("auth/new_password.html", form=form, hint=forms.CHOICE_HINT,
+                           title="Choose your password", back=None)
+
+
+def _accept_invite(row: object, user: User) -> ResponseReturnValue:
+    if not account_links.consume(db.session, row):  # type: ignore[arg-type]
+        db.session.rollback()
+        return render_template("auth/link_invalid.html"), 404
+    audit.record(db.session, Action.AUTH_INVITE_ACCEPT, actor=auth_service.actor_of(user),
+                 meta=request_meta(), target_type="user", target_id=user.public_id)
+    db.session.commit()
+    session.pop("invite_tid", None)
+    session["enrol_uid"] = user.id
+    return redirect(url_for("auth.enrol"))
+
+
+@bp.route("/reset", methods=["GET", "POST"])
+@limiter.limit("5/minute;20/hour", methods=["POST"])
+def reset_request() -> ResponseReturnValue:
+    """Ask for a password reset link; the answer is the same whether the email exists or not."""
+    form = forms.ResetRequestForm()
+    if form.validate_on_submit():
+        account_links.request_reset(db.session, form.email.data or "", request_meta())
+        db.session.commit()
+        return render_template("auth/reset_sent.html")
+    return render_template("auth/reset_request.html", form=form)
+
+
+@bp.route("/reset/<token>", methods=["GET", "POST"])
+@limiter.limit("30/minute")
+def reset_landing(token: str) -> ResponseReturnValue:
+    """An emailed reset link: GET shows a button, POST moves the link into the session."""
+    row = account_links.find(db.session, token, "reset")
+    form = forms.ContinueForm()
+    if row is None:
+        return render_template("auth/link_invalid.html"), 404
+    if form.validate_on_submit():
+        session.clear()
+        session.regenerate()  # type: ignore[attr-defined]
+        session["reset_tid"] = row.id
+        return redirect(url_for("auth.reset_new"))
+    return render_template("auth/reset_landing.html", form=form, action=request.path)
+
+
+@bp.route("/reset/new", methods=["GET", "POST"])
+@limiter.limit("10/minute", methods=["POST"])
+def reset_new() -> ResponseReturnValue:
+    """Choose a new password; the second factor is still required (a link alone is not enough)."""
+    row = account_links.valid_by_id(db.session, session.get("reset_tid"), "reset")
+    user = db.session.get(User, row.user_id) if row else None
+    if row is None or user is None:
+        return render_template("auth/link_invalid.html"), 404
+    form = forms.ResetForm()
+    if form.validate_on_submit():
+        outcome = _try_reset(row, user, form)
+        if outcome is not None:
+            return outcome
+    return render_template("auth/reset_new.html", form=form, hint=forms.CHOICE_HINT)
+
+
+def _try_reset(row: object, user: User, form: forms.ResetForm) -> ResponseReturnValue | None:
+    code = form.code.data or ""
+    proved = auth_service.consume_totp(db.session, user, code) or (
+        auth_service.consume_recovery_code(db.session, user, code, request_meta()) is not None)
+    if not proved:
+        try:
+            auth_service.second_factor_failed(db.session, user, request_meta())
+        except auth_service.SignInFailed as failed:
+            db.session.commit()
+            form.code.errors = [str(failed)]
+        return None
+    try:
+        auth_service.set_password(db.session, user, form.password.data or "", request_meta())
+    except ServiceError as refused:
+        db.session.rollback()
+        form.password.errors = list(refused.messages)
+        return None
+    account_links.consume(db.session, row)  # type: ignore[arg-type]
+    audit.record(db.session, Action.AUTH_RESET, actor=auth_service.actor_of(user),
+                 meta=request_meta(), target_type="user", target_id=user.public_id)
+    db.session.commit()
+    session.clear()
+    flash("Your password is changed. Sign in with it now.", "success")
+    return redirect(url_for("auth.signin"))

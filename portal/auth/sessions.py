@@ -1,0 +1,130 @@
+"""Server-side sessions (OWASP ASVS V3): revocable, renewed at sign-in, idle and absolute expiry.
+
+Flask's default session is a signed cookie that stays valid after sign-out.
+Here the cookie carries a random 256-bit token; the server keeps only its
+SHA-256 and the session's data (ids and flags, never PHI or secrets). Deleting
+the row ends the session everywhere: sign-out, account disabled, password
+changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from datetime import datetime, timedelta
+from typing import Any
+
+from flask import Flask, Request, Response
+from flask.sessions import SessionInterface, SessionMixin
+from sqlalchemy import delete, select, update
+from werkzeug.datastructures import CallbackDict
+
+from portal.database import utcnow
+from portal.extensions import db
+from portal.models import WebSession
+
+TOUCH_EVERY = timedelta(seconds=30)  # last_seen_at is written at most this often
+
+
+class ServerSession(CallbackDict[str, Any], SessionMixin):
+    """Session data plus what the store needs to know about the row behind it."""
+
+    def __init__(self, initial: dict[str, Any] | None = None, *, row_id: int | None = None,
+                 created_at: datetime | None = None, last_seen_at: datetime | None = None,
+                 expired: bool = False) -> None:
+        def on_update(_self: Any) -> None:
+            self.modified = True
+
+        super().__init__(initial or {}, on_update)
+        self.row_id = row_id
+        self.created_at = created_at or utcnow()
+        self.last_seen_at = last_seen_at
+        self.expired = expired
+        self.renew = False
+        self.modified = False
+        self.ended = False
+
+    def regenerate(self) -> None:
+        """Issue a new token at the end of this request (sign-in, privilege change)."""
+        self.renew = True
+        self.modified = True
+
+    def end(self) -> None:
+        """Delete this session on the server (sign-out)."""
+        self.clear()
+        self.ended = True
+
+
+def _hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class DatabaseSessionInterface(SessionInterface):
+    """Stores sessions in the ``web_sessions`` table through short transactions of its own."""
+
+    def open_session(self, app: Flask, request: Request) -> ServerSession:
+        token = request.cookies.get(self.get_cookie_name(app), "")
+        if not token or len(token) > 100:
+            return ServerSession()
+        with db.engine.begin() as connection:
+            row = connection.execute(select(WebSession).where(
+                WebSession.token_hash == _hash(token))).first()
+        if row is None:
+            return ServerSession(expired=True)
+        now = utcnow()
+        idle = timedelta(seconds=app.config["SESSION_IDLE"])
+        lifetime = timedelta(seconds=app.config["SESSION_LIFETIME"])
+        if row.last_seen_at + idle < now or row.created_at + lifetime < now:
+            self._delete(row.id)
+            return ServerSession(expired=True)
+        return ServerSession(json.loads(row.data), row_id=row.id, created_at=row.created_at,
+                             last_seen_at=row.last_seen_at)
+
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        assert isinstance(session, ServerSession)
+        name, domain, path = (self.get_cookie_name(app), self.get_cookie_domain(app),
+                              self.get_cookie_path(app))
+        if session.ended or (not session and session.row_id is not None):
+            self._delete(session.row_id)
+            response.delete_cookie(name, domain=domain, path=path)
+            return
+        if not session:
+            if session.expired:
+                response.delete_cookie(name, domain=domain, path=path)
+            return
+        if session.row_id is None or session.renew:
+            self._delete(session.row_id)
+            self._insert(app, session, response)
+        elif session.modified or self._stale(session):
+            self._update(session)
+
+    @staticmethod
+    def _stale(session: ServerSession) -> bool:
+        return session.last_seen_at is None or session.last_seen_at + TOUCH_EVERY < utcnow()
+
+    def _insert(self, app: Flask, session: ServerSession, response: Response) -> None:
+        token = secrets.token_urlsafe(32)
+        now = utcnow()
+        created = now if session.renew or session.row_id is None else session.created_at
+        with db.engine.begin() as connection:
+            connection.execute(WebSession.__table__.insert().values(
+                token_hash=_hash(token), user_id=session.get("uid"), data=json.dumps(dict(session)),
+                created_at=created, last_seen_at=now))
+        response.set_cookie(
+            self.get_cookie_name(app), token, httponly=True, secure=self.get_cookie_secure(app),
+            samesite=self.get_cookie_samesite(app), domain=self.get_cookie_domain(app),
+            path=self.get_cookie_path(app))  # no expiry: gone when the browser closes
+
+    @staticmethod
+    def _update(session: ServerSession) -> None:
+        with db.engine.begin() as connection:
+            connection.execute(update(WebSession).where(WebSession.id == session.row_id).values(
+                data=json.dumps(dict(session)), user_id=session.get("uid"),
+                last_seen_at=utcnow()))
+
+    @staticmethod
+    def _delete(row_id: int | None) -> None:
+        if row_id is not None:
+            with db.engine.begin() as connection:
+                connection.execute(delete(WebSession).where(WebSession.id == row_id))

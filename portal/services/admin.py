@@ -1,0 +1,56 @@
+"""Account administration: invite, disable, enable, reset MFA. Each is audited."""
+
+from __future__ import annotations
+
+from sqlalchemy import delete
+from sqlalchemy.orm import Session
+
+from portal import audit
+from portal.audit import Action, Actor, RequestMeta
+from portal.models import RecoveryCode, Role, User
+from portal.services import account_links, accounts, signin
+from portal.services.errors import ServiceError
+
+
+def invite(session: Session, *, role: str, email: str, name: str, actor: Actor,
+           meta: RequestMeta) -> User:
+    """Create a staff, auditor or admin account and email it a one-time invite (72 h).
+
+    Raises ServiceError for patients (they arrive by pickup link) and bad input.
+    """
+    if role == Role.PATIENT:
+        raise ServiceError("Patients are registered by staff when a message is sent.")
+    user = accounts.create_user(session, role=role, email=email, name=name, actor=actor,
+                                meta=meta).user
+    account_links.send_link(session, user, "invite")
+    return user
+
+
+def set_disabled(session: Session, user: User, disabled: bool, *, actor: Actor,
+                 meta: RequestMeta) -> None:
+    """Disable (ending every session at once) or re-enable an account. Audited.
+
+    Raises ServiceError when an admin tries to disable themself.
+    """
+    if user.id == actor.id and disabled:
+        raise ServiceError("You cannot disable your own account.")
+    user.disabled = disabled
+    if disabled:
+        signin.end_all_sessions(session, user)
+    audit.record(session, Action.USER_DISABLE if disabled else Action.USER_ENABLE, actor=actor,
+                 meta=meta, target_type="user", target_id=user.public_id)
+
+
+def reset_mfa(session: Session, user: User, *, actor: Actor, meta: RequestMeta) -> None:
+    """For someone who lost both phone and recovery codes: clear TOTP and password, end
+    their sessions, and email a fresh invite so the next sign-in enrols again. Audited.
+    """
+    user.totp_secret_sealed = None
+    user.totp_enabled_at = None
+    user.password_hash = None
+    user.failed_signins, user.locked_until, user.must_reset = 0, None, False
+    session.execute(delete(RecoveryCode).where(RecoveryCode.user_id == user.id))
+    signin.end_all_sessions(session, user)
+    account_links.send_link(session, user, "invite")
+    audit.record(session, Action.USER_MFA_RESET, actor=actor, meta=meta, target_type="user",
+                 target_id=user.public_id)

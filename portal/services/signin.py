@@ -1,0 +1,248 @@
+"""Sign-in: the password factor with throttling, TOTP (single-use codes), recovery codes.
+
+NIST SP 800-63B AAL2: a memorised secret plus a TOTP authenticator. Every
+success, failure, lockout, enrolment and recovery-code use is audited without
+the password, code or secret.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from flask import current_app
+from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from portal import audit
+from portal.audit import Action, Actor, Outcome, RequestMeta
+from portal.database import utcnow
+from portal.models import RecoveryCode, User, WebSession
+from portal.security import otp, passwords, recovery
+from portal.services import accounts, keys
+from portal.services.errors import ServiceError
+
+# Throttling (ASVS 2.2.1): after FREE_FAILURES consecutive failures each further one
+# pauses the account for an exponentially growing delay, capped; at MAX_FAILURES the
+# account needs a reset (800-63B 5.2.2: no more than 100 consecutive failures).
+FREE_FAILURES = 5
+FIRST_DELAY_SECONDS = 30
+MAX_DELAY_SECONDS = 15 * 60
+MAX_FAILURES = 100
+SIGNIN_FAILED = "The email or password is not right, or sign-in is paused after failed attempts."
+CODE_FAILED = "That code is not right, or it was already used. Wait for a new code and try again."
+
+
+class SignInFailed(ServiceError):
+    """A failed attempt. Its count and audit event are in the session: the caller commits."""
+
+
+@dataclass(frozen=True)
+class FirstFactor:
+    """A user whose password was right; ``enrolled`` says whether TOTP is set up."""
+
+    user: User
+    enrolled: bool
+
+
+def actor_of(user: User) -> Actor:
+    """Return the audit actor for ``user``."""
+    return Actor(user.id, user.role)
+
+
+def check_password(session: Session, email: str, password: str,
+                   meta: RequestMeta) -> FirstFactor:
+    """Return the user when ``email`` and ``password`` match an active, unpaused account.
+
+    Raises SignInFailed(SIGNIN_FAILED) otherwise, with the same message and a
+    comparable amount of work whether or not the email exists. Rehashes the
+    password when the hashing parameters changed.
+    """
+    user = accounts.find_by_email(session, email)
+    if user is None or user.password_hash is None:
+        passwords.verify_password(passwords.DUMMY_HASH, password)
+        audit.record(session, Action.AUTH_SIGNIN_FAILED, meta=meta, outcome=Outcome.FAILURE,
+                     details={"factor": "password", "known_account": False})
+        raise SignInFailed(SIGNIN_FAILED)
+    if not _may_try(user):
+        passwords.verify_password(passwords.DUMMY_HASH, password)
+        _failure(session, user, meta, "paused")
+    if not passwords.verify_password(user.password_hash, password):
+        _failure(session, user, meta, "password")
+    if passwords.needs_rehash(user.password_hash):
+        user.password_hash = passwords.hash_password(password)
+    return FirstFactor(user, user.totp_enabled_at is not None)
+
+
+def _may_try(user: User) -> bool:
+    if user.disabled or user.must_reset:
+        return False
+    return user.locked_until is None or user.locked_until <= utcnow()
+
+
+def _failure(session: Session, user: User, meta: RequestMeta, factor: str,
+             message: str = SIGNIN_FAILED) -> None:
+    """Count a failed attempt, pause or lock the account as due, audit, and raise."""
+    if factor != "paused":
+        user.failed_signins += 1
+        excess = user.failed_signins - FREE_FAILURES
+        if excess >= 0:
+            delay = min(FIRST_DELAY_SECONDS * 2**excess, MAX_DELAY_SECONDS)
+            user.locked_until = utcnow() + timedelta(seconds=delay)
+        if user.failed_signins >= MAX_FAILURES and not user.must_reset:
+            user.must_reset = True
+            audit.record(session, Action.AUTH_LOCKOUT, actor=actor_of(user), meta=meta,
+                         outcome=Outcome.DENIED, target_type="user", target_id=user.public_id,
+                         details={"failures": user.failed_signins})
+    audit.record(session, Action.AUTH_SIGNIN_FAILED, actor=actor_of(user), meta=meta,
+                 outcome=Outcome.FAILURE, target_type="user", target_id=user.public_id,
+                 details={"factor": factor, "failures": user.failed_signins})
+    raise SignInFailed(message)
+
+
+def totp_secret(session: Session, user: User) -> str | None:
+    """Return the user's TOTP secret (unsealed), or None when none is set."""
+    if user.totp_secret_sealed is None:
+        return None
+    key = keys.unwrap(session, user.data_key_id)
+    return keys.open_text(key, "users", "totp_secret", user.public_id, user.totp_secret_sealed)
+
+
+def consume_totp(session: Session, user: User, code: str) -> bool:
+    """Return True when ``code`` is valid now and newer than any code the user used before.
+
+    The accepted time step is recorded by one conditional UPDATE, so a replay,
+    an older step after a newer one, and two concurrent requests with one code
+    all fail but one (RFC 6238 section 5.2). Only ASCII digits are accepted.
+    """
+    secret = totp_secret(session, user)
+    if secret is None or not otp.is_well_formed(code):
+        return False
+    step = otp.matching_step(secret, code, now=utcnow().timestamp(),
+                             drift_steps=current_app.config["TOTP_DRIFT"])
+    if step is None:
+        return False
+    claimed = session.execute(
+        update(User).where(User.id == user.id,
+                           or_(User.totp_last_step.is_(None), User.totp_last_step < step))
+        .values(totp_last_step=step).execution_options(synchronize_session=False))
+    if claimed.rowcount != 1:
+        return False
+    session.refresh(user, ["totp_last_step"])
+    return True
+
+
+def _pepper() -> bytes:
+    return keys.keyring().derive("recovery-codes")
+
+
+def consume_recovery_code(session: Session, user: User, code: str,
+                          meta: RequestMeta) -> int | None:
+    """Burn ``code`` if it is one of the user's unused recovery codes; return how many remain.
+
+    Returns None when it matches none. Audited on use.
+    """
+    normalised = recovery.normalise_code(code)
+    if len(normalised) != recovery.GROUPS * recovery.GROUP_LENGTH:
+        return None
+    digest = recovery.hash_code(normalised, _pepper())
+    burned = session.execute(
+        update(RecoveryCode).where(RecoveryCode.user_id == user.id,
+                                   RecoveryCode.code_hash == digest,
+                                   RecoveryCode.used_at.is_(None))
+        .values(used_at=utcnow()).execution_options(synchronize_session=False))
+    if burned.rowcount != 1:
+        return None
+    remaining = session.scalar(select(func.count()).where(
+        RecoveryCode.user_id == user.id, RecoveryCode.used_at.is_(None))) or 0
+    audit.record(session, Action.AUTH_RECOVERY_USED, actor=actor_of(user), meta=meta,
+                 target_type="user", target_id=user.public_id, details={"remaining": remaining})
+    return int(remaining)
+
+
+def second_factor(session: Session, user: User, code: str, meta: RequestMeta) -> int | None:
+    """Complete sign-in with a TOTP code or a recovery code; return recovery codes left, if used.
+
+    Resets the failure count and audits the sign-in. Raises SignInFailed
+    (CODE_FAILED) for a wrong, replayed or malformed code, or a paused account.
+    """
+    if not _may_try(user):
+        _failure(session, user, meta, "paused", CODE_FAILED)
+    remaining = None
+    if not consume_totp(session, user, code):
+        remaining = consume_recovery_code(session, user, code, meta)
+        if remaining is None:
+            _failure(session, user, meta, "code", CODE_FAILED)
+    user.failed_signins, user.locked_until = 0, None
+    audit.record(session, Action.AUTH_SIGNIN, actor=actor_of(user), meta=meta,
+                 target_type="user", target_id=user.public_id,
+                 details={"factor": "recovery" if remaining is not None else "totp"})
+    return remaining
+
+
+def second_factor_failed(session: Session, user: User, meta: RequestMeta) -> None:
+    """Count a wrong code given outside sign-in (reset); raises SignInFailed(CODE_FAILED)."""
+    _failure(session, user, meta, "code", CODE_FAILED)
+
+
+def start_enrolment(session: Session, user: User) -> str:
+    """Return the user's pending TOTP secret, making (and sealing) one if needed.
+
+    The secret stays inactive until :func:`finish_enrolment` sees a correct code.
+    """
+    if user.totp_enabled_at is None:
+        current = totp_secret(session, user)
+        if current is not None:
+            return current
+    secret = otp.new_secret()
+    key = keys.unwrap(session, user.data_key_id)
+    user.totp_secret_sealed = keys.seal_text(key, "users", "totp_secret", user.public_id, secret)
+    user.totp_enabled_at, user.totp_last_step = None, None
+    session.flush()
+    return secret
+
+
+def finish_enrolment(session: Session, user: User, code: str, meta: RequestMeta) -> list[str]:
+    """Activate the pending secret when ``code`` matches; return ten new recovery codes.
+
+    The enrolment code's time step is recorded, so it cannot be reused to sign
+    in. Raises ServiceError when the code is wrong.
+    """
+    if user.totp_enabled_at is not None or not consume_totp(session, user, code):
+        raise ServiceError("That code is not right. Check the time on your phone, "
+                           "wait for the next code and enter it.")
+    user.totp_enabled_at = utcnow()
+    codes = new_recovery_codes(session, user)
+    audit.record(session, Action.AUTH_MFA_ENROL, actor=actor_of(user), meta=meta,
+                 target_type="user", target_id=user.public_id)
+    return codes
+
+
+def new_recovery_codes(session: Session, user: User) -> list[str]:
+    """Replace the user's recovery codes with ten new ones; return them (shown once)."""
+    session.execute(delete(RecoveryCode).where(RecoveryCode.user_id == user.id))
+    codes = recovery.generate_codes()
+    pepper = _pepper()
+    session.add_all(RecoveryCode(user_id=user.id, code_hash=recovery.hash_code(c, pepper))
+                    for c in codes)
+    session.flush()
+    return codes
+
+
+def end_all_sessions(session: Session, user: User) -> None:
+    """Delete every server-side session of ``user`` (disable, password change, MFA reset)."""
+    session.execute(delete(WebSession).where(WebSession.user_id == user.id))
+
+
+def set_password(session: Session, user: User, password: str, meta: RequestMeta) -> None:
+    """Set a new password after the policy check; end the user's other sessions. Audited.
+
+    Raises ServiceError with every reason the password is refused.
+    """
+    accounts.check_new_password(password, email=user.email,
+                                name=accounts.display_name(session, user))
+    user.password_hash = passwords.hash_password(password)
+    user.failed_signins, user.locked_until, user.must_reset = 0, None, False
+    end_all_sessions(session, user)
+    audit.record(session, Action.AUTH_PASSWORD_SET, actor=actor_of(user), meta=meta,
+                 target_type="user", target_id=user.public_id)
