@@ -55,10 +55,12 @@ def _register(app: Flask) -> None:
     login_manager.login_view = "auth.signin"
     from portal.admin import views as admin_views
     from portal.auth.policy import nav_links
+    from portal.staff import views as staff_views
 
     web.init_app(app)
     app.register_blueprint(views.bp)
     app.register_blueprint(admin_views.bp)
+    app.register_blueprint(staff_views.bp)
     app.jinja_env.globals["nav_links"] = nav_links
     if app.config["DEMO"]:
         from portal.web import demo

@@ -101,7 +101,7 @@ def serve(host: str, port: int, workers: int) -> None:
 
 def _load_commands() -> None:
     # Command modules attach themselves to ``main`` on import.
-    from portal.commands import demo, keys, retention, users  # noqa: F401
+    from portal.commands import demo, keys, messages, retention, users  # noqa: F401
 
 
 _load_commands()

@@ -105,6 +105,10 @@ class Database:
         app.teardown_appcontext(self._remove)
 
     def _remove(self, _exc: BaseException | None) -> None:
+        # Blobs written by a request that died before its commit: an explicit rollback
+        # (close alone does not run after_soft_rollback listeners) deletes them.
+        if self.session.registry.has() and self.session.info.get("new_blobs"):
+            self.session.rollback()
         self.session.remove()
 
 

@@ -32,8 +32,10 @@ def wait_for(url: str, deadline: float) -> bytes:
 
 def test_demo_serves_health_and_sign_in(tmp_path: Path) -> None:
     port = free_port()
-    env = {**os.environ, "PORTAL_INSTANCE_DIR": str(tmp_path / "instance")}
-    process = subprocess.Popen([sys.executable, "-m", "portal", "demo", "--port", str(port)],
+    env = {**os.environ, "PORTAL_INSTANCE_DIR": str(tmp_path / "instance"),
+           "PORTAL_BASE_URL": f"http://127.0.0.1:{port}"}
+    process = subprocess.Popen([sys.executable, "-m", "portal", "demo", "--port", str(port),
+                                "--smtp-port", str(free_port())],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                text=True, start_new_session=True)
     try:
@@ -44,6 +46,23 @@ def test_demo_serves_health_and_sign_in(tmp_path: Path) -> None:
         assert "Password" in page
         codes = wait_for(f"http://127.0.0.1:{port}/demo/", deadline).decode()
         assert re.search(r'mono">\d{6}</td>', codes), "demo page shows no current code"
+        sent = subprocess.run(
+            [sys.executable, "-m", "portal", "messages", "send", "--from", "staff@demo.example",
+             "--to", "patient@demo.example", "--subject", "Demo Xylophonoma result",
+             "--body", "Demo Quasirandomitis body"], env=env, capture_output=True, text=True,
+            timeout=60, check=False)
+        assert sent.returncode == 0, sent.stderr
+        mail = ""
+        while "/p/" not in mail and time.monotonic() < deadline:
+            time.sleep(0.5)
+            mail = wait_for(f"http://127.0.0.1:{port}/demo/mail", deadline).decode()
+            key = re.search(r'href="/demo/mail/([^"]+)"', mail)
+            if key:
+                mail = wait_for(f"http://127.0.0.1:{port}/demo/mail/{key.group(1)}",
+                                deadline).decode()
+        assert f"http://127.0.0.1:{port}/p/" in mail
+        assert "Xylophonoma" not in mail
+        assert "Quasirandomitis" not in mail
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         out, _ = process.communicate(timeout=30)

@@ -31,7 +31,7 @@ def is_internal_path(target: str | None) -> bool:
 
 
 # Each role's landing page; blueprints that are not installed yet fall back to the account.
-HOMES: dict[Role, str] = {Role.ADMIN: "admin.users"}
+HOMES: dict[Role, str] = {Role.ADMIN: "admin.users", Role.STAFF: "staff.index"}
 
 
 def home_for(role: str) -> str:
@@ -90,8 +90,10 @@ def fresh_auth(view: F) -> F:
 
 
 # Navigation per role: (endpoint, label). Blueprints add theirs when they register.
-NAV: dict[Role, list[tuple[str, str]]] = {Role.ADMIN: [("admin.users", "Accounts"),
-                                                       ("admin.keys", "Keys")]}
+NAV: dict[Role, list[tuple[str, str]]] = {
+    Role.ADMIN: [("admin.users", "Accounts"), ("admin.keys", "Keys")],
+    Role.STAFF: [("staff.index", "Sent messages"), ("staff.patients", "Patients")],
+}
 
 
 def nav_links(role: str) -> list[tuple[str, str]]:

@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
 
 import click
 from flask import Flask
@@ -17,6 +18,7 @@ from portal.audit import NO_REQUEST, SYSTEM
 from portal.cli import main, make_app
 
 DEMO_PORT = 5000
+DEMO_SMTP_PORT = 8025
 
 
 @dataclass(frozen=True)
@@ -69,10 +71,11 @@ def _enrol(user: object) -> None:
                             NO_REQUEST)
 
 
-def _banner(app: Flask, port: int) -> str:
+def _banner(app: Flask, port: int, maildir: Path) -> str:
     base = f"http://127.0.0.1:{port}"
     lines = ["", "Pickup Portal demo is running (test data only).", "",
              f"  Portal:        {base}/signin",
+             f"  Mail sink:     {base}/demo/mail  (emails land in {maildir})",
              f"  Demo codes:    {base}/demo/  (current authenticator codes of the demo logins)",
              f"  Health:        {base}/healthz", "",
              "  Demo logins (email / password):"]
@@ -83,10 +86,18 @@ def _banner(app: Flask, port: int) -> str:
 
 @main.command("demo")
 @click.option("--port", default=DEMO_PORT, show_default=True, type=int)
-def demo(port: int) -> None:
-    """Migrate, seed demo accounts, start the portal; print the URL and logins."""
+@click.option("--smtp-port", default=DEMO_SMTP_PORT, show_default=True, type=int)
+def demo(port: int, smtp_port: int) -> None:
+    """Migrate, seed demo accounts, start the mail sink, the notifier and the portal."""
     os.environ["PORTAL_DEMO"] = "1"
     os.environ.setdefault("PORTAL_BASE_URL", f"http://127.0.0.1:{port}")
+    app = make_app()
+    folder = Path(app.config["INSTANCE_DIR"])
+    maildir, cert = Path(app.config["DEMO_MAILDIR"]), folder / "sink-cert.pem"
+    processes = [_start_sink(smtp_port, maildir, cert)]
+    os.environ.update(PORTAL_SMTP_HOST="127.0.0.1", PORTAL_SMTP_PORT=str(smtp_port),
+                      PORTAL_SMTP_TLS="starttls", PORTAL_SMTP_CA_FILE=str(cert),
+                      PORTAL_MAIL_FROM="notices@demo.example")
     app = make_app()
     from portal.extensions import db
     from portal.migrate import upgrade
@@ -94,9 +105,24 @@ def demo(port: int) -> None:
     with app.app_context():
         upgrade(db.engine)
     seed(app)
-    processes = [subprocess.Popen([sys.executable, "-m", "portal", "serve", "--port", str(port)])]
-    click.echo(_banner(app, port))
+    processes.append(subprocess.Popen([sys.executable, "-m", "notifier", "run"]))
+    processes.append(subprocess.Popen([sys.executable, "-m", "portal", "serve", "--port",
+                                       str(port)]))
+    click.echo(_banner(app, port, maildir))
     _wait(processes)
+
+
+def _start_sink(port: int, maildir: Path, cert: Path) -> subprocess.Popen[bytes]:
+    """Start the TLS mail sink and wait until its certificate is written."""
+    cert.unlink(missing_ok=True)
+    sink = subprocess.Popen([sys.executable, "-m", "notifier", "sink", "--port", str(port),
+                             "--maildir", str(maildir), "--cert", str(cert)])
+    deadline = time.monotonic() + 30
+    while not cert.exists():
+        if sink.poll() is not None or time.monotonic() > deadline:
+            raise click.ClickException(f"the mail sink did not start on port {port}")
+        time.sleep(0.1)
+    return sink
 
 
 def _wait(processes: list[subprocess.Popen[bytes]]) -> None:

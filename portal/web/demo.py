@@ -6,7 +6,12 @@ accounts, so a newcomer can walk every role's path on one machine.
 
 from __future__ import annotations
 
-from flask import Blueprint, render_template
+import mailbox
+import re
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+
+from flask import Blueprint, abort, current_app, render_template
 from flask.typing import ResponseReturnValue
 
 from portal.database import utcnow
@@ -31,3 +36,53 @@ def index() -> ResponseReturnValue:
         rows.append((account, code))
     seconds_left = otp.STEP_SECONDS - int(utcnow().timestamp()) % otp.STEP_SECONDS
     return render_template("demo/index.html", rows=rows, seconds_left=seconds_left)
+
+
+@bp.get("/mail")
+def mail() -> ResponseReturnValue:
+    """The local mail sink's inbox, newest first (demo mode only)."""
+    return render_template("demo/mail.html", items=sink_messages(), current=None)
+
+
+@bp.get("/mail/<key>")
+def mail_message(key: str) -> ResponseReturnValue:
+    """One email from the sink, as its recipient would read it."""
+    items = sink_messages()
+    current = next((item for item in items if item["key"] == key), None)
+    if current is None:
+        abort(404)
+    return render_template("demo/mail.html", items=items, current=current)
+
+
+def sink_messages() -> list[dict[str, str]]:
+    """Return the sink's messages (key, to, subject, date, text), newest first."""
+    folder = Path(current_app.config["DEMO_MAILDIR"])
+    if not (folder / "new").is_dir():
+        return []
+    box = mailbox.Maildir(folder, create=False)
+    items = []
+    for key, message in box.items():
+        text = _plain_text(message)
+        items.append({"key": key, "to": str(message["To"] or ""), "subject":
+                      str(message["Subject"] or ""), "date": str(message["Date"] or ""),
+                      "text": text, "links": _LINK.findall(text)})
+    items.sort(key=lambda item: _when(item["date"]), reverse=True)
+    return items
+
+
+_LINK = re.compile(r"https?://[^\s<>\"]+")
+
+
+def _plain_text(message: mailbox.MaildirMessage) -> str:
+    for part in message.walk():
+        if part.get_content_type() == "text/plain":
+            payload = part.get_payload(decode=True)
+            return payload.decode(part.get_content_charset() or "utf-8", "replace")
+    return ""
+
+
+def _when(raw: str) -> float:
+    try:
+        return parsedate_to_datetime(raw).timestamp()
+    except (TypeError, ValueError):
+        return 0.0

@@ -1,0 +1,1 @@
+"""The notifier: turns outbox rows into PHI-free notice emails sent over verified TLS."""

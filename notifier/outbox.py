@@ -1,0 +1,190 @@
+"""The outbox: claim due notices, then mark each sent, retried later, failed or cancelled.
+
+Claiming is one statement that moves rows to ``sending``: on PostgreSQL its
+subquery takes ``FOR UPDATE SKIP LOCKED``, so any number of workers claim
+disjoint batches; on SQLite the database's single write lock serialises
+claims. A worker that dies leaves its rows ``sending``; once their lease has
+run out another worker claims them again.
+
+``claim`` commits (the claim must be durable before anything is sent). The
+``mark_*`` functions flush only: the worker commits once per row, so the status
+change and its audit event land together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from portal import audit
+from portal.audit import SYSTEM, Action, Outcome
+from portal.database import utcnow
+from portal.models import Message, Notification, Role, User
+from portal.models.notifications import NoticeStatus
+
+LEASE = timedelta(minutes=10)  # a claim older than this belongs to a crashed worker
+BACKOFF_BASE = timedelta(minutes=1)  # first retry delay; doubles with each attempt
+BACKOFF_CAP = timedelta(hours=4)  # longest single delay between two attempts
+RETRY_WINDOW = timedelta(hours=24)  # give up once the delays so far add up to more
+DEFAULT_BATCH = 50  # rows per claim
+MAX_REASON = 64  # failure_reason column width
+
+QUEUED, SENDING = NoticeStatus.QUEUED.value, NoticeStatus.SENDING.value
+
+
+def _due(now: datetime) -> ColumnElement[bool]:
+    """Rows a worker may take: queued and due, or sending with an expired lease."""
+    return or_(
+        and_(Notification.status == QUEUED, Notification.next_attempt_at <= now),
+        and_(Notification.status == SENDING, Notification.claimed_at < now - LEASE),
+    )
+
+
+def claim(session: Session, worker_id: str, batch: int = DEFAULT_BATCH,
+          now: datetime | None = None) -> list[int]:
+    """Claim up to ``batch`` due notices for ``worker_id``, COMMIT, and return their ids.
+
+    Oldest due first. Call it with no transaction open. Rows another worker
+    holds locked are skipped (PostgreSQL) or waited for (SQLite's write lock).
+    """
+    now = now or utcnow()
+    due = _due(now)
+    candidates = (select(Notification.id).where(due)
+                  .order_by(Notification.next_attempt_at, Notification.id).limit(batch))
+    if session.get_bind().dialect.name == "postgresql":
+        # Two statements: PostgreSQL may rescan an IN (subquery) per row, and a rescan
+        # skips the rows this UPDATE already changed, so LIMIT would not hold.
+        ids = list(session.scalars(candidates.with_for_update(skip_locked=True)))
+        target = Notification.id.in_(ids)
+    else:
+        # One statement: SQLite's write lock serialises it against every other claim.
+        target = and_(Notification.id.in_(candidates.scalar_subquery()), due)
+    stmt = (update(Notification).where(target)
+            .values(status=SENDING, claimed_by=worker_id, claimed_at=now)
+            .returning(Notification.id)
+            .execution_options(synchronize_session="fetch"))
+    claimed = sorted(session.scalars(stmt).all())
+    session.commit()
+    return claimed
+
+
+def release(session: Session, ids: Sequence[int]) -> None:
+    """Hand claimed, unsent rows back to the queue at once (graceful shutdown); flushes."""
+    if ids:
+        session.execute(update(Notification)
+                        .where(Notification.id.in_(ids), Notification.status == SENDING)
+                        .values(status=QUEUED, claimed_by=None, claimed_at=None)
+                        .execution_options(synchronize_session="fetch"))
+        session.flush()
+
+
+def load(session: Session, notice_id: int) -> Notification | None:
+    """Return the notice as it is in the database now (never a stale cached copy)."""
+    return session.get(Notification, notice_id, populate_existing=True)
+
+
+def _audit(session: Session, row: Notification, action: Action, outcome: Outcome,
+           reason: str | None) -> None:
+    details: dict[str, object] = {"kind": row.kind, "attempts": row.attempts}
+    if reason is not None:
+        details["reason"] = reason
+    audit.record(session, action, actor=SYSTEM, outcome=outcome, target_type="notification",
+                 target_id=row.public_id, patient_id=_patient_id(session, row),
+                 message_id=row.message_id, details=details)
+
+
+def _patient_id(session: Session, row: Notification) -> int | None:
+    recipient = session.get(User, row.recipient_id)
+    if recipient is not None and recipient.role == Role.PATIENT:
+        return recipient.id
+    message = session.get(Message, row.message_id) if row.message_id else None
+    return message.sender_id if message is not None else None
+
+
+def _required(session: Session, notice_id: int) -> Notification:
+    row = load(session, notice_id)
+    if row is None:
+        raise LookupError(f"notification {notice_id} does not exist")
+    return row
+
+
+def mark_sent(session: Session, notice_id: int, smtp_response: str,
+              now: datetime | None = None) -> Notification:
+    """Record that the server accepted the notice: status sent, the URL ERASED, audited.
+
+    Returns the row (flushed). Raises LookupError for an unknown id.
+    """
+    row = _required(session, notice_id)
+    row.status = NoticeStatus.SENT.value
+    row.sent_at = now or utcnow()
+    row.smtp_response = smtp_response[:200]
+    row.payload_sealed = None
+    row.attempts += 1
+    row.failure_reason = None
+    _audit(session, row, Action.NOTICE_SENT, Outcome.SUCCESS, None)
+    session.flush()
+    return row
+
+
+def mark_failed(session: Session, notice_id: int, reason: str) -> Notification:
+    """Give up on the notice: status failed, a short PHI-free ``reason``, URL erased, audited.
+
+    ``reason`` is machine-readable such as ``"smtp-5xx:550"`` or ``"phi-guard"``.
+    Returns the row (flushed). Raises LookupError for an unknown id.
+    """
+    row = _required(session, notice_id)
+    row.attempts += 1
+    return _fail(session, row, reason)
+
+
+def _fail(session: Session, row: Notification, reason: str) -> Notification:
+    row.status = NoticeStatus.FAILED.value
+    row.failure_reason = reason[:MAX_REASON]
+    row.payload_sealed = None
+    _audit(session, row, Action.NOTICE_FAILED, Outcome.FAILURE, row.failure_reason)
+    session.flush()
+    return row
+
+
+def total_backoff(attempts: int) -> timedelta:
+    """Return the sum of the delays before the first ``attempts`` retries."""
+    delays = (min(BACKOFF_BASE * 2**n, BACKOFF_CAP) for n in range(attempts))
+    return sum(delays, timedelta())
+
+
+def mark_retry(session: Session, notice_id: int, reason: str,
+               now: datetime | None = None) -> Notification:
+    """Queue the notice again after an exponential backoff, or fail it once past the window.
+
+    The n-th retry waits ``BACKOFF_BASE * 2**n`` (at most ``BACKOFF_CAP``);
+    when the delays add up to more than ``RETRY_WINDOW`` (about a day) the row
+    is marked failed with ``reason``. Returns the row (flushed). Raises
+    LookupError for an unknown id.
+    """
+    row = _required(session, notice_id)
+    row.attempts += 1
+    if total_backoff(row.attempts) > RETRY_WINDOW:
+        return _fail(session, row, reason)
+    delay = min(BACKOFF_BASE * 2 ** (row.attempts - 1), BACKOFF_CAP)
+    row.status = QUEUED
+    row.next_attempt_at = (now or utcnow()) + delay
+    row.failure_reason = reason[:MAX_REASON]
+    row.claimed_by = row.claimed_at = None
+    session.flush()
+    return row
+
+
+def mark_cancelled(session: Session, notice_id: int) -> Notification:
+    """Drop the notice unsent (its message was revoked or expired): URL erased; flushes.
+
+    Not audited here: the revocation or expiry that caused it is. Raises
+    LookupError for an unknown id.
+    """
+    row = _required(session, notice_id)
+    row.status = NoticeStatus.CANCELLED.value
+    row.payload_sealed = None
+    session.flush()
+    return row

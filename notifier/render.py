@@ -1,0 +1,147 @@
+"""Render a notice into an email from ``templates/email/<kind>/`` and a PHI-free context.
+
+Each kind has one context function. It receives only what may appear in a
+notice (the organisation's name, address and support contact, the link and
+its expiry) and returns only that: no patient name, subject or content can
+reach a template by construction. :mod:`notifier.phi` checks the result anyway.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from datetime import datetime
+from email.message import EmailMessage
+from email.utils import format_datetime, formataddr
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+from notifier.smtp import make_message_id
+from portal.database import utcnow
+from portal.models import Notification
+from portal.models.notifications import NoticeKind
+from portal.paths import asset_dir
+
+# Link lifetimes the notices state; tests check they match portal.services.account_links.
+INVITE_VALID_HOURS = 72
+RESET_VALID_MINUTES = 60
+PARTS = ("subject.txt", "body.txt", "body.html")
+
+Context = dict[str, Any]
+
+
+def template_dir(kind: str) -> Path:
+    """Return the folder of ``kind``'s templates; FileNotFoundError for a broken install."""
+    return asset_dir("templates") / "email" / NoticeKind(kind).value
+
+
+@functools.lru_cache(maxsize=4)
+def _environment(root: str) -> Environment:
+    return Environment(
+        loader=FileSystemLoader(root),
+        autoescape=select_autoescape(enabled_extensions=("html",), default_for_string=False),
+        undefined=StrictUndefined,
+        keep_trailing_newline=True,
+    )
+
+
+def expiry_text(moment: datetime | None) -> str:
+    """Return ``moment`` as an unambiguous UTC date such as ``7 June 2031`` ("" for None)."""
+    if moment is None:
+        return ""
+    return f"{moment.day} {moment:%B %Y}"
+
+
+def _base(*, url: str, org_name: str, org_address: str, support_contact: str) -> Context:
+    return {"url": url, "org_name": org_name, "org_address": org_address,
+            "support_contact": support_contact}
+
+
+def pickup_context(*, url: str, org_name: str, org_address: str, support_contact: str,
+                   expires_at: datetime | None) -> Context:
+    """Return the context of a pickup notice: organisation, link, expiry date. No PHI."""
+    return {**_base(url=url, org_name=org_name, org_address=org_address,
+                    support_contact=support_contact), "expires_on": expiry_text(expires_at)}
+
+
+def reminder_context(*, url: str, org_name: str, org_address: str, support_contact: str,
+                     expires_at: datetime | None) -> Context:
+    """Return the context of a reminder: the same fields as a pickup notice. No PHI."""
+    return pickup_context(url=url, org_name=org_name, org_address=org_address,
+                          support_contact=support_contact, expires_at=expires_at)
+
+
+def invite_context(*, url: str, org_name: str, org_address: str, support_contact: str,
+                   expires_at: datetime | None) -> Context:
+    """Return the context of a staff invitation: organisation, link, validity in hours."""
+    return {**_base(url=url, org_name=org_name, org_address=org_address,
+                    support_contact=support_contact), "valid_hours": INVITE_VALID_HOURS}
+
+
+def reset_context(*, url: str, org_name: str, org_address: str, support_contact: str,
+                  expires_at: datetime | None) -> Context:
+    """Return the context of a password reset: organisation, link, validity in minutes."""
+    return {**_base(url=url, org_name=org_name, org_address=org_address,
+                    support_contact=support_contact), "valid_minutes": RESET_VALID_MINUTES}
+
+
+def reply_context(*, url: str, org_name: str, org_address: str, support_contact: str,
+                  expires_at: datetime | None) -> Context:
+    """Return the context of a reply notice to staff: organisation and portal link only."""
+    return {"url": url, "org_name": org_name}
+
+
+CONTEXTS: dict[str, Callable[..., Context]] = {
+    NoticeKind.PICKUP: pickup_context,
+    NoticeKind.REMINDER: reminder_context,
+    NoticeKind.INVITE: invite_context,
+    NoticeKind.RESET: reset_context,
+    NoticeKind.REPLY: reply_context,
+}
+
+
+def render_parts(kind: str, context: Context) -> tuple[str, str, str]:
+    """Return (subject, plain text, HTML) of ``kind`` rendered with ``context``.
+
+    Raises jinja2.TemplateError for a broken template or a missing variable.
+    """
+    env = _environment(str(template_dir(kind)))
+    subject, text, html = (env.get_template(name).render(context) for name in PARTS)
+    return " ".join(subject.split()), text, html
+
+
+def render(notification: Notification, *, url: str, org_name: str, org_address: str,
+           support_contact: str, expires_at: datetime | None, mail_from: str,
+           to_address: str, message_id_domain: str,
+           now: datetime | None = None) -> EmailMessage:
+    """Return the notice email: plain text with an HTML alternative, and its headers.
+
+    The Message-ID is derived from the notice's public id, so a retried notice
+    keeps it. Raises jinja2.TemplateError for a broken template, ValueError for
+    an unknown kind or a domain unusable in a Message-ID.
+    """
+    context = CONTEXTS[NoticeKind(notification.kind)](
+        url=url, org_name=org_name, org_address=org_address,
+        support_contact=support_contact, expires_at=expires_at)
+    subject, text, html = render_parts(notification.kind, context)
+    msg = EmailMessage()
+    msg["Subject"] = subject
+    msg["From"] = formataddr((org_name, mail_from))
+    msg["To"] = to_address
+    msg["Date"] = format_datetime(now or utcnow())
+    msg["Message-ID"] = make_message_id(notification.public_id, message_id_domain)
+    msg["Auto-Submitted"] = "auto-generated"  # RFC 3834: no auto-replies, please
+    msg.set_content(text)
+    msg.add_alternative(html, subtype="html")
+    return msg
+
+
+def readable_texts(msg: EmailMessage) -> list[str]:
+    """Return what a reader of ``msg`` sees: Subject, From, and both bodies (HTML as sent)."""
+    texts = [str(msg.get("Subject", "")), str(msg.get("From", ""))]
+    for part in msg.walk():
+        if part.get_content_maintype() == "text":
+            texts.append(part.get_content())  # type: ignore[attr-defined]
+    return texts

@@ -1,0 +1,193 @@
+"""Sending: one transaction stores the encrypted message, its pickup link, its notice and
+its audit event; revoke and resend; the status staff see.
+
+A failure anywhere raises before the caller commits, so none of them lands
+(and the blobs already written are deleted with the rollback).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from flask import current_app
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from portal import audit
+from portal.audit import Action, Actor, RequestMeta
+from portal.database import utcnow
+from portal.models import AuditEvent, Message, Notification, PickupLink, Role, User
+from portal.models.notifications import NoticeKind
+from portal.security import tokens
+from portal.services import messages, notices
+from portal.services.accounts import find_by_email
+from portal.services.errors import NotFound, ServiceError
+from portal.services.messages import Upload
+from portal.services.pdfcheck import validate_pdf
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A message just sent, and the pickup URL its notice carries (never logged)."""
+
+    message: Message
+    url: str
+
+
+def expiry(expires_in: timedelta | None) -> datetime:
+    """Return when a message sent now expires; ServiceError past PORTAL_LINK_MAX_TTL."""
+    config = current_app.config
+    seconds = config["LINK_TTL"] if expires_in is None else expires_in.total_seconds()
+    if not 3600 <= seconds <= config["LINK_MAX_TTL"]:
+        days = config["LINK_MAX_TTL"] // 86400
+        raise ServiceError(f"Choose an expiry between 1 hour and {days} days.")
+    return utcnow() + timedelta(seconds=seconds)
+
+
+def recipient_for(session: Session, email: str) -> User:
+    """Return the active patient with this address; NotFound otherwise."""
+    user = find_by_email(session, email)
+    if user is None or user.role != Role.PATIENT or user.disabled:
+        raise NotFound("No active patient has that email address. Register the patient first.")
+    return user
+
+
+def send(session: Session, *, sender: User, recipient: User, subject: str, body: str,
+         body_format: str = "text", uploads: list[Upload] | None = None,
+         expires_in: timedelta | None = None, meta: RequestMeta) -> Sent:
+    """Store and send a message (flushed, not committed); return it with its pickup URL.
+
+    Raises ServiceError for a sender who is not staff, a recipient who is not an
+    active patient, a bad expiry, subject or body, and for any upload that is
+    not a readable, unencrypted PDF within PORTAL_MAX_UPLOAD.
+    """
+    if sender.role != Role.STAFF or sender.disabled:
+        raise ServiceError("Only staff can send messages.")
+    if recipient.role != Role.PATIENT or recipient.disabled:
+        raise ServiceError("Messages go to active patients only.")
+    message = messages.create(
+        session, sender=sender, recipient=recipient, subject=subject, body=body,
+        body_format=body_format, expires_at=expiry(expires_in), uploads=uploads or [],
+        max_upload=current_app.config["MAX_UPLOAD"], validate=validate_pdf)
+    url = issue_link(session, message, NoticeKind.PICKUP)
+    audit.record(session, Action.MESSAGE_SEND, actor=Actor(sender.id, sender.role), meta=meta,
+                 target_type="message", target_id=message.public_id,
+                 patient_id=recipient.id, message_id=message.id,
+                 details={"attachments": len(message.attachments), "format": body_format})
+    return Sent(message, url)
+
+
+def issue_link(session: Session, message: Message, kind: NoticeKind) -> str:
+    """Create a pickup link (256-bit token, only its SHA-256 kept) and queue its notice.
+
+    Returns the URL. The link expires with the message and is bound to it and
+    to its recipient.
+    """
+    token = tokens.new_token()
+    link = PickupLink(message_id=message.id, recipient_id=message.recipient_id,
+                      token_hash=tokens.token_hash(token), expires_at=message.expires_at)
+    session.add(link)
+    session.flush()
+    url = f"{current_app.config['BASE_URL']}/p/{token}"
+    recipient = session.get(User, message.recipient_id)
+    assert recipient is not None
+    notices.enqueue(session, kind=kind, recipient=recipient, url=url, message=message,
+                    link_id=link.id)
+    return url
+
+
+def _revoke_links(session: Session, message: Message) -> None:
+    session.execute(update(PickupLink).where(
+        PickupLink.message_id == message.id, PickupLink.revoked_at.is_(None))
+        .values(revoked_at=utcnow()))
+
+
+def revoke(session: Session, message: Message, *, actor: Actor, meta: RequestMeta) -> None:
+    """Stop the message and every link to it at once; cancel notices not yet sent. Audited.
+
+    Raises ServiceError when it is already revoked.
+    """
+    if message.revoked_at is not None:
+        raise ServiceError("This message is already revoked.")
+    message.revoked_at = utcnow()
+    _revoke_links(session, message)
+    notices.cancel_for_message(session, message.id)
+    audit.record(session, Action.MESSAGE_REVOKE, actor=actor, meta=meta, target_type="message",
+                 target_id=message.public_id, patient_id=message.recipient_id,
+                 message_id=message.id)
+
+
+def resend(session: Session, message: Message, *, actor: Actor, meta: RequestMeta) -> str:
+    """Send a fresh link (the old ones are revoked); an expired message gets the default
+    lifetime again. Returns the new URL. Audited.
+
+    Raises ServiceError for a revoked or destroyed message.
+    """
+    if message.revoked_at is not None or message.destroyed_at is not None:
+        raise ServiceError("A revoked message cannot be sent again. Send a new message.")
+    _revoke_links(session, message)
+    notices.cancel_for_message(session, message.id)
+    message.expires_at = max(message.expires_at, expiry(None))
+    url = issue_link(session, message, NoticeKind.PICKUP)
+    audit.record(session, Action.MESSAGE_RESEND, actor=actor, meta=meta, target_type="message",
+                 target_id=message.public_id, patient_id=message.recipient_id,
+                 message_id=message.id)
+    return url
+
+
+@dataclass(frozen=True)
+class StatusEntry:
+    """One line of a message's history as staff see it (no PHI beyond what staff sent)."""
+
+    when: datetime
+    what: str
+    detail: str = ""
+
+
+STATUS_ACTIONS = {
+    Action.LINK_OPEN: "Link opened (not yet signed in)",
+    Action.MESSAGE_VIEW: "Opened by the patient",
+    Action.ATTACHMENT_DOWNLOAD: "Attachment downloaded",
+    Action.ATTACHMENT_VIEW: "Attachment viewed",
+    Action.MESSAGE_PDF: "Saved as PDF",
+    Action.MESSAGE_REVOKE: "Revoked",
+    Action.MESSAGE_RESEND: "New link sent",
+    Action.AUTH_IDENTITY_VERIFY: "Identity check",
+    Action.ACCESS_DENIED: "Access denied",
+}
+
+
+def status(session: Session, message: Message) -> list[StatusEntry]:
+    """Return the message's history: notices (queued, sent, failed with reason) and accesses."""
+    entries = [StatusEntry(message.created_at, "Sent")]
+    for notice in session.scalars(select(Notification).where(
+            Notification.message_id == message.id).order_by(Notification.id)):
+        entries.append(_notice_entry(notice))
+    for event in session.scalars(select(AuditEvent).where(
+            AuditEvent.message_id == message.id,
+            AuditEvent.action.in_([a.value for a in STATUS_ACTIONS])).order_by(AuditEvent.seq)):
+        label = STATUS_ACTIONS[Action(event.action)]
+        if event.action == Action.MESSAGE_VIEW and event.actor_id != message.recipient_id:
+            label = "Viewed by staff"
+        detail = "" if event.outcome == "success" else event.outcome
+        entries.append(StatusEntry(event.occurred_at, label, detail))
+    return sorted(entries, key=lambda e: e.when)
+
+
+def _notice_entry(notice: Notification) -> StatusEntry:
+    kind = "Reminder email" if notice.kind == NoticeKind.REMINDER else "Email notice"
+    if notice.status == "sent" and notice.sent_at:
+        return StatusEntry(notice.sent_at, f"{kind} delivered to the mail server")
+    if notice.status == "failed":
+        return StatusEntry(notice.created_at, f"{kind} failed", notice.failure_reason or "")
+    if notice.status == "cancelled":
+        return StatusEntry(notice.created_at, f"{kind} cancelled")
+    return StatusEntry(notice.created_at, f"{kind} queued",
+                       f"attempt {notice.attempts + 1}" if notice.attempts else "")
+
+
+def sent_by(session: Session, staff: User, limit: int = 100) -> list[Message]:
+    """Return the newest messages ``staff`` sent."""
+    return list(session.scalars(select(Message).where(Message.sender_id == staff.id)
+                                .order_by(Message.created_at.desc()).limit(limit)))

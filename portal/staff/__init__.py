@@ -1,0 +1,1 @@
+"""Staff pages: patients, compose, sent messages and their status."""

@@ -1,0 +1,198 @@
+"""The outbox: enqueue (sealed URL), claim (due, leases, batches), sent / retry / failed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from flask import Flask
+from sqlalchemy import select
+
+from notifier import outbox
+from portal.audit import NO_REQUEST, SYSTEM
+from portal.extensions import db
+from portal.models import AuditEvent, Message, Notification, User
+from portal.models.types import new_public_id
+from portal.services import accounts, keys, notices
+from portal.services.errors import ServiceError
+
+URL = "https://portal.example.org/invite/abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
+T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+@pytest.fixture
+def session(app: Flask) -> Iterator[Any]:
+    """The app's session, inside an app context."""
+    with app.app_context():
+        yield db.session
+
+
+@pytest.fixture
+def staff(session: Any) -> User:
+    """A staff member to send notices to."""
+    return accounts.create_user(session, role="staff", email="ada.staff@clinic.example.org",
+                                name="Ada Staff", actor=SYSTEM, meta=NO_REQUEST).user
+
+
+def queue(session: Any, user: User, n: int = 1, due: datetime = T0) -> list[int]:
+    """Queue ``n`` invite notices due at ``due``, committed; returns their ids."""
+    ids = [notices.enqueue(session, kind="invite", recipient=user, url=f"{URL}{i}", due=due).id
+           for i in range(n)]
+    session.commit()
+    return ids
+
+
+def test_enqueue_seals_the_url_under_the_recipients_key(session: Any, staff: User) -> None:
+    notice = notices.enqueue(session, kind="invite", recipient=staff, url=URL)
+
+    assert notice.payload_sealed is not None
+    assert URL.encode() not in notice.payload_sealed
+    assert notices.open_payload(session, notice) == URL
+    assert (notice.status, notice.attempts) == ("queued", 0)
+
+
+def test_enqueue_refuses_an_unknown_kind(session: Any, staff: User) -> None:
+    with pytest.raises(ServiceError):
+        notices.enqueue(session, kind="newsletter", recipient=staff, url=URL)
+
+
+def test_claim_takes_due_rows_only_oldest_first(session: Any, staff: User) -> None:
+    later = queue(session, staff, 2, due=T0 + timedelta(minutes=1))
+    due = queue(session, staff, 2, due=T0 - timedelta(minutes=1))
+
+    claimed = outbox.claim(session, "w1", now=T0)
+
+    assert claimed == due
+    rows = session.scalars(select(Notification).where(Notification.id.in_(due))).all()
+    assert {(r.status, r.claimed_by, r.claimed_at) for r in rows} == {("sending", "w1", T0)}
+    assert outbox.claim(session, "w2", now=T0) == []
+    assert outbox.claim(session, "w2", now=T0 + timedelta(minutes=2)) == later
+
+
+def test_claim_respects_the_batch_size(session: Any, staff: User) -> None:
+    ids = queue(session, staff, 5)
+
+    first = outbox.claim(session, "w1", batch=3, now=T0)
+    second = outbox.claim(session, "w2", batch=3, now=T0)
+
+    assert first == ids[:3]
+    assert second == ids[3:]
+
+
+def test_a_crashed_workers_rows_are_claimed_again_after_the_lease(
+        session: Any, staff: User) -> None:
+    ids = queue(session, staff, 2)
+    assert outbox.claim(session, "dead", now=T0) == ids
+
+    assert outbox.claim(session, "w2", now=T0 + outbox.LEASE - timedelta(seconds=1)) == []
+    assert outbox.claim(session, "w2", now=T0 + outbox.LEASE + timedelta(seconds=1)) == ids
+
+
+def test_claim_never_takes_finished_rows(session: Any, staff: User) -> None:
+    ids = queue(session, staff, 3)
+    outbox.claim(session, "w1", now=T0)
+    outbox.mark_sent(session, ids[0], "250 ok", now=T0)
+    outbox.mark_failed(session, ids[1], "smtp-5xx:550")
+    outbox.mark_cancelled(session, ids[2])
+    session.commit()
+
+    assert outbox.claim(session, "w2", now=T0 + timedelta(days=2)) == []
+
+
+def test_mark_sent_erases_the_url_and_audits(session: Any, staff: User) -> None:
+    [notice_id] = queue(session, staff)
+    outbox.claim(session, "w1", now=T0)
+
+    row = outbox.mark_sent(session, notice_id, "250 2.0.0 OK queued as 17", now=T0)
+    session.commit()
+
+    assert (row.status, row.payload_sealed, row.sent_at, row.attempts) == ("sent", None, T0, 1)
+    assert row.smtp_response == "250 2.0.0 OK queued as 17"
+    event = session.scalar(select(AuditEvent).where(AuditEvent.action == "notice.sent"))
+    assert (event.target_type, event.target_id, event.patient_id) == (
+        "notification", row.public_id, None)
+    assert json.loads(event.details) == {"kind": "invite", "attempts": 1}
+
+
+def test_mark_failed_erases_the_url_and_audits_the_reason(session: Any, staff: User) -> None:
+    [notice_id] = queue(session, staff)
+
+    row = outbox.mark_failed(session, notice_id, "starttls-unavailable")
+
+    assert (row.status, row.payload_sealed, row.failure_reason) == (
+        "failed", None, "starttls-unavailable")
+    event = session.scalar(select(AuditEvent).where(AuditEvent.action == "notice.failed"))
+    assert (event.outcome, json.loads(event.details)["reason"]) == (
+        "failure", "starttls-unavailable")
+
+
+def test_mark_retry_backs_off_exponentially(session: Any, staff: User) -> None:
+    [notice_id] = queue(session, staff)
+    delays = []
+    for _ in range(10):
+        row = outbox.mark_retry(session, notice_id, "smtp-4xx:451", now=T0)
+        delays.append(row.next_attempt_at - T0)
+
+    minutes = [int(d.total_seconds() // 60) for d in delays]
+    assert minutes == [1, 2, 4, 8, 16, 32, 64, 128, 240, 240]
+    assert (row.status, row.attempts, row.claimed_by) == ("queued", 10, None)
+    assert row.payload_sealed is not None
+
+
+def test_mark_retry_gives_up_after_about_a_day(session: Any, staff: User) -> None:
+    [notice_id] = queue(session, staff)
+    waited = timedelta()
+    row = outbox.load(session, notice_id)
+    assert row is not None
+    while row.status == "queued":
+        row = outbox.mark_retry(session, notice_id, "connect-failed", now=T0 + waited)
+        if row.status == "queued":
+            waited = row.next_attempt_at - T0
+
+    assert timedelta(hours=20) <= waited <= outbox.RETRY_WINDOW
+    assert (row.status, row.failure_reason, row.payload_sealed) == (
+        "failed", "connect-failed", None)
+    assert session.scalar(select(AuditEvent).where(AuditEvent.action == "notice.failed"))
+
+
+def test_release_hands_rows_back(session: Any, staff: User) -> None:
+    ids = queue(session, staff, 2)
+    outbox.claim(session, "w1", now=T0)
+
+    outbox.release(session, ids)
+    session.commit()
+
+    assert outbox.claim(session, "w2", now=T0) == ids
+
+
+def _message(session: Any, sender: User, recipient: User) -> Message:
+    key_row, key = keys.create(session, "message")
+    pid = new_public_id()
+    message = Message(public_id=pid, sender_id=sender.id, recipient_id=recipient.id,
+                      data_key_id=key_row.id, expires_at=T0 + timedelta(days=7),
+                      subject_sealed=keys.seal_text(key, "messages", "subject", pid, "s"),
+                      body_sealed=keys.seal_text(key, "messages", "body", pid, "b"))
+    session.add(message)
+    session.flush()
+    return message
+
+
+def test_cancel_and_status_for_message(session: Any, staff: User) -> None:
+    patient = accounts.create_user(session, role="patient", email="pat@patients.example.org",
+                                   name="Pat Example", issue_access_code=True, actor=SYSTEM,
+                                   meta=NO_REQUEST).user
+    message = _message(session, staff, patient)
+    first, second = (notices.enqueue(session, kind="pickup", recipient=patient, url=URL,
+                                     message=message, due=T0) for _ in range(2))
+    session.commit()
+    outbox.claim(session, "w1", batch=1, now=T0)
+
+    assert notices.cancel_for_message(session, message.id) == 1
+    session.commit()
+
+    statuses = [(n.id, n.status) for n in notices.status_for_message(session, message.id)]
+    assert statuses == [(first.id, "sending"), (second.id, "cancelled")]
+    assert second.payload_sealed is None

@@ -1,0 +1,213 @@
+"""Rendering notices from templates/email, and the PHI guard's terms and matching."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from notifier import phi, render
+from notifier.smtp import make_message_id
+from portal.audit import NO_REQUEST, SYSTEM
+from portal.extensions import db
+from portal.models import Attachment, Message, Notification
+from portal.models.notifications import NoticeKind
+from portal.models.types import new_public_id
+from portal.services import accounts, keys, notices
+
+URL = "https://portal.example.org/p/Zq3x-Ab_9kLmNoPqRsTuVwXyZ0123456789abcdefgH"
+EXPIRES = datetime(2031, 6, 7, 12, 0, tzinfo=UTC)
+ORG = {"org_name": "Riverside Family Practice", "org_address": "4 Mill Lane, Riverside",
+       "support_contact": "reception on 01234 567890"}
+ALLOWED_CONTEXT = {"url", "org_name", "org_address", "support_contact", "expires_on",
+                   "valid_hours", "valid_minutes"}
+
+
+def notice(kind: str) -> Notification:
+    """An unsaved notice of ``kind`` with a public id."""
+    return Notification(kind=kind, public_id="0123456789abcdef0123456789abcdef")
+
+
+def rendered(kind: str, **overrides: Any) -> Any:
+    """``kind`` rendered with the demo organisation."""
+    values: dict[str, Any] = {**ORG, "url": URL, "expires_at": EXPIRES,
+                              "mail_from": "no-reply@portal.example.org",
+                              "to_address": "pat@patients.example.org",
+                              "message_id_domain": "portal.example.org", **overrides}
+    return render.render(notice(kind), **values)
+
+
+@pytest.mark.parametrize("kind", list(NoticeKind))
+def test_every_kind_renders_text_and_html_with_the_link(kind: str) -> None:
+    msg = rendered(kind)
+
+    assert msg.get_content_type() == "multipart/alternative"
+    plain, html = msg.get_body(("plain",)), msg.get_body(("html",))
+    assert URL in plain.get_content()
+    assert f'href="{URL}"' in html.get_content()
+    assert "Riverside Family Practice" in msg["Subject"]
+    assert "\n" not in msg["Subject"]
+    assert msg["Message-ID"] == make_message_id("0123456789abcdef0123456789abcdef",
+                                                "portal.example.org")
+    assert msg["Auto-Submitted"] == "auto-generated"
+    assert msg["From"] == "Riverside Family Practice <no-reply@portal.example.org>"
+    assert msg["To"] == "pat@patients.example.org"
+    assert msg["Date"]
+
+
+def test_pickup_says_until_when_the_link_works() -> None:
+    msg = rendered("pickup")
+
+    assert "7 June 2031" in msg.get_body(("plain",)).get_content()
+    assert msg["Subject"] == "You have a secure message from Riverside Family Practice"
+
+
+def test_reminder_and_invite_say_what_they_are() -> None:
+    assert rendered("reminder")["Subject"].startswith("Reminder:")
+    assert "72 hours" in rendered("invite").get_body(("plain",)).get_content()
+
+
+def test_html_escapes_the_organisation() -> None:
+    msg = rendered("pickup", org_name="Smith & <Jones>")
+
+    html = msg.get_body(("html",)).get_content()
+    assert "Smith &amp; &lt;Jones&gt;" in html
+    assert "<Jones>" not in html
+    assert "Smith & <Jones>" in msg.get_body(("plain",)).get_content()
+
+
+@pytest.mark.parametrize("kind", list(NoticeKind))
+def test_context_functions_take_and_return_only_non_phi_fields(kind: str) -> None:
+    function = render.CONTEXTS[kind]
+    parameters = set(inspect.signature(function).parameters)
+    context = function(url=URL, expires_at=EXPIRES, **ORG)
+
+    assert parameters == {"url", "org_name", "org_address", "support_contact", "expires_at"}
+    assert set(context) <= ALLOWED_CONTEXT
+
+
+def test_stated_link_lifetimes_match_the_account_links_service() -> None:
+    from portal.services.account_links import INVITE_TTL, RESET_TTL
+
+    assert timedelta(hours=render.INVITE_VALID_HOURS) == INVITE_TTL
+    assert timedelta(minutes=render.RESET_VALID_MINUTES) == RESET_TTL
+    assert "60 minutes" in rendered("reset").get_body(("plain",)).get_content()
+
+
+def test_message_id_is_stable_per_notice() -> None:
+    assert rendered("pickup")["Message-ID"] == rendered("pickup")["Message-ID"]
+
+
+# -- the PHI guard ------------------------------------------------------------------------
+
+
+def test_find_phi_matches_whole_words_case_insensitively() -> None:
+    terms = {"Quenby", "Philippa Quenby", "07/03/1984"}
+
+    assert phi.find_phi(["Dear PHILIPPA   quenby,"], terms)
+    assert phi.find_phi(["born 07/03/1984."], terms)
+    assert phi.find_phi(["<p>Ms&nbsp;Quenby</p>"], terms)
+    assert not phi.find_phi(["Quenbyshire is a place"], terms)
+    assert not phi.find_phi(["107/03/19845"], terms)
+    assert not phi.find_phi(["nothing here"], set())
+
+
+def test_find_phi_decodes_html_entities() -> None:
+    assert phi.find_phi(["<p>O&#39;Brien</p>"], {"O'Brien"})
+
+
+def test_dob_terms_cover_common_formats() -> None:
+    terms = phi.dob_terms("1984-03-07")
+
+    assert {"1984-03-07", "07/03/1984", "03/07/1984", "7 March 1984", "March 7, 1984"} <= terms
+
+
+def test_name_terms_keep_short_parts_only_in_the_whole_name() -> None:
+    assert phi.name_terms("Jo Li Wainwright") == {"Jo Li Wainwright", "Wainwright"}
+
+
+def test_subject_and_body_terms_skip_stopwords_and_short_words() -> None:
+    assert phi.subject_terms("Your scan from today") == {"Your scan from today", "scan"}
+    assert phi.body_terms("Please could you bring these inhalers tomorrow") == {
+        "bring", "inhalers"}
+
+
+@pytest.fixture
+def session(app: Flask) -> Iterator[Any]:
+    """The app's session, inside an app context."""
+    with app.app_context():
+        yield db.session
+
+
+def _message(session: Any, sender: Any, recipient: Any, subject: str, body: str,
+             filename: str | None = None) -> Message:
+    key_row, key = keys.create(session, "message")
+    pid = new_public_id()
+    message = Message(public_id=pid, sender_id=sender.id, recipient_id=recipient.id,
+                      data_key_id=key_row.id, expires_at=datetime.now(UTC) + timedelta(days=7),
+                      subject_sealed=keys.seal_text(key, "messages", "subject", pid, subject),
+                      body_sealed=keys.seal_text(key, "messages", "body", pid, body))
+    session.add(message)
+    session.flush()
+    if filename:
+        apid = new_public_id()
+        session.add(Attachment(public_id=apid, message_id=message.id, blob_id=apid,
+                               filename_sealed=keys.seal_text(key, "attachments", "filename",
+                                                              apid, filename),
+                               size=1, sha256="0" * 64))
+        session.flush()
+    return message
+
+
+def _people(session: Any) -> tuple[Any, Any]:
+    staff = accounts.create_user(session, role="staff", email="dr@clinic.example.org",
+                                 name="Gregory Marwick", actor=SYSTEM, meta=NO_REQUEST).user
+    patient = accounts.create_user(session, role="patient", email="pq@patients.example.org",
+                                   name="Philippa Quenby", dob=date(1984, 3, 7), actor=SYSTEM,
+                                   meta=NO_REQUEST).user
+    return staff, patient
+
+
+def test_phi_terms_of_a_pickup_notice(session: Any) -> None:
+    staff, patient = _people(session)
+    message = _message(session, staff, patient, "Biopsy outcome",
+                       "Your secure message: thyroid carcinoma confirmed.", "quenby-lab.pdf")
+    row = notices.enqueue(session, kind="pickup", recipient=patient, url=URL, message=message)
+
+    terms = phi.phi_terms(session, row)
+
+    assert {"Philippa Quenby", "Philippa", "Quenby", "1984-03-07", "7 March 1984",
+            "Biopsy outcome", "Biopsy", "outcome", "thyroid", "carcinoma", "confirmed",
+            "quenby-lab.pdf", "quenby-lab"} <= terms
+    assert not {"secure", "message", "Your secure message"} & terms  # the template says them
+    assert "Gregory Marwick" not in terms
+
+
+def test_phi_terms_of_a_reply_notice_name_the_patient_who_wrote(session: Any) -> None:
+    staff, patient = _people(session)
+    reply = _message(session, patient, staff, "Re: inhaler dosage", "Thanks, breathing better")
+    row = notices.enqueue(session, kind="reply", recipient=staff, url=URL, message=reply)
+
+    terms = phi.phi_terms(session, row)
+
+    assert {"Philippa Quenby", "Quenby", "07/03/1984", "inhaler", "dosage",
+            "breathing", "Gregory Marwick"} <= terms
+
+
+def test_a_patient_named_like_the_organisation_does_not_block_notices(
+        session: Any, app: Flask) -> None:
+    patient = accounts.create_user(session, role="patient", email="x@patients.example.org",
+                                   name="Demo Clinic", issue_access_code=True,
+                                   actor=SYSTEM, meta=NO_REQUEST).user
+    row = notices.enqueue(session, kind="pickup", recipient=patient, url=URL)
+
+    terms = phi.phi_terms(session, row)
+    msg = rendered("pickup", org_name=app.config["ORG_NAME"])
+
+    assert app.config["ORG_NAME"] == "Pickup Portal Demo Clinic"
+    assert terms == set()  # every word of the name is one the notice says anyway
+    assert not phi.find_phi(render.readable_texts(msg), terms)
