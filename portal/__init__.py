@@ -54,6 +54,7 @@ def _register(app: Flask) -> None:
     login_manager.session_protection = None  # sessions are server-side, renewed at sign-in
     login_manager.login_view = "auth.signin"
     from portal.admin import views as admin_views
+    from portal.auditor import views as auditor_views
     from portal.auth.policy import nav_links
     from portal.staff import views as staff_views
 
@@ -61,6 +62,7 @@ def _register(app: Flask) -> None:
     app.register_blueprint(views.bp)
     app.register_blueprint(admin_views.bp)
     app.register_blueprint(staff_views.bp)
+    app.register_blueprint(auditor_views.bp)
     app.jinja_env.globals["nav_links"] = nav_links
     if app.config["DEMO"]:
         from portal.web import demo

@@ -121,7 +121,13 @@ def _canonical(value: object) -> str:
 
 
 def _timestamp(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # Same text as strftime("%Y-%m-%dT%H:%M:%S.%fZ") for years 1000-9999, several times faster.
+    if moment.utcoffset():
+        moment = moment.astimezone(UTC)
+    return moment.isoformat(timespec="microseconds")[:26] + "Z"
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def event_hash(event: AuditEvent) -> str:
@@ -132,12 +138,21 @@ def event_hash(event: AuditEvent) -> str:
         event.client_ip, event.user_agent, event.request_id, event.details, event.prev_hash)
 
 
-def _hash_fields(*fields: object) -> str:
-    names = ("seq", "occurred_at", "actor_id", "actor_role", "action", "target_type",
-             "target_id", "patient_id", "message_id", "outcome", "client_ip", "user_agent",
-             "request_id", "details", "prev_hash")
-    values = [(_timestamp(v) if isinstance(v, datetime) else v) for v in fields]
-    return hashlib.sha256(_canonical(dict(zip(names, values, strict=True))).encode()).hexdigest()
+def _hash_fields(seq: object, occurred_at: object, actor_id: object, actor_role: object,
+                 action: object, target_type: object, target_id: object, patient_id: object,
+                 message_id: object, outcome: object, client_ip: object, user_agent: object,
+                 request_id: object, details: object, prev_hash: object) -> str:
+    if isinstance(occurred_at, datetime):
+        occurred_at = _timestamp(occurred_at)
+    # Keys written in sorted order: the same bytes as _canonical() of this dict (the chain's
+    # encoding), without sorting on every call; verify() runs this once per event.
+    return hashlib.sha256(_ENCODER.encode({
+        "action": action, "actor_id": actor_id, "actor_role": actor_role,
+        "client_ip": client_ip, "details": details, "message_id": message_id,
+        "occurred_at": occurred_at, "outcome": outcome, "patient_id": patient_id,
+        "prev_hash": prev_hash, "request_id": request_id, "seq": seq,
+        "target_id": target_id, "target_type": target_type, "user_agent": user_agent,
+    }).encode()).hexdigest()
 
 
 def record(
@@ -199,7 +214,7 @@ VERIFY_COLUMNS = (
 def _rows(session: Session, batch: int = 5000) -> Iterator[tuple[object, ...]]:
     stmt = select(*VERIFY_COLUMNS).order_by(AuditEvent.seq).execution_options(
         yield_per=batch, stream_results=True)
-    yield from session.execute(stmt)
+    yield from session.connection().execute(stmt)  # Core rows: cheaper than ORM rows
 
 
 def verify(session: Session) -> Verification:

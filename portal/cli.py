@@ -71,18 +71,28 @@ def audit() -> None:
 
 
 @audit.command("verify")
+@click.option("--from-head", "from_head", default=None, metavar="HASH",
+              help="Also require this previously noted head hash to still be in the trail.")
 @with_app
-def audit_verify(app: Flask) -> None:
+def audit_verify(app: Flask, from_head: str | None) -> None:
     """Walk the hash chain: exit 0 when intact, 1 and the first bad event otherwise."""
     from portal import audit as trail
     from portal.extensions import db as database
+    from portal.services import audit_query
+    from portal.services.errors import ServiceError
 
-    result = trail.verify(database.session)
+    try:
+        result = (audit_query.verify_from_head(database.session, from_head)
+                  if from_head is not None else trail.verify(database.session))
+    except ServiceError as error:
+        click.echo(f"portal: {error}", err=True)
+        sys.exit(2)
     if result.ok:
         when = result.head_time.isoformat() if result.head_time else "-"
         click.echo(f"audit trail intact: {result.count} events, head {result.head_hash} at {when}")
         return
-    click.echo(f"audit trail BROKEN at event {result.bad_seq}: {result.problem} "
+    where = f" at event {result.bad_seq}" if result.bad_seq is not None else ""
+    click.echo(f"audit trail BROKEN{where}: {result.problem} "
                f"({result.count} events verified before it)", err=True)
     sys.exit(1)
 
@@ -101,7 +111,7 @@ def serve(host: str, port: int, workers: int) -> None:
 
 def _load_commands() -> None:
     # Command modules attach themselves to ``main`` on import.
-    from portal.commands import demo, keys, messages, retention, users  # noqa: F401
+    from portal.commands import audit_export, demo, keys, messages, retention, users  # noqa: F401
 
 
 _load_commands()

@@ -65,3 +65,5 @@ def configure(level: str = "INFO") -> None:
     # Werkzeug's access log prints the raw path and query string (a token can be in it).
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    for noisy in ("weasyprint", "fontTools", "mail.log"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

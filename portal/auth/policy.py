@@ -31,7 +31,8 @@ def is_internal_path(target: str | None) -> bool:
 
 
 # Each role's landing page; blueprints that are not installed yet fall back to the account.
-HOMES: dict[Role, str] = {Role.ADMIN: "admin.users", Role.STAFF: "staff.index"}
+HOMES: dict[Role, str] = {Role.ADMIN: "admin.users", Role.STAFF: "staff.index",
+                          Role.AUDITOR: "auditor.search"}
 
 
 def home_for(role: str) -> str:
@@ -93,6 +94,8 @@ def fresh_auth(view: F) -> F:
 NAV: dict[Role, list[tuple[str, str]]] = {
     Role.ADMIN: [("admin.users", "Accounts"), ("admin.keys", "Keys")],
     Role.STAFF: [("staff.index", "Sent messages"), ("staff.patients", "Patients")],
+    Role.AUDITOR: [("auditor.search", "Audit trail"),
+                   ("auditor.disclosures_report", "Disclosures"), ("auditor.verify", "Verify")],
 }
 
 

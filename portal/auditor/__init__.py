@@ -1,0 +1,1 @@
+"""Auditor pages: search, export, accounting of disclosures, verification."""

@@ -1,0 +1,145 @@
+"""Auditor pages. Auditors see metadata and patient names, never message content."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, render_template, request, stream_with_context
+from flask.typing import ResponseReturnValue
+from flask_login import current_user
+from sqlalchemy import select
+
+from portal import audit
+from portal.audit import Action
+from portal.auditor import forms
+from portal.auth.policy import fresh_auth, roles
+from portal.database import utcnow
+from portal.extensions import db
+from portal.models import Message, Role
+from portal.services import accounts, audit_export, audit_query, disclosures
+from portal.services.errors import ServiceError
+from portal.services.signin import actor_of
+from portal.web.security import request_meta
+
+bp = Blueprint("auditor", __name__, url_prefix="/audit")
+EXPORT_TYPES = {"csv": ("text/csv", "csv"), "json": ("application/x-ndjson", "jsonl"),
+                "fhir": ("application/fhir+json", "json")}
+
+
+def _user_id(email: str | None, label: str) -> int | None:
+    if not email:
+        return None
+    user = accounts.find_by_email(db.session, email)
+    if user is None:
+        raise ServiceError(f"No account has that {label} email address.")
+    return user.id
+
+
+def _message_id(public_id: str | None) -> int | None:
+    if not public_id:
+        return None
+    found = db.session.scalar(select(Message.id).where(Message.public_id == public_id.strip()))
+    if found is None:
+        raise ServiceError("No message has that id.")
+    return int(found)
+
+
+def build_filter(form: forms.SearchForm) -> audit_query.AuditFilter:
+    """Return the filter the form describes; ServiceError naming what does not parse."""
+    return audit_query.from_args(
+        patient_id=_user_id(form.patient.data, "patient"),
+        actor_id=_user_id(form.actor.data, "actor"), action=form.action.data,
+        outcome=form.outcome.data, message_id=_message_id(form.message.data),
+        client_ip=form.client_ip.data,
+        since=form.since.data.isoformat() if form.since.data else None,
+        until=form.until.data.isoformat() if form.until.data else None)
+
+
+@bp.get("/")
+@roles(Role.AUDITOR)
+def search() -> ResponseReturnValue:
+    """Filter the trail; newest first, keyset pages. Each search is itself audited."""
+    form = forms.SearchForm(request.args)
+    page, errors = None, []
+    try:
+        if not form.validate():
+            raise ServiceError(*[e for field in form.errors.values() for e in field])
+        flt = build_filter(form)
+        before = request.args.get("before", type=int)
+        page = audit_query.search(db.session, flt, before_seq=before)
+        audit_query.record_search(db.session, flt, actor_of(current_user), request_meta())
+        db.session.commit()
+    except ServiceError as refused:
+        db.session.rollback()
+        errors = refused.messages
+    return render_template("auditor/search.html", form=form, page=page, errors=errors,
+                           args=_args_without("before"))
+
+
+def _args_without(name: str) -> dict[str, Any]:
+    return {k: v for k, v in request.args.items() if k != name and v}
+
+
+@bp.get("/export/<any(csv, json, fhir):fmt>")
+@roles(Role.AUDITOR)
+@fresh_auth
+def export(fmt: str) -> ResponseReturnValue:
+    """Stream the filtered trail (re-authentication required; audited before it streams)."""
+    form = forms.SearchForm(request.args)
+    try:
+        flt = build_filter(form)
+    except ServiceError as refused:
+        return render_template("auditor/search.html", form=form, page=None,
+                               errors=refused.messages, args={}), 400
+    audit_export.record_export(db.session, flt, fmt, actor_of(current_user), request_meta())
+    db.session.commit()  # releases the trail's head before the (long) stream starts
+    mime, ext = EXPORT_TYPES[fmt]
+    name = f"audit-{utcnow():%Y%m%dT%H%M%SZ}.{ext}"
+    return Response(stream_with_context(audit_export.export(db.session, flt, fmt)),
+                    mimetype=mime, headers={"Content-Disposition": f'attachment; filename="{name}"',
+                                            "Cache-Control": "no-store"})
+
+
+@bp.route("/disclosures", methods=["GET", "POST"])
+@roles(Role.AUDITOR)
+def disclosures_report() -> ResponseReturnValue:
+    """Accounting of disclosures for one patient and a period, as a PDF."""
+    form = forms.DisclosureForm()
+    if form.validate_on_submit():
+        patient = accounts.find_by_email(db.session, form.patient.data or "")
+        if patient is None or patient.role != Role.PATIENT:
+            form.patient.errors = ["No patient has that email address."]
+        elif form.until.data < form.since.data:  # type: ignore[operator]
+            form.until.errors = ["The last day is before the first."]
+        else:
+            body = disclosures.report_pdf(
+                db.session, patient, form.since.data, form.until.data,  # type: ignore[arg-type]
+                actor=actor_of(current_user), meta=request_meta())
+            db.session.commit()
+            return pdf_response(body, "accounting-of-disclosures.pdf")
+    return render_template("auditor/disclosures.html", form=form)
+
+
+def pdf_response(body: bytes, name: str) -> Response:
+    """Return ``body`` as a PDF download that no cache keeps."""
+    return Response(body, mimetype="application/pdf", headers={
+        "Content-Disposition": f'attachment; filename="{name}"', "Cache-Control": "no-store"})
+
+
+@bp.get("/verify")
+@roles(Role.AUDITOR)
+def verify() -> ResponseReturnValue:
+    """Whether the chain is intact (count, head hash, time) or its first broken event."""
+    form = forms.HeadForm(request.args)
+    error, result = None, None
+    try:
+        result = (audit_query.verify_from_head(db.session, form.head.data)
+                  if form.head.data else audit.verify(db.session))
+    except ServiceError as refused:
+        error = str(refused)
+    if result is not None:
+        audit.record(db.session, Action.AUDIT_VERIFY, actor=actor_of(current_user),
+                     meta=request_meta(), outcome="success" if result.ok else "failure",
+                     details={"count": result.count, "from_head": bool(form.head.data)})
+        db.session.commit()
+    return render_template("auditor/verify.html", form=form, result=result, error=error)

@@ -1,0 +1,79 @@
+"""``portal audit export --format csv|json|fhir [--since] [--until] [--patient] [-o FILE]``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+from typing import TextIO
+
+import click
+from flask import Flask
+from sqlalchemy.orm import Session
+
+from portal.audit import NO_REQUEST, SYSTEM
+from portal.cli import audit as audit_group
+from portal.cli import with_app
+from portal.services.errors import ServiceError
+
+FILE_MODE = 0o600  # an export names patients: readable by its owner only
+
+
+@audit_group.command("export")
+@click.option("--format", "fmt", required=True, type=click.Choice(["csv", "json", "fhir"]),
+              help="csv, json (JSON Lines, one event a line) or fhir (R4 Bundle of AuditEvents).")
+@click.option("--since", default=None, metavar="YYYY-MM-DD", help="From this day (UTC).")
+@click.option("--until", default=None, metavar="YYYY-MM-DD",
+              help="Before this day (UTC, exclusive).")
+@click.option("--patient", "patient_email", default=None, metavar="EMAIL",
+              help="Only events about this patient.")
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="Write to FILE (created mode 0600) instead of standard output.")
+@with_app
+def audit_export(app: Flask, fmt: str, since: str | None, until: str | None,
+                 patient_email: str | None, output: str | None) -> None:
+    """Export audit events, oldest first, streaming (memory stays flat)."""
+    from portal.extensions import db
+    from portal.services import audit_export as exporter
+    from portal.services import audit_query
+
+    try:
+        patient_id = _patient_id(db.session, patient_email)
+        flt = audit_query.from_args(patient_id=patient_id, since=since, until=until)
+    except ServiceError as error:
+        click.echo(f"portal: {error}", err=True)
+        sys.exit(1)
+    chunks = exporter.export(db.session, flt, fmt)
+    if output is None:
+        _write(chunks, sys.stdout)
+    else:
+        with _private_file(output) as sink:
+            _write(chunks, sink)
+    # Recorded after the stream, so the chain's head row is locked only until commit.
+    exporter.record_export(db.session, flt, fmt, SYSTEM, NO_REQUEST)
+
+
+def _patient_id(session: Session, email: str | None) -> int | None:
+    """Return the id of the patient with ``email``; ServiceError (not echoing it) when none."""
+    from portal.models import Role
+    from portal.services import accounts
+
+    if email is None:
+        return None
+    user = accounts.find_by_email(session, email)
+    if user is None or user.role != Role.PATIENT:
+        raise ServiceError("no patient with that email")
+    return user.id
+
+
+def _private_file(path: str) -> TextIO:
+    """Open ``path`` for writing, created (or reset) to mode 0600; never follows a symlink."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
+    os.fchmod(fd, FILE_MODE)  # an existing file keeps its mode through O_CREAT
+    return os.fdopen(fd, "w", encoding="utf-8", newline="")
+
+
+def _write(chunks: Iterable[str], sink: TextIO) -> None:
+    for chunk in chunks:
+        sink.write(chunk)
+    sink.flush()

@@ -1,0 +1,70 @@
+"""Accounting of disclosures (HIPAA 45 CFR 164.528): who accessed or received a patient's
+messages and records, when and how, for one patient and a period."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+
+from flask import current_app
+from sqlalchemy.orm import Session
+
+from portal import audit
+from portal.audit import Action, Actor, RequestMeta
+from portal.models import AuditEvent, User
+from portal.services import accounts, pdf
+from portal.services.audit_query import AuditFilter, Names, select_events
+from portal.services.audit_query import to_rows as audit_rows
+
+# What counts as an access to or a disclosure of the patient's messages and records.
+HOW = {
+    Action.MESSAGE_SEND: "sent to the patient (secure message)",
+    Action.NOTICE_SENT: "email notice (no health information) delivered",
+    Action.MESSAGE_VIEW: "viewed in the portal",
+    Action.MESSAGE_PDF: "saved as PDF from the portal",
+    Action.ATTACHMENT_DOWNLOAD: "record downloaded from the portal",
+    Action.ATTACHMENT_VIEW: "record viewed in the portal",
+    Action.MESSAGE_REPLY: "reply written in the portal",
+    Action.MESSAGE_REVOKE: "access revoked",
+    Action.MESSAGE_SHRED: "content destroyed",
+    Action.ACCESS_DENIED: "access attempt denied",
+    Action.AUDIT_EXPORT: "audit trail exported",
+    Action.AUDIT_REPORT: "accounting of disclosures produced",
+}
+ITEMS = {"message": "Message", "attachment": "Record (PDF)", "link": "Pickup link",
+         "notification": "Email notice"}
+
+
+def period(since: date, until: date) -> tuple[datetime, datetime]:
+    """Return [since 00:00, until+1 00:00) in UTC; ValueError when until is before since."""
+    if until < since:
+        raise ValueError("The end of the period is before its start.")
+    start = datetime.combine(since, time.min, UTC)
+    return start, datetime.combine(until + timedelta(days=1), time.min, UTC)
+
+
+def rows(session: Session, patient: User, since: date, until: date) -> list[dict[str, object]]:
+    """Return the accesses to ``patient``'s messages and records in the period, oldest first."""
+    start, end = period(since, until)
+    stmt = select_events(AuditFilter(patient_id=patient.id, since=start, until=end)).where(
+        AuditEvent.action.in_([a.value for a in HOW])).order_by(AuditEvent.seq)
+    events = audit_rows(session, session.execute(stmt).all(), Names(session))
+    return [{"when": e.occurred_at, "who": "the patient" if e.actor_id == patient.id
+             else e.actor_name, "role": e.actor_role or "", "action": HOW[Action(e.action)],
+             "item": f"{ITEMS.get(e.target_type or '', 'Account')} {(e.target_id or '')[:8]}",
+             "how": "portal" if e.client_ip else "system", "from_address": e.client_ip or "-"}
+            for e in events]
+
+
+def report_pdf(session: Session, patient: User, since: date, until: date, *, actor: Actor,
+               meta: RequestMeta) -> bytes:
+    """Render the accounting of disclosures as a PDF and audit it (in the caller's
+    transaction). Raises ValueError for a reversed period."""
+    listed = rows(session, patient, since, until)
+    audit.record(session, Action.AUDIT_REPORT, actor=actor, meta=meta, target_type="user",
+                 target_id=patient.public_id, patient_id=patient.id,
+                 details={"since": since.isoformat(), "until": until.isoformat(),
+                          "rows": len(listed)})
+    return pdf.render_disclosures_pdf(
+        org_name=current_app.config["ORG_NAME"], org_address=current_app.config["ORG_ADDRESS"],
+        patient_name=accounts.display_name(session, patient), period_start=since,
+        period_end=until, rows=listed)
