@@ -178,3 +178,45 @@ def test_concurrent_appends_make_one_chain(app: Flask, backend: str) -> None:
         result = audit.verify(db.session)
         assert result.ok, result.problem
         assert result.count == threads * per_thread
+
+
+@pytest.mark.postgres_only
+def test_insert_select_only_role_from_readme(app: Flask) -> None:
+    """The README's grants: the app role can append and read, never edit or delete."""
+    import secrets as random_names
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    role = f"pp_app_{random_names.token_hex(4)}"
+    url = make_url(app.config["DATABASE_URL"])
+    schema = url.query["options"].split("=", 1)[1]
+    with app.app_context():
+        for sql in (f"CREATE ROLE {role} LOGIN",
+                    f"GRANT USAGE ON SCHEMA {schema} TO {role}",
+                    f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} "
+                    f"TO {role}",
+                    f"REVOKE UPDATE, DELETE, TRUNCATE ON audit_events FROM {role}",
+                    f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA {schema} TO {role}"):
+            db.session.execute(text(sql))
+        db.session.commit()
+    engine = create_engine(url.set(username=role))
+    try:
+        with engine.begin() as connection:
+            from sqlalchemy.orm import Session
+
+            session = Session(bind=connection)
+            audit.record(session, Action.AUTH_SIGNIN, actor=STAFF)
+        with engine.connect() as connection:
+            for sql in ("UPDATE audit_events SET outcome = 'denied'", "DELETE FROM audit_events"):
+                with pytest.raises(DBAPIError, match="permission denied"):
+                    connection.execute(text(sql))
+                connection.rollback()
+    finally:
+        engine.dispose()
+        with app.app_context():
+            db.session.execute(text(f"DROP OWNED BY {role}"))
+            db.session.execute(text(f"DROP ROLE {role}"))
+            db.session.commit()
+    with app.app_context():
+        assert audit.verify(db.session).count == 1
