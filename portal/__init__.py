@@ -56,6 +56,7 @@ def _register(app: Flask) -> None:
     from portal.admin import views as admin_views
     from portal.auditor import views as auditor_views
     from portal.auth.policy import nav_links
+    from portal.pickup import views as pickup_views
     from portal.staff import views as staff_views
 
     web.init_app(app)
@@ -63,6 +64,7 @@ def _register(app: Flask) -> None:
     app.register_blueprint(admin_views.bp)
     app.register_blueprint(staff_views.bp)
     app.register_blueprint(auditor_views.bp)
+    app.register_blueprint(pickup_views.bp)
     app.jinja_env.globals["nav_links"] = nav_links
     if app.config["DEMO"]:
         from portal.web import demo

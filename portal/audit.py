@@ -49,6 +49,7 @@ class Action(StrEnum):
     USER_ENABLE = "user.enable"
     USER_MFA_RESET = "user.mfa.reset"
     MESSAGE_SEND = "message.send"
+    MESSAGE_LIST = "message.list"
     MESSAGE_VIEW = "message.view"
     MESSAGE_PDF = "message.pdf"
     MESSAGE_REPLY = "message.reply"

@@ -64,9 +64,10 @@ def _issuer() -> str:
 def _enrolled(user: User, codes: list[str]) -> ResponseReturnValue:
     session.pop("mfa_change", None)
     session.pop("enrol_uid", None)
-    complete_signin(user)  # logs in on a fresh session id, commits
+    done = complete_signin(user)  # logs in on a fresh session id, commits; honours "next"
     flash("Your authenticator app is set up.", "success")
-    return render_template("auth/recovery_codes.html", codes=codes, next_url=url_for("auth.index"))
+    return render_template("auth/recovery_codes.html", codes=codes,
+                           next_url=done.location)  # type: ignore[union-attr]
 
 
 @bp.post("/account/mfa")

@@ -32,7 +32,8 @@ def is_internal_path(target: str | None) -> bool:
 
 # Each role's landing page; blueprints that are not installed yet fall back to the account.
 HOMES: dict[Role, str] = {Role.ADMIN: "admin.users", Role.STAFF: "staff.index",
-                          Role.AUDITOR: "auditor.search"}
+                          Role.AUDITOR: "auditor.search",
+                          Role.PATIENT: "pickup.inbox"}
 
 
 def home_for(role: str) -> str:
@@ -96,6 +97,7 @@ NAV: dict[Role, list[tuple[str, str]]] = {
     Role.STAFF: [("staff.index", "Sent messages"), ("staff.patients", "Patients")],
     Role.AUDITOR: [("auditor.search", "Audit trail"),
                    ("auditor.disclosures_report", "Disclosures"), ("auditor.verify", "Verify")],
+    Role.PATIENT: [("pickup.inbox", "Messages"), ("pickup.history", "Access history")],
 }
 
 

@@ -56,7 +56,8 @@ OBSERVER = "Pickup Portal"
 # update, D delete, E execute. Reads of PHI and of the trail are R; sign-in
 # and other procedures are E.
 _FHIR_ACTION: dict[Action, str] = {
-    Action.MESSAGE_VIEW: "R", Action.MESSAGE_PDF: "R", Action.ATTACHMENT_DOWNLOAD: "R",
+    Action.MESSAGE_VIEW: "R", Action.MESSAGE_LIST: "R", Action.MESSAGE_PDF: "R",
+    Action.ATTACHMENT_DOWNLOAD: "R",
     Action.ATTACHMENT_VIEW: "R", Action.LINK_OPEN: "R", Action.AUDIT_SEARCH: "R",
     Action.AUDIT_EXPORT: "R", Action.AUDIT_REPORT: "R", Action.AUDIT_VERIFY: "R",
     Action.MESSAGE_SEND: "C", Action.MESSAGE_REPLY: "C", Action.MESSAGE_RESEND: "C",

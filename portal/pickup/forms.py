@@ -1,0 +1,68 @@
+"""Pickup forms. Labels are the contract in DESIGN.md ("Date of birth", "Access code", ...)."""
+
+from __future__ import annotations
+
+from flask_wtf import FlaskForm
+from wtforms import DateField, HiddenField, PasswordField, StringField, TextAreaField
+from wtforms.validators import DataRequired, EqualTo, Length, ValidationError
+from wtforms.widgets import DateInput
+
+from portal.services.pickup import MAX_REPLY, parse_dob
+
+CHOICE_HINT = (
+    "At least 12 characters. A few unrelated words make a strong, memorable "
+    "password. Spaces and any characters are fine.")
+
+
+class ContinueForm(FlaskForm):
+    """A button only: GETs never act, the POST does (scanner-safe links)."""
+
+
+class RenewForm(FlaskForm):
+    """"Send me a new link": posted to the link's own URL, so every invalid page is identical."""
+
+    intent = HiddenField(default="renew")
+
+
+def _dob(_form: FlaskForm, field: StringField) -> None:
+    if parse_dob(field.data or "") is None:
+        raise ValidationError("Enter your date of birth, for example 23/07/1961.")
+
+
+class DobForm(FlaskForm):
+    """Identity check by date of birth (a date picker; typed DD/MM/YYYY works too)."""
+
+    answer = StringField("Date of birth", widget=DateInput(), validators=[
+        DataRequired("Enter your date of birth."), Length(max=20), _dob])
+
+
+class AccessCodeForm(FlaskForm):
+    """Identity check by the access code the practice gave the patient."""
+
+    answer = StringField("Access code", validators=[
+        DataRequired("Enter the access code the practice gave you."), Length(max=40)])
+
+
+class PasswordForm(FlaskForm):
+    """Choose a password at first pickup."""
+
+    password = PasswordField("New password", validators=[
+        DataRequired("Enter a new password."), Length(max=1024)])
+    confirm = PasswordField("Confirm new password", validators=[
+        DataRequired("Enter the new password again."),
+        EqualTo("password", "The two passwords do not match.")])
+
+
+class ReplyForm(FlaskForm):
+    """The patient's answer to a message."""
+
+    body = TextAreaField("Your reply", validators=[
+        DataRequired("Write your reply."),
+        Length(max=MAX_REPLY, message=f"Keep your reply under {MAX_REPLY:,} characters.")])
+
+
+class DisclosureRangeForm(FlaskForm):
+    """The period of the patient's own accounting of disclosures."""
+
+    since = DateField("From", validators=[DataRequired("Enter the first day.")])
+    until = DateField("To (inclusive)", validators=[DataRequired("Enter the last day.")])

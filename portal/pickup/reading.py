@@ -1,0 +1,226 @@
+"""The signed-in patient's pages: inbox, message, attachments, Download as PDF, reply, history.
+
+Every request loads the message, checks that the signed-in user is its
+recipient and that it is still available (revoked or expired messages stop at
+once, also in an open session), then reads and audits in one commit. A read
+whose audit event cannot be written serves nothing (fail closed).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import unicodedata
+from collections.abc import Iterator
+from urllib.parse import quote
+
+from flask import (
+    Response,
+    abort,
+    flash,
+    make_response,
+    redirect,
+    render_template,
+    stream_with_context,
+    url_for,
+)
+from flask.typing import ResponseReturnValue
+from flask_login import current_user
+from sqlalchemy.exc import SQLAlchemyError
+
+from portal import audit
+from portal.audit import Action, Actor
+from portal.auth.policy import roles, signed_in
+from portal.extensions import db, limiter
+from portal.models import Attachment, Message, Role, User
+from portal.pickup import bp, forms
+from portal.pickup.forms import DisclosureRangeForm
+from portal.services import disclosures, pdf, pickup
+from portal.services.errors import NotFound, ServiceError
+from portal.web.errors import page
+from portal.web.security import request_meta
+
+log = logging.getLogger(__name__)
+# Shown inline under a sandbox: no script, no plugins but the PDF itself, never framed.
+VIEW_CSP = "sandbox; default-src 'none'; object-src 'self'; frame-ancestors 'none'"
+UNRECORDED = ("We could not record this access in the audit trail, so nothing was sent. "
+              "Please try again in a few minutes.")
+
+
+def _user() -> User:
+    return current_user._get_current_object()  # type: ignore[no-any-return]
+
+
+@bp.errorhandler(pickup.Unavailable)
+def _unavailable(gone: pickup.Unavailable) -> ResponseReturnValue:
+    db.session.commit()  # the access.denied event
+    return render_template("pickup/gone.html", reason=gone.reason), 410
+
+
+@bp.errorhandler(NotFound)
+def _not_theirs(_refused: NotFound) -> ResponseReturnValue:
+    db.session.commit()  # the access.denied event
+    return page(404)
+
+
+def _unrecorded() -> Response:
+    db.session.rollback()
+    log.error("audit event not written; read refused", extra={"event": "audit_failed"})
+    return make_response(page(503, UNRECORDED))
+
+
+def _message(message_id: str) -> Message:
+    message = pickup.find_message(db.session, message_id)
+    if message is None:
+        abort(404)
+    pickup.check_access(db.session, message, _user(), request_meta())
+    return message
+
+
+def _attachment(message_id: str, attachment_id: str) -> Attachment:
+    attachment = pickup.find_attachment(_message(message_id), attachment_id)
+    if attachment is None:
+        abort(404)
+    return attachment
+
+
+@bp.get("/inbox")
+@roles(Role.PATIENT)
+def inbox() -> ResponseReturnValue:
+    """The patient's messages, newest first, unread ones marked (subjects are PHI: audited)."""
+    user = _user()
+    rows = pickup.inbox(db.session, user)
+    audit.record(db.session, Action.MESSAGE_LIST, actor=Actor(user.id, user.role),
+                 meta=request_meta(), patient_id=user.id, details={"count": len(rows)})
+    db.session.commit()
+    return render_template("pickup/inbox.html", rows=rows)
+
+
+@bp.get("/messages/<message_id>")
+@signed_in
+def message(message_id: str) -> ResponseReturnValue:
+    """One message: sender, date, subject, body, attachments, and the patient's replies."""
+    shown = pickup.view_message(db.session, _message(message_id), _user(), request_meta())
+    db.session.commit()
+    return _render(shown, forms.ReplyForm())
+
+
+def _render(shown: pickup.Shown, form: forms.ReplyForm, status: int = 200) -> ResponseReturnValue:
+    readable = shown.readable
+    files = [(a, readable.filenames[a.id]) for a in shown.message.attachments]
+    body = pdf.render_body_html(readable.body, readable.body_format)
+    return render_template("pickup/message.html", shown=shown, body=body, files=files,
+                           form=form, filesize=pdf.format_size), status
+
+
+def content_disposition(kind: str, filename: str) -> str:
+    """Return a Content-Disposition value: an ASCII ``filename`` and RFC 5987 ``filename*``."""
+    fallback = unicodedata.normalize("NFKD", filename).encode("ascii", "ignore").decode()
+    fallback = re.sub(r"[^A-Za-z0-9._ -]", "_", fallback).strip(" .") or "document.pdf"
+    return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+def _stream(attachment: Attachment, *, inline: bool) -> ResponseReturnValue:
+    try:
+        name, chunks = pickup.open_attachment(db.session, attachment, _user(), request_meta(),
+                                              inline=inline)
+    except SQLAlchemyError:
+        return _unrecorded()
+    try:
+        db.session.commit()  # the audit event lands before a byte leaves
+    except SQLAlchemyError:
+        chunks.close()  # type: ignore[attr-defined]
+        return _unrecorded()
+    return _pdf_response(chunks, attachment.size, name, inline)
+
+
+def _pdf_response(chunks: Iterator[bytes], size: int, name: str, inline: bool) -> Response:
+    response = Response(stream_with_context(chunks), mimetype="application/pdf",
+                        direct_passthrough=True)
+    headers = response.headers
+    headers["Content-Length"] = str(size)
+    headers["Content-Disposition"] = content_disposition("inline" if inline else "attachment",
+                                                         name)
+    headers["Cache-Control"] = "no-store"
+    headers["X-Content-Type-Options"] = "nosniff"
+    if inline:
+        headers["Content-Security-Policy"] = VIEW_CSP
+    return response
+
+
+@bp.get("/messages/<message_id>/attachments/<attachment_id>/download")
+@signed_in
+def download(message_id: str, attachment_id: str) -> ResponseReturnValue:
+    """Stream the decrypted attachment as a download (constant memory)."""
+    return _stream(_attachment(message_id, attachment_id), inline=False)
+
+
+@bp.get("/messages/<message_id>/attachments/<attachment_id>/view")
+@signed_in
+def view(message_id: str, attachment_id: str) -> ResponseReturnValue:
+    """Stream the decrypted attachment for the browser's PDF viewer, under a sandbox CSP."""
+    return _stream(_attachment(message_id, attachment_id), inline=True)
+
+
+@bp.get("/messages/<message_id>/pdf")
+@signed_in
+def message_pdf(message_id: str) -> ResponseReturnValue:
+    """Download the message itself as a PDF letter."""
+    message = _message(message_id)
+    try:
+        document = pickup.message_pdf(db.session, message, _user(), request_meta())
+        db.session.commit()
+    except SQLAlchemyError:
+        return _unrecorded()
+    response = Response(document, mimetype="application/pdf")
+    response.headers["Content-Disposition"] = content_disposition(
+        "attachment", f"message-{message.created_at:%Y-%m-%d}.pdf")
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.post("/messages/<message_id>/reply")
+@signed_in
+@limiter.limit("30/hour")
+def reply(message_id: str) -> ResponseReturnValue:
+    """Answer the message; the reply is stored encrypted and the sender gets a PHI-free notice."""
+    original, form = _message(message_id), forms.ReplyForm()
+    if form.validate_on_submit():
+        try:
+            pickup.reply(db.session, original, _user(), form.body.data or "", request_meta())
+        except ServiceError as refused:
+            db.session.rollback()
+            form.body.errors = list(refused.messages)
+        else:
+            db.session.commit()
+            flash("Your reply was sent.", "success")
+            return redirect(url_for("pickup.message", message_id=message_id) + "#replies")
+    shown = pickup.view_message(db.session, original, _user(), request_meta())
+    db.session.commit()
+    return _render(shown, form, 400)
+
+
+@bp.get("/history")
+@roles(Role.PATIENT)
+def history() -> ResponseReturnValue:
+    """Every audited access to the patient's data: who, when, what, which message, from where."""
+    return render_template("pickup/history.html", rows=pickup.history(db.session, _user()),
+                           form=DisclosureRangeForm())
+
+
+@bp.post("/history/disclosures.pdf")
+@roles(Role.PATIENT)
+def disclosures_pdf() -> ResponseReturnValue:
+    """The patient's own accounting of disclosures for a period, as a PDF (audited)."""
+    form = DisclosureRangeForm()
+    user = _user()
+    if not form.validate_on_submit() or form.until.data < form.since.data:  # type: ignore[operator]
+        flash("Choose a first and a last day, the last on or after the first.", "error")
+        return redirect(url_for("pickup.history"))
+    body = disclosures.report_pdf(db.session, user, form.since.data,  # type: ignore[arg-type]
+                                  form.until.data, actor=Actor(user.id, user.role),  # type: ignore[arg-type]
+                                  meta=request_meta())
+    db.session.commit()
+    return Response(body, mimetype="application/pdf", headers={
+        "Content-Disposition": 'attachment; filename="my-accesses.pdf"',
+        "Cache-Control": "no-store"})

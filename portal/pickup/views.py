@@ -1,0 +1,7 @@
+"""The pickup blueprint with all its routes (``portal.create_app`` registers ``views.bp``)."""
+
+from __future__ import annotations
+
+from portal.pickup import bp, landing, reading  # noqa: F401 - importing them adds their routes
+
+__all__ = ["bp"]

@@ -1,0 +1,450 @@
+"""Pickup: link lookup, identity checks, access checks and the patient's audited reads.
+
+A link's GET only looks (``link_opened``); nothing counts as a pickup until the
+recipient is signed in with both factors. Every read of content, every refusal
+and every identity check writes an audit event in the caller's transaction
+(services flush, the view commits once).
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+
+from flask import current_app
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from portal import audit
+from portal.audit import SYSTEM, Action, Actor, Outcome, RequestMeta
+from portal.crypto.errors import ContentDestroyed
+from portal.database import utcnow
+from portal.models import (
+    Attachment,
+    AuditEvent,
+    Message,
+    PatientProfile,
+    PickupLink,
+    Role,
+    User,
+)
+from portal.models.notifications import NoticeKind
+from portal.security import passwords, tokens
+from portal.services import accounts, content, keys, messages, messaging, notices, pdf
+from portal.services.errors import NotFound, ServiceError
+
+MAX_VERIFY_FAILURES = 5  # then the link locks; staff see it and send a new one
+MAX_REPLY = 10_000
+_DMY = re.compile(r"(\d{1,2})[/.\-](\d{1,2})[/.\-](\d{4})")
+_ISO = re.compile(r"(\d{4})-(\d{2})-(\d{2})")
+
+
+class LinkLocked(ServiceError):
+    """Too many failed identity checks on this link: only a new link from staff helps."""
+
+
+class Unavailable(ServiceError):
+    """The recipient's message was revoked, has expired or was deleted (``reason`` says which)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("This message is no longer available.")
+        self.reason = reason
+
+
+def actor_of(user: User) -> Actor:
+    """Return the audit actor for ``user``."""
+    return Actor(user.id, user.role)
+
+
+# --- Links -------------------------------------------------------------------------------------
+
+def find_link(session: Session, token: str) -> PickupLink | None:
+    """Return the link whose token is ``token`` (any state), or None; never raises."""
+    if not tokens.is_well_formed_token(token):
+        return None
+    return session.scalar(select(PickupLink).where(
+        PickupLink.token_hash == tokens.token_hash(token)))
+
+
+def message_state(message: Message, now: datetime | None = None) -> str:
+    """Return "available", "revoked", "deleted" or "expired" for ``message``."""
+    if message.destroyed_at is not None:
+        return "deleted"
+    if message.revoked_at is not None:
+        return "revoked"
+    return "expired" if message.expires_at <= (now or utcnow()) else "available"
+
+
+def link_state(session: Session, link: PickupLink) -> str:
+    """Return "usable", "revoked" or "expired" (a message no longer available counts too)."""
+    message = session.get(Message, link.message_id)
+    recipient = session.get(User, link.recipient_id)
+    if link.revoked_at is not None or message is None or recipient is None or recipient.disabled:
+        return "revoked"
+    state = message_state(message)
+    if state in ("revoked", "deleted"):
+        return "revoked"
+    return "expired" if state == "expired" or link.expires_at <= utcnow() else "usable"
+
+
+def link_opened(session: Session, token: str, meta: RequestMeta) -> PickupLink | None:
+    """Audit a link's landing page (never with the token); return the link if it is usable."""
+    link = find_link(session, token)
+    state = link_state(session, link) if link is not None else "unknown"
+    audit.record(session, Action.LINK_OPEN, meta=meta,
+                 outcome=Outcome.SUCCESS if state == "usable" else Outcome.FAILURE,
+                 target_type="link", target_id=link.public_id if link else None,
+                 patient_id=link.recipient_id if link else None,
+                 message_id=link.message_id if link else None, details={"state": state})
+    return link if state == "usable" else None
+
+
+def usable_link(session: Session, link_id: object) -> PickupLink | None:
+    """Return the link with id ``link_id`` (from the server-side session) if still usable."""
+    link = session.get(PickupLink, link_id) if isinstance(link_id, int) else None
+    return link if link is not None and link_state(session, link) == "usable" else None
+
+
+def renew(session: Session, token: str, meta: RequestMeta) -> bool:
+    """Send a fresh link to the address on file when ``token`` is a real, expired link.
+
+    Returns whether one was sent; the caller answers the same either way. The
+    old links stop (messaging.resend revokes them) and the expired message gets
+    the default lifetime again. Audited as link.reissue (and message.resend).
+    """
+    link = find_link(session, token)
+    state = link_state(session, link) if link is not None else "unknown"
+    if link is not None and state == "expired":
+        message = session.get(Message, link.message_id)
+        assert message is not None
+        messaging.resend(session, message, actor=SYSTEM, meta=meta)
+        link.reissued_at = utcnow()
+    audit.record(session, Action.LINK_REISSUE, meta=meta,
+                 outcome=Outcome.SUCCESS if state == "expired" else Outcome.DENIED,
+                 target_type="link", target_id=link.public_id if link else None,
+                 patient_id=link.recipient_id if link else None,
+                 message_id=link.message_id if link else None, details={"state": state})
+    return state == "expired"
+
+
+# --- Identity (first pickup) -------------------------------------------------------------------
+
+def is_enrolled(user: User) -> bool:
+    """Return True when ``user`` has a password and an active authenticator (signs in)."""
+    return user.password_hash is not None and user.totp_enabled_at is not None
+
+
+def identity_method(session: Session, user: User) -> str | None:
+    """Return "access_code", "dob" or None (nothing to check against: staff must help)."""
+    profile = session.get(PatientProfile, user.id)
+    if profile is None:
+        return None
+    if profile.access_code_hash:
+        return "access_code"
+    return "dob" if profile.dob_sealed else None
+
+
+def parse_dob(text: str) -> str | None:
+    """Return ``text`` (YYYY-MM-DD, or DD/MM/YYYY as typed) as an ISO date, or None."""
+    text = text.strip()
+    if found := _ISO.fullmatch(text):
+        year, month, day = found.groups()
+    elif found := _DMY.fullmatch(text):
+        day, month, year = found.groups()
+    else:
+        return None
+    try:
+        return date(int(year), int(month), int(day)).isoformat()
+    except ValueError:
+        return None
+
+
+def _matches(session: Session, user: User, method: str, answer: str) -> bool:
+    profile = session.get(PatientProfile, user.id)
+    assert profile is not None
+    if method == "access_code":
+        stored = profile.access_code_hash or passwords.DUMMY_HASH
+        return passwords.verify_password(stored, accounts.normalise_access_code(answer))
+    assert profile.dob_sealed is not None
+    key = keys.unwrap(session, user.data_key_id)
+    iso = keys.open_text(key, "patient_profiles", "dob", user.public_id, profile.dob_sealed)
+    return hmac.compare_digest(iso.encode(), answer.encode())
+
+
+def verify_identity(session: Session, link: PickupLink, user: User, method: str, answer: str,
+                    meta: RequestMeta) -> bool:
+    """Check a first-time recipient's date of birth (ISO) or access code; audited either way.
+
+    Returns whether it matched. The MAX_VERIFY_FAILURES-th failure locks the
+    link. Raises LinkLocked, without checking, when the link is already locked.
+    """
+    fields = {"target_type": "link", "target_id": link.public_id, "patient_id": user.id,
+              "message_id": link.message_id, "meta": meta, "actor": actor_of(user)}
+    if link.locked_at is not None:
+        audit.record(session, Action.AUTH_IDENTITY_VERIFY, outcome=Outcome.DENIED,
+                     details={"method": method, "locked": True}, **fields)
+        raise LinkLocked("This link is locked after too many attempts.")
+    if _matches(session, user, method, answer):
+        profile = session.get(PatientProfile, user.id)
+        assert profile is not None
+        profile.verified_at = utcnow()
+        audit.record(session, Action.AUTH_IDENTITY_VERIFY, details={"method": method}, **fields)
+        return True
+    # One UPDATE counts the failure, so concurrent guesses cannot slip past the limit.
+    session.execute(update(PickupLink).where(PickupLink.id == link.id).values(
+        verify_failures=PickupLink.verify_failures + 1).execution_options(
+        synchronize_session=False))
+    session.refresh(link, ["verify_failures"])
+    if link.verify_failures >= MAX_VERIFY_FAILURES:
+        link.locked_at = utcnow()
+    audit.record(session, Action.AUTH_IDENTITY_VERIFY, outcome=Outcome.FAILURE,
+                 details={"method": method, "failures": link.verify_failures,
+                          "locked": link.locked_at is not None}, **fields)
+    session.flush()
+    return False
+
+
+# --- Access ------------------------------------------------------------------------------------
+
+def find_message(session: Session, public_id: str) -> Message | None:
+    """Return the message with this public id, or None (also for malformed ids)."""
+    if len(public_id) != 32 or not public_id.isalnum():
+        return None
+    return session.scalar(select(Message).where(Message.public_id == public_id))
+
+
+def deny(session: Session, message: Message, user: User, meta: RequestMeta, reason: str) -> None:
+    """Audit a refused access to ``message`` by ``user`` (access.denied)."""
+    audit.record(session, Action.ACCESS_DENIED, actor=actor_of(user), meta=meta,
+                 outcome=Outcome.DENIED, target_type="message", target_id=message.public_id,
+                 patient_id=message.recipient_id, message_id=message.id,
+                 details={"reason": reason})
+
+
+def check_access(session: Session, message: Message, user: User, meta: RequestMeta) -> None:
+    """Let only the recipient at a message that is still available. Refusals are audited.
+
+    Raises NotFound for anyone but the recipient (say 404), Unavailable when
+    the message was revoked, expired or deleted. Checked on every request.
+    """
+    if message.recipient_id != user.id or user.role != Role.PATIENT:
+        deny(session, message, user, meta, "not_recipient")
+        raise NotFound("There is nothing here.")
+    state = message_state(message)
+    if state != "available":
+        deny(session, message, user, meta, state)
+        raise Unavailable(state)
+
+
+def find_attachment(message: Message, public_id: str) -> Attachment | None:
+    """Return ``message``'s attachment with this public id, or None."""
+    return next((a for a in message.attachments if a.public_id == public_id), None)
+
+
+def _read(session: Session, message: Message) -> messages.Readable:
+    try:
+        return messages.read(session, message)
+    except ContentDestroyed:
+        raise Unavailable("deleted") from None
+
+
+# --- Audited reads -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Shown:
+    """A message as its recipient sees it, with the replies they sent."""
+
+    message: Message
+    readable: messages.Readable
+    sender_name: str
+    replies: list[tuple[Message, str]]
+
+
+def _name(session: Session, user_id: int) -> str:
+    user = session.get(User, user_id)
+    try:
+        return accounts.display_name(session, user) if user else "(unknown)"
+    except ContentDestroyed:
+        return "(deleted account)"
+
+
+def view_message(session: Session, message: Message, user: User, meta: RequestMeta) -> Shown:
+    """Return the message for its recipient; audits message.view, marks first opening.
+
+    Raises Unavailable("deleted") when the content was shredded.
+    """
+    readable = _read(session, message)
+    if message.first_opened_at is None:
+        message.first_opened_at = utcnow()
+    audit.record(session, Action.MESSAGE_VIEW, actor=actor_of(user), meta=meta,
+                 target_type="message", target_id=message.public_id, patient_id=user.id,
+                 message_id=message.id)
+    replies = []
+    for reply in session.scalars(select(Message).where(
+            Message.in_reply_to_id == message.id, Message.sender_id == user.id)
+            .order_by(Message.created_at)):
+        replies.append((reply, "(deleted)" if reply.destroyed_at else
+                        messages.read(session, reply).body))
+    return Shown(message, readable, _name(session, message.sender_id), replies)
+
+
+def open_attachment(session: Session, attachment: Attachment, user: User, meta: RequestMeta,
+                    *, inline: bool) -> tuple[str, Iterator[bytes]]:
+    """Open the attachment's verified plaintext, then audit the download or view.
+
+    Returns its file name and segment iterator (whose ``close`` closes the
+    blob). If the audit event cannot be written the blob is closed and the
+    error propagates, so nothing is served unaudited. Raises
+    Unavailable("deleted") when shredded, ContentTampered for a damaged blob.
+    """
+    try:
+        key = keys.unwrap(session, attachment.message.data_key_id)
+        name = keys.open_text(key, "attachments", "filename", attachment.public_id,
+                              attachment.filename_sealed)
+        chunks = content.open_attachment(session, attachment)
+    except ContentDestroyed:
+        raise Unavailable("deleted") from None
+    try:
+        audit.record(session, Action.ATTACHMENT_VIEW if inline else Action.ATTACHMENT_DOWNLOAD,
+                     actor=actor_of(user), meta=meta, target_type="attachment",
+                     target_id=attachment.public_id, patient_id=user.id,
+                     message_id=attachment.message_id, details={"size": attachment.size})
+    except BaseException:
+        chunks.close()  # type: ignore[attr-defined]
+        raise
+    return name, chunks
+
+
+def message_pdf(session: Session, message: Message, user: User, meta: RequestMeta) -> bytes:
+    """Return the message rendered as a PDF letter for its recipient; audits message.pdf."""
+    readable = _read(session, message)
+    config = current_app.config
+    document = pdf.render_message_pdf(
+        org_name=config["ORG_NAME"], org_address=config["ORG_ADDRESS"],
+        sender_name=_name(session, message.sender_id), sent_at=message.created_at,
+        subject=readable.subject, body=readable.body, body_format=readable.body_format,
+        attachments=[(readable.filenames[a.id], a.size, a.sha256) for a in message.attachments],
+        recipient_name=_name(session, user.id))
+    audit.record(session, Action.MESSAGE_PDF, actor=actor_of(user), meta=meta,
+                 target_type="message", target_id=message.public_id, patient_id=user.id,
+                 message_id=message.id)
+    return document
+
+
+def reply(session: Session, original: Message, patient: User, text: str,
+          meta: RequestMeta) -> Message:
+    """Store the patient's reply encrypted, audit it and queue a PHI-free notice to the sender.
+
+    Raises ServiceError for an empty or over-long reply or a sender who left.
+    """
+    if not text.strip() or len(text) > MAX_REPLY:
+        raise ServiceError(f"Write a reply of 1 to {MAX_REPLY:,} characters.")
+    sender = session.get(User, original.sender_id)
+    if sender is None or sender.disabled:
+        raise ServiceError("The sender can no longer receive replies. Contact the practice.")
+    subject = ("Re: " + _read(session, original).subject)[:messages.MAX_SUBJECT]
+    lifetime = timedelta(seconds=current_app.config["LINK_MAX_TTL"])
+    answer = messages.create(session, sender=patient, recipient=sender, subject=subject,
+                             body=text, expires_at=utcnow() + lifetime, in_reply_to=original)
+    audit.record(session, Action.MESSAGE_REPLY, actor=actor_of(patient), meta=meta,
+                 target_type="message", target_id=answer.public_id, patient_id=patient.id,
+                 message_id=original.id)
+    notices.enqueue(session, kind=NoticeKind.REPLY, recipient=sender,
+                    url=f"{current_app.config['BASE_URL']}/", message=answer)
+    return answer
+
+
+# --- Lists -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InboxRow:
+    """One line of the inbox: no link unless ``state`` is "available"."""
+
+    public_id: str
+    sender_name: str
+    sent_at: datetime
+    subject: str
+    attachments: int
+    unread: bool
+    state: str
+
+
+def inbox(session: Session, user: User, limit: int = 200) -> list[InboxRow]:
+    """Return the patient's messages (not their replies), newest first."""
+    rows, now = [], utcnow()
+    for message in session.scalars(select(Message).where(
+            Message.recipient_id == user.id, Message.in_reply_to_id.is_(None))
+            .order_by(Message.created_at.desc(), Message.id.desc()).limit(limit)):
+        state = message_state(message, now)
+        try:
+            subject = _read(session, message).subject
+        except Unavailable:
+            state, subject = "deleted", "(deleted)"
+        rows.append(InboxRow(message.public_id, _name(session, message.sender_id),
+                             message.created_at, subject, len(message.attachments),
+                             message.first_opened_at is None, state))
+    return rows
+
+
+ACTION_TEXT = {
+    Action.MESSAGE_SEND: "Sent you a message", Action.LINK_OPEN: "Opened the link in the email",
+    Action.LINK_REISSUE: "Asked for a new link", Action.MESSAGE_RESEND: "Sent a new link",
+    Action.AUTH_IDENTITY_VERIFY: "Checked identity", Action.ACCESS_DENIED: "Was refused access",
+    Action.MESSAGE_VIEW: "Read the message", Action.MESSAGE_PDF: "Saved the message as PDF",
+    Action.ATTACHMENT_DOWNLOAD: "Downloaded an attachment",
+    Action.ATTACHMENT_VIEW: "Viewed an attachment", Action.MESSAGE_REPLY: "Replied",
+    Action.MESSAGE_REVOKE: "Withdrew the message", Action.MESSAGE_SHRED: "Deleted the message",
+    Action.NOTICE_SENT: "Email notice sent", Action.NOTICE_FAILED: "Email notice failed",
+    Action.USER_CREATE: "Created your account",
+}
+
+
+ANONYMOUS = (Action.LINK_OPEN, Action.LINK_REISSUE)
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    """One access to the patient's data, as an auditor would see it."""
+
+    when: datetime
+    who: str
+    role: str
+    what: str
+    outcome: str
+    item: str
+    from_address: str
+
+
+def history(session: Session, user: User, limit: int = 500) -> list[HistoryRow]:
+    """Return the newest audit events about ``user`` (patient_id), in words, newest first."""
+    names: dict[int | None, str] = {user.id: "You", None: "System"}
+    items: dict[int | None, str] = {None: ""}
+    rows = []
+    for event in session.scalars(select(AuditEvent).where(AuditEvent.patient_id == user.id)
+                                 .order_by(AuditEvent.seq.desc()).limit(limit)):
+        if event.actor_id not in names:
+            names[event.actor_id] = _name(session, event.actor_id)
+        if event.message_id not in items:
+            items[event.message_id] = _item(session, event.message_id)
+        what = ACTION_TEXT.get(Action(event.action), event.action)
+        who = names[event.actor_id]
+        if event.actor_id is None and event.action in ANONYMOUS:
+            who = "Someone with the link (not signed in)"
+        rows.append(HistoryRow(event.occurred_at, who,
+                               event.actor_role or "", what, event.outcome,
+                               items[event.message_id], event.client_ip or ""))
+    return rows
+
+
+def _item(session: Session, message_id: int | None) -> str:
+    message = session.get(Message, message_id) if message_id is not None else None
+    if message is None:
+        return ""
+    sent = pdf.format_when(message.created_at)
+    try:
+        return f"{messages.read(session, message).subject} ({sent})"
+    except ContentDestroyed:
+        return f"Deleted message ({sent})"
