@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from flask import current_app
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
 from portal import audit
@@ -75,10 +75,26 @@ def unwrap(session: Session, data_key_id: int) -> bytes:
     Raises ContentDestroyed when it was shredded, KeyUnavailable when its KEK is
     missing from the keyring, ContentTampered when the wrapped key was altered.
     """
+    cache: dict[int, bytes] = session.info.setdefault(_CACHE, {})
+    if data_key_id in cache:
+        return cache[data_key_id]
     row = session.get(DataKey, data_key_id)
     if row is None or row.wrapped is None:
         raise ContentDestroyed("the data key was destroyed")
-    return keyring().unwrap(row.kek_version, row.wrapped, WRAP_AAD)
+    cache[data_key_id] = key = keyring().unwrap(row.kek_version, row.wrapped, WRAP_AAD)
+    return key
+
+
+# Unwrapped keys are remembered for one transaction only (a page or a notice reads the same
+# key several times); the cache goes at commit and rollback, so a key destroyed by another
+# transaction is never served from it afterwards.
+_CACHE = "unwrapped_data_keys"
+
+
+@event.listens_for(Session, "after_commit")
+@event.listens_for(Session, "after_soft_rollback")
+def _forget_keys(session: Session, *_args: object) -> None:
+    session.info.pop(_CACHE, None)
 
 
 def status(session: Session) -> dict[int, int]:
@@ -148,6 +164,7 @@ def remove_kek(session: Session, version: int) -> None:
 
 def destroy(session: Session, data_key_id: int) -> None:
     """Destroy a data key for good (crypto-shredding); idempotent. The caller audits it."""
+    session.info.get(_CACHE, {}).pop(data_key_id, None)
     row = session.get(DataKey, data_key_id)
     if row is not None and row.wrapped is not None:
         row.wrapped = None
