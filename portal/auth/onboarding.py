@@ -83,16 +83,22 @@ def change_mfa() -> ResponseReturnValue:
 @limiter.limit("30/minute")
 def invite(token: str) -> ResponseReturnValue:
     """An emailed invite. GET only shows a button (mail scanners follow links); POST acts."""
-    row = account_links.find(db.session, token, "invite")
+    return _link_landing(token, "invite", "auth.welcome", "auth/invite.html")
+
+
+def _link_landing(token: str, purpose: str, then: str, template: str) -> ResponseReturnValue:
+    """Scanner-safe landing of an emailed one-time link: GET shows a Continue button; the
+    POST moves the link's id (never the token) into a fresh session and goes on."""
+    row = account_links.find(db.session, token, purpose)
     form = forms.ContinueForm()
     if row is None:
         return render_template("auth/link_invalid.html"), 404
     if form.validate_on_submit():
         session.clear()
         session.regenerate()  # type: ignore[attr-defined]
-        session["invite_tid"] = row.id
-        return redirect(url_for("auth.welcome"))
-    return render_template("auth/invite.html", form=form, action=request.path)
+        session[f"{purpose}_tid"] = row.id
+        return redirect(url_for(then))
+    return render_template(template, form=form, action=request.path)
 
 
 @bp.route("/welcome", methods=["GET", "POST"])
@@ -142,16 +148,7 @@ def reset_request() -> ResponseReturnValue:
 @limiter.limit("30/minute")
 def reset_landing(token: str) -> ResponseReturnValue:
     """An emailed reset link: GET shows a button, POST moves the link into the session."""
-    row = account_links.find(db.session, token, "reset")
-    form = forms.ContinueForm()
-    if row is None:
-        return render_template("auth/link_invalid.html"), 404
-    if form.validate_on_submit():
-        session.clear()
-        session.regenerate()  # type: ignore[attr-defined]
-        session["reset_tid"] = row.id
-        return redirect(url_for("auth.reset_new"))
-    return render_template("auth/reset_landing.html", form=form, action=request.path)
+    return _link_landing(token, "reset", "auth.reset_new", "auth/reset_landing.html")
 
 
 @bp.route("/reset/new", methods=["GET", "POST"])

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from flask_wtf import FlaskForm
-from wtforms import DateField, HiddenField, PasswordField, StringField, TextAreaField
-from wtforms.validators import DataRequired, EqualTo, Length, ValidationError
+from wtforms import DateField, HiddenField, StringField, TextAreaField
+from wtforms.validators import DataRequired, Length, ValidationError
 from wtforms.widgets import DateInput
 
+from portal.auth import forms as auth_forms
 from portal.services.pickup import MAX_REPLY, parse_dob
 
-CHOICE_HINT = (
-    "At least 12 characters. A few unrelated words make a strong, memorable "
-    "password. Spaces and any characters are fine.")
+# The password step reuses the sign-in forms: one policy hint, one pair of fields.
+CHOICE_HINT = auth_forms.CHOICE_HINT
+PasswordForm = auth_forms.NewPasswordForm
 
 
 class ContinueForm(FlaskForm):
@@ -41,16 +42,6 @@ class AccessCodeForm(FlaskForm):
 
     answer = StringField("Access code", validators=[
         DataRequired("Enter the access code the practice gave you."), Length(max=40)])
-
-
-class PasswordForm(FlaskForm):
-    """Choose a password at first pickup."""
-
-    password = PasswordField("New password", validators=[
-        DataRequired("Enter a new password."), Length(max=1024)])
-    confirm = PasswordField("Confirm new password", validators=[
-        DataRequired("Enter the new password again."),
-        EqualTo("password", "The two passwords do not match.")])
 
 
 class ReplyForm(FlaskForm):
