@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
-import itertools
 import json
 import os
 import random
@@ -35,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psutil
 import psycopg
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
@@ -236,93 +234,6 @@ def measure_export(session: Session) -> tuple[float, float, int]:
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
-def fast_hash(seq: Any, occurred_at: datetime, actor_id: Any, actor_role: Any, action: Any,
-              target_type: Any, target_id: Any, patient_id: Any, message_id: Any, outcome: Any,
-              client_ip: Any, user_agent: Any, request_id: Any, details: Any,
-              prev_hash: Any) -> str:
-    """portal.audit._hash_fields, same bytes: keys written pre-sorted, one reused encoder."""
-    if occurred_at.utcoffset():
-        occurred_at = occurred_at.astimezone(UTC)
-    stamp = occurred_at.isoformat(timespec="microseconds")[:26] + "Z"
-    return hashlib.sha256(_ENCODER.encode({
-        "action": action, "actor_id": actor_id, "actor_role": actor_role,
-        "client_ip": client_ip, "details": details, "message_id": message_id,
-        "occurred_at": stamp, "outcome": outcome, "patient_id": patient_id,
-        "prev_hash": prev_hash, "request_id": request_id, "seq": seq, "target_id": target_id,
-        "target_type": target_type, "user_agent": user_agent,
-    }).encode()).hexdigest()
-
-
-def fast_verify(session: Session, batch: int = 5000) -> tuple[bool, int]:
-    """The proposed verify loop: Core rows (types still processed), inlined checks."""
-    from portal.audit import GENESIS_HASH, VERIFY_COLUMNS
-
-    stmt = select(*VERIFY_COLUMNS).order_by(VERIFY_COLUMNS[0]).execution_options(
-        yield_per=batch, stream_results=True)
-    expected, prev = 1, GENESIS_HASH
-    for row in session.connection().execute(stmt):
-        if row[0] != expected or row[14] != prev or fast_hash(*row[:15]) != row[15]:
-            return False, expected - 1
-        expected, prev = expected + 1, row[15]
-    return True, expected - 1
-
-
-def _verify_range(args: tuple[str, int, int]) -> tuple[int, str | None, str | None, int | None]:
-    """Check hashes and links of events ``[first, stop)``; return (count, first prev, last hash,
-    bad seq or None). Runs in a worker process with its own connection."""
-    url, first, stop = args
-    count, first_prev, prev, expected = 0, None, None, first
-    with psycopg.connect(url) as conn:
-        cur = conn.cursor(name="verify_range", binary=True)
-        cur.itersize = 5000
-        cur.execute(f"SELECT {', '.join(COLUMNS)} FROM audit_events "
-                    "WHERE seq >= %s AND seq < %s ORDER BY seq", (first, stop))
-        for row in cur:
-            if first_prev is None:
-                first_prev = prev = row[14]
-            if row[0] != expected or row[14] != prev or fast_hash(*row[:15]) != row[15]:
-                return count, first_prev, prev, expected
-            count, prev, expected = count + 1, row[15], expected + 1
-    return count, first_prev, prev, None
-
-
-def parallel_verify(schema: str, head_seq: int, workers: int = 2) -> tuple[bool, int]:
-    """Verify ``workers`` seq ranges at once, then their joins (each range's first prev_hash
-    must be the hash that ends the range before it)."""
-    from multiprocessing import get_context
-
-    from portal.audit import GENESIS_HASH
-
-    bounds = [1 + head_seq * i // workers for i in range(workers)] + [head_seq + 1]
-    jobs = [(libpq_url(schema), a, z) for a, z in itertools.pairwise(bounds)]
-    with get_context("fork").Pool(workers) as pool:
-        parts = pool.map(_verify_range, jobs)
-    prev, total = GENESIS_HASH, 0
-    for count, first_prev, last_hash, bad in parts:
-        if count == 0 and bad is None:
-            continue
-        if bad is not None or first_prev != prev:
-            return False, total
-        prev, total = last_hash, total + count
-    return True, total
-
-
-def check_fast_hash_matches() -> None:
-    """Refuse to report a faster hash that is not the same hash."""
-    from portal.audit import _hash_fields
-
-    rng = random.Random(3)
-    for _ in range(2000):
-        moment = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(microseconds=rng.randint(0, 10**13))
-        fields = (rng.randint(1, 10**9), moment, rng.choice([None, 5]), "staff", "message.view",
-                  None, "t\u00e9\"x", 3, None, "success", "::1", "UA \u2028 \\", "r", "{}", "0")
-        if _hash_fields(*fields) != fast_hash(*fields):
-            raise SystemExit(f"ERROR: fast_hash differs from portal.audit for {fields!r}")
-
-
-# --- main ---------------------------------------------------------------------------------------
-
-
 def run(schema: str, args: argparse.Namespace) -> int:
     from portal import audit, create_app
     from portal.extensions import db
@@ -370,18 +281,13 @@ def run(schema: str, args: argparse.Namespace) -> int:
         print(f"\nverify (portal.audit.verify): {rate:10,.0f} events/s  ({verify_s:.1f} s)  "
               f"target >= {VERIFY_TARGET:,}  {mark(rate >= VERIFY_TARGET)}  "
               f"{rate / raw_rate:.0%} of raw fetch")
-        check_fast_hash_matches()
-        fast_s, (ok, counted) = timed(lambda: fast_verify(session))
+        jobs = min(os.cpu_count() or 1, 4)
+        par_s, result = timed(lambda: audit.verify_parallel(session, jobs))
         session.rollback()
-        fast_rate = counted / fast_s
-        print(f"verify (proposed fast loop):  {fast_rate:10,.0f} events/s  ({fast_s:.1f} s)  "
-              f"target >= {VERIFY_TARGET:,}  {mark(ok and fast_rate >= VERIFY_TARGET)}  "
-              f"{fast_rate / raw_rate:.0%} of raw fetch")
-
-        par_s, (ok, counted) = timed(lambda: parallel_verify(schema, last_seq))
-        par_rate = counted / par_s
-        print(f"verify (proposed, 2 processes): {par_rate:8,.0f} events/s  ({par_s:.1f} s)  "
-              f"target >= {VERIFY_TARGET:,}  {mark(ok and par_rate >= VERIFY_TARGET)}")
+        par_rate = result.count / par_s
+        print(f"verify (portal audit verify, --jobs {jobs}): {par_rate:8,.0f} events/s  "
+              f"({par_s:.1f} s)  target >= {VERIFY_TARGET:,}  "
+              f"{mark(result.ok and par_rate >= VERIFY_TARGET)}")
 
     app.extensions["engine"].dispose()
     return 0

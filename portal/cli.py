@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -73,8 +74,10 @@ def audit() -> None:
 @audit.command("verify")
 @click.option("--from-head", "from_head", default=None, metavar="HASH",
               help="Also require this previously noted head hash to still be in the trail.")
+@click.option("--jobs", default=min(os.cpu_count() or 1, 4), show_default=True, type=int,
+              help="Processes that check parts of a large PostgreSQL trail at once.")
 @with_app
-def audit_verify(app: Flask, from_head: str | None) -> None:
+def audit_verify(app: Flask, from_head: str | None, jobs: int) -> None:
     """Walk the hash chain: exit 0 when intact, 1 and the first bad event otherwise."""
     from portal import audit as trail
     from portal.extensions import db as database
@@ -83,7 +86,7 @@ def audit_verify(app: Flask, from_head: str | None) -> None:
 
     try:
         result = (audit_query.verify_from_head(database.session, from_head)
-                  if from_head is not None else trail.verify(database.session))
+                  if from_head is not None else trail.verify_parallel(database.session, jobs))
     except ServiceError as error:
         click.echo(f"portal: {error}", err=True)
         sys.exit(2)

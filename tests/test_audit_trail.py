@@ -220,3 +220,18 @@ def test_insert_select_only_role_from_readme(app: Flask) -> None:
             db.session.commit()
     with app.app_context():
         assert audit.verify(db.session).count == 1
+
+
+@pytest.mark.postgres_only
+def test_parallel_verify_agrees_and_falls_back(app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audit, "PARALLEL_MIN_EVENTS", 10)
+    with app.app_context():
+        append(40)
+        serial = audit.verify(db.session)
+        parallel = audit.verify_parallel(db.session, 3)
+        assert parallel == serial
+        assert parallel.ok
+        tamper(db.session, "postgresql", "UPDATE audit_events SET outcome = 'x' WHERE seq = 27")
+        broken = audit.verify_parallel(db.session, 3)
+        assert not broken.ok
+        assert broken.bad_seq == 27

@@ -70,7 +70,13 @@ def signin() -> ResponseReturnValue:
 
 
 def _after_password(first: auth_service.FirstFactor) -> ResponseReturnValue:
-    target = request.args.get("next")
+    return begin_second_factor(first, request.args.get("next"))
+
+
+def begin_second_factor(first: auth_service.FirstFactor,
+                        target: str | None) -> ResponseReturnValue:
+    """After a right password: a fresh session id, then the code (or enrolment) step, and
+    afterwards ``target`` when it is an internal path."""
     session.clear()
     session.regenerate()  # type: ignore[attr-defined]
     if is_internal_path(target):

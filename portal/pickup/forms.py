@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flask_wtf import FlaskForm
-from wtforms import DateField, HiddenField, StringField, TextAreaField
+from wtforms import DateField, HiddenField, PasswordField, StringField, TextAreaField
 from wtforms.validators import DataRequired, Length, ValidationError
 from wtforms.widgets import DateInput
 
@@ -17,6 +17,13 @@ PasswordForm = auth_forms.NewPasswordForm
 
 class ContinueForm(FlaskForm):
     """A button only: GETs never act, the POST does (scanner-safe links)."""
+
+
+class LinkSignInForm(FlaskForm):
+    """A returning recipient's password, typed on the link's own page."""
+
+    password = PasswordField("Password", validators=[DataRequired("Enter your password."),
+                                                     Length(max=1024)])
 
 
 class RenewForm(FlaskForm):

@@ -14,6 +14,7 @@ from flask import abort, make_response, redirect, render_template, request, sess
 from flask.typing import ResponseReturnValue
 from flask_login import current_user
 
+from portal.auth.views import begin_second_factor
 from portal.extensions import db, limiter
 from portal.models import Message, PickupLink, User
 from portal.pickup import bp, forms
@@ -53,7 +54,18 @@ def link(token: str) -> ResponseReturnValue:
     db.session.commit()
     if found is None:
         return _invalid()
-    return render_template("pickup/landing.html", form=forms.ContinueForm())
+    return _landing(found)
+
+
+def _landing(found: PickupLink, error: str | None = None) -> ResponseReturnValue:
+    """The link's page. A returning recipient signs in right here (password, then code),
+    which saves a screen; anyone else gets Continue. Either way a GET changes nothing."""
+    recipient = db.session.get(User, found.recipient_id)
+    if not current_user.is_authenticated and recipient is not None and pickup.is_enrolled(
+            recipient):
+        return render_template("pickup/landing.html", form=forms.LinkSignInForm(),
+                               sign_in=True, error=error), 401 if error else 200
+    return render_template("pickup/landing.html", form=forms.ContinueForm(), sign_in=False)
 
 
 def _renew(token: str) -> ResponseReturnValue:
@@ -69,11 +81,30 @@ def _continue(token: str) -> ResponseReturnValue:
     if not usable or not forms.ContinueForm().validate_on_submit():
         return _invalid()
     assert found is not None
+    if "password" in request.form and not current_user.is_authenticated:
+        return _sign_in_from_link(found)
     if not current_user.is_authenticated:
         session.clear()
         session.regenerate()  # type: ignore[attr-defined]
     session[LINK_KEY] = found.id
     return redirect(url_for("pickup.start"))
+
+
+def _sign_in_from_link(found: PickupLink) -> ResponseReturnValue:
+    """The password typed on the link's page: the first factor for the link's recipient only."""
+    form = forms.LinkSignInForm()
+    recipient = db.session.get(User, found.recipient_id)
+    if recipient is None or not form.validate_on_submit():
+        return _landing(found, "Enter your password.")
+    try:
+        first = auth_service.check_password(db.session, recipient.email,
+                                            form.password.data or "", request_meta())
+    except auth_service.SignInFailed as failed:
+        db.session.commit()
+        return _landing(found, str(failed))
+    message = db.session.get(Message, found.message_id)
+    assert message is not None
+    return begin_second_factor(first, url_for("pickup.message", message_id=message.public_id))
 
 
 def _session_link() -> PickupLink:

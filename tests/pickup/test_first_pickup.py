@@ -14,7 +14,7 @@ from werkzeug.test import TestResponse
 from portal.extensions import db
 from portal.models import PatientProfile, PickupLink, User
 from tests.browser_client import Browser, current_code
-from tests.factories import BODY, make_patient
+from tests.factories import BODY, SUBJECT, make_patient
 from tests.pickup.conftest import (
     NEW_PASSWORD,
     PASSWORD,
@@ -187,17 +187,27 @@ def test_returning_patient_in_three_screens(app: Flask, staff: Any) -> None:
     _, secret = enrolled_patient(app)
     sent = send(app)
     walk = Walk(app)
-    walk.open(sent.path)
-    signin = walk.submit(sent.path)
-    assert "Sign in" in signin.get_data(as_text=True)
-    code = walk.submit(walk.locations[-1], {"email": "zq@example.org", "password": PASSWORD})
+    landing = walk.open(sent.path)
+    assert 'name="password"' in landing.get_data(as_text=True)  # signs in on the link's page
+    code = walk.submit(sent.path, {"password": PASSWORD})
     assert "Enter your code" in code.get_data(as_text=True)
     message = walk.submit("/signin/code", {"code": current_code(secret)})
     assert message.status_code == 200
     assert BODY in message.get_data(as_text=True)
-    assert len(walk.screens) == 4
+    assert len(walk.screens) == 3, walk.screens
     assert walk.screens[-1] == f"/messages/{sent.public_id}"
     assert all(sent.token not in loc for loc in walk.locations)
+
+
+def test_wrong_password_on_the_link_page(app: Flask, staff: Any) -> None:
+    enrolled_patient(app)
+    sent = send(app)
+    walk = Walk(app)
+    walk.open(sent.path)
+    wrong = walk.submit(sent.path, {"password": "not the password 1"})
+    assert wrong.status_code == 401
+    assert "not right" in wrong.get_data(as_text=True)
+    assert SUBJECT not in wrong.get_data(as_text=True)
 
 
 def test_signed_in_recipient_goes_straight_on(app: Flask, staff: Any) -> None:
