@@ -234,6 +234,19 @@ def end_all_sessions(session: Session, user: User) -> None:
     session.execute(delete(WebSession).where(WebSession.user_id == user.id))
 
 
+def purge_expired_sessions(session: Session, idle_seconds: int, lifetime_seconds: int) -> int:
+    """Delete server-side sessions past their idle timeout or absolute lifetime; return how many.
+
+    Every visitor with a form gets a row (the CSRF token lives in the session), mail
+    scanners included, so ``portal retention run`` clears them out.
+    """
+    now = utcnow()
+    result = session.execute(delete(WebSession).where(or_(
+        WebSession.last_seen_at < now - timedelta(seconds=idle_seconds),
+        WebSession.created_at < now - timedelta(seconds=lifetime_seconds))))
+    return int(result.rowcount or 0)
+
+
 def set_password(session: Session, user: User, password: str, meta: RequestMeta) -> None:
     """Set a new password after the policy check; end the user's other sessions. Audited.
 

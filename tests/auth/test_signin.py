@@ -313,3 +313,18 @@ def test_audit_events_carry_no_secrets(app: Flask, staff: Any) -> None:
     assert {"auth.signin", "auth.signin.failed", "auth.mfa.enrol"} <= {r.action for r in rows}
     for secret in (PASSWORD, "Wrong pass 12", code, staff[1], staff[2][0]):
         assert secret not in text
+
+
+def test_retention_purges_expired_sessions(app: Flask, staff: Any) -> None:
+    from portal.models import WebSession
+
+    live = Browser(app)
+    live.sign_in("sam@example.org", PASSWORD, staff[1])
+    Browser(app).get("/signin")  # an anonymous visitor's session (its CSRF token)
+    with app.app_context():
+        assert db.session.query(WebSession).count() == 2
+        travel(timedelta(minutes=20))
+        removed = signin.purge_expired_sessions(db.session, 15 * 60, 12 * 3600)
+        db.session.commit()
+        assert removed == 2
+        assert db.session.query(WebSession).count() == 0

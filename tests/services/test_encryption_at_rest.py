@@ -254,6 +254,7 @@ def test_cli_retention_run_sweeps_and_audits(app: Flask) -> None:
                                 env={"PORTAL_DATABASE_URL": app.config["DATABASE_URL"]})
     assert result.exit_code == 0, result.output
     assert "1 orphan blobs removed" in result.output
+    assert "expired sessions removed" in result.output
     with app.app_context():
         assert not content.blob_store().exists(orphan)
         assert db.session.query(AuditEvent).filter_by(action="retention.run").count() == 1
