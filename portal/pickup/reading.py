@@ -35,7 +35,7 @@ from portal.extensions import db, limiter
 from portal.models import Attachment, Message, Role, User
 from portal.pickup import bp, forms
 from portal.pickup.forms import DisclosureRangeForm
-from portal.services import disclosures, pdf, pickup
+from portal.services import disclosures, patient_lists, pdf, pickup
 from portal.services.errors import NotFound, ServiceError
 from portal.web.errors import page
 from portal.web.security import request_meta
@@ -89,7 +89,7 @@ def _attachment(message_id: str, attachment_id: str) -> Attachment:
 def inbox() -> ResponseReturnValue:
     """The patient's messages, newest first, unread ones marked (subjects are PHI: audited)."""
     user = _user()
-    rows = pickup.inbox(db.session, user)
+    rows = patient_lists.inbox(db.session, user)
     audit.record(db.session, Action.MESSAGE_LIST, actor=Actor(user.id, user.role),
                  meta=request_meta(), patient_id=user.id, details={"count": len(rows)})
     db.session.commit()
@@ -204,7 +204,7 @@ def reply(message_id: str) -> ResponseReturnValue:
 @roles(Role.PATIENT)
 def history() -> ResponseReturnValue:
     """Every audited access to the patient's data: who, when, what, which message, from where."""
-    return render_template("pickup/history.html", rows=pickup.history(db.session, _user()),
+    return render_template("pickup/history.html", rows=patient_lists.history(db.session, _user()),
                            form=DisclosureRangeForm())
 
 

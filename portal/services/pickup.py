@@ -24,7 +24,6 @@ from portal.crypto.errors import ContentDestroyed
 from portal.database import utcnow
 from portal.models import (
     Attachment,
-    AuditEvent,
     Message,
     PatientProfile,
     PickupLink,
@@ -244,7 +243,8 @@ def find_attachment(message: Message, public_id: str) -> Attachment | None:
     return next((a for a in message.attachments if a.public_id == public_id), None)
 
 
-def _read(session: Session, message: Message) -> messages.Readable:
+def read_or_unavailable(session: Session, message: Message) -> messages.Readable:
+    """Return the message unsealed; Unavailable("deleted") when it was shredded."""
     try:
         return messages.read(session, message)
     except ContentDestroyed:
@@ -263,7 +263,8 @@ class Shown:
     replies: list[tuple[Message, str]]
 
 
-def _name(session: Session, user_id: int) -> str:
+def display_name_of(session: Session, user_id: int) -> str:
+    """Return a user's name for a page, or a placeholder when unknown or shredded."""
     user = session.get(User, user_id)
     try:
         return accounts.display_name(session, user) if user else "(unknown)"
@@ -276,7 +277,7 @@ def view_message(session: Session, message: Message, user: User, meta: RequestMe
 
     Raises Unavailable("deleted") when the content was shredded.
     """
-    readable = _read(session, message)
+    readable = read_or_unavailable(session, message)
     if message.first_opened_at is None:
         message.first_opened_at = utcnow()
     audit.record(session, Action.MESSAGE_VIEW, actor=actor_of(user), meta=meta,
@@ -288,7 +289,7 @@ def view_message(session: Session, message: Message, user: User, meta: RequestMe
             .order_by(Message.created_at)):
         replies.append((reply, "(deleted)" if reply.destroyed_at else
                         messages.read(session, reply).body))
-    return Shown(message, readable, _name(session, message.sender_id), replies)
+    return Shown(message, readable, display_name_of(session, message.sender_id), replies)
 
 
 def open_attachment(session: Session, attachment: Attachment, user: User, meta: RequestMeta,
@@ -320,14 +321,14 @@ def open_attachment(session: Session, attachment: Attachment, user: User, meta: 
 
 def message_pdf(session: Session, message: Message, user: User, meta: RequestMeta) -> bytes:
     """Return the message rendered as a PDF letter for its recipient; audits message.pdf."""
-    readable = _read(session, message)
+    readable = read_or_unavailable(session, message)
     config = current_app.config
     document = pdf.render_message_pdf(
         org_name=config["ORG_NAME"], org_address=config["ORG_ADDRESS"],
-        sender_name=_name(session, message.sender_id), sent_at=message.created_at,
+        sender_name=display_name_of(session, message.sender_id), sent_at=message.created_at,
         subject=readable.subject, body=readable.body, body_format=readable.body_format,
         attachments=[(readable.filenames[a.id], a.size, a.sha256) for a in message.attachments],
-        recipient_name=_name(session, user.id))
+        recipient_name=display_name_of(session, user.id))
     audit.record(session, Action.MESSAGE_PDF, actor=actor_of(user), meta=meta,
                  target_type="message", target_id=message.public_id, patient_id=user.id,
                  message_id=message.id)
@@ -345,7 +346,7 @@ def reply(session: Session, original: Message, patient: User, text: str,
     sender = session.get(User, original.sender_id)
     if sender is None or sender.disabled:
         raise ServiceError("The sender can no longer receive replies. Contact the practice.")
-    subject = ("Re: " + _read(session, original).subject)[:messages.MAX_SUBJECT]
+    subject = ("Re: " + read_or_unavailable(session, original).subject)[:messages.MAX_SUBJECT]
     lifetime = timedelta(seconds=current_app.config["LINK_MAX_TTL"])
     answer = messages.create(session, sender=patient, recipient=sender, subject=subject,
                              body=text, expires_at=utcnow() + lifetime, in_reply_to=original)
@@ -358,93 +359,3 @@ def reply(session: Session, original: Message, patient: User, text: str,
 
 
 # --- Lists -------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class InboxRow:
-    """One line of the inbox: no link unless ``state`` is "available"."""
-
-    public_id: str
-    sender_name: str
-    sent_at: datetime
-    subject: str
-    attachments: int
-    unread: bool
-    state: str
-
-
-def inbox(session: Session, user: User, limit: int = 200) -> list[InboxRow]:
-    """Return the patient's messages (not their replies), newest first."""
-    rows, now = [], utcnow()
-    for message in session.scalars(select(Message).where(
-            Message.recipient_id == user.id, Message.in_reply_to_id.is_(None))
-            .order_by(Message.created_at.desc(), Message.id.desc()).limit(limit)):
-        state = message_state(message, now)
-        try:
-            subject = _read(session, message).subject
-        except Unavailable:
-            state, subject = "deleted", "(deleted)"
-        rows.append(InboxRow(message.public_id, _name(session, message.sender_id),
-                             message.created_at, subject, len(message.attachments),
-                             message.first_opened_at is None, state))
-    return rows
-
-
-ACTION_TEXT = {
-    Action.MESSAGE_SEND: "Sent you a message", Action.LINK_OPEN: "Opened the link in the email",
-    Action.LINK_REISSUE: "Asked for a new link", Action.MESSAGE_RESEND: "Sent a new link",
-    Action.AUTH_IDENTITY_VERIFY: "Checked identity", Action.ACCESS_DENIED: "Was refused access",
-    Action.MESSAGE_VIEW: "Read the message", Action.MESSAGE_PDF: "Saved the message as PDF",
-    Action.ATTACHMENT_DOWNLOAD: "Downloaded an attachment",
-    Action.ATTACHMENT_VIEW: "Viewed an attachment", Action.MESSAGE_REPLY: "Replied",
-    Action.MESSAGE_REVOKE: "Withdrew the message", Action.MESSAGE_SHRED: "Deleted the message",
-    Action.NOTICE_SENT: "Email notice sent", Action.NOTICE_FAILED: "Email notice failed",
-    Action.USER_CREATE: "Created your account",
-}
-
-
-ANONYMOUS = (Action.LINK_OPEN, Action.LINK_REISSUE)
-
-
-@dataclass(frozen=True)
-class HistoryRow:
-    """One access to the patient's data, as an auditor would see it."""
-
-    when: datetime
-    who: str
-    role: str
-    what: str
-    outcome: str
-    item: str
-    from_address: str
-
-
-def history(session: Session, user: User, limit: int = 500) -> list[HistoryRow]:
-    """Return the newest audit events about ``user`` (patient_id), in words, newest first."""
-    names: dict[int | None, str] = {user.id: "You", None: "System"}
-    items: dict[int | None, str] = {None: ""}
-    rows = []
-    for event in session.scalars(select(AuditEvent).where(AuditEvent.patient_id == user.id)
-                                 .order_by(AuditEvent.seq.desc()).limit(limit)):
-        if event.actor_id not in names:
-            names[event.actor_id] = _name(session, event.actor_id)
-        if event.message_id not in items:
-            items[event.message_id] = _item(session, event.message_id)
-        what = ACTION_TEXT.get(Action(event.action), event.action)
-        who = names[event.actor_id]
-        if event.actor_id is None and event.action in ANONYMOUS:
-            who = "Someone with the link (not signed in)"
-        rows.append(HistoryRow(event.occurred_at, who,
-                               event.actor_role or "", what, event.outcome,
-                               items[event.message_id], event.client_ip or ""))
-    return rows
-
-
-def _item(session: Session, message_id: int | None) -> str:
-    message = session.get(Message, message_id) if message_id is not None else None
-    if message is None:
-        return ""
-    sent = pdf.format_when(message.created_at)
-    try:
-        return f"{messages.read(session, message).subject} ({sent})"
-    except ContentDestroyed:
-        return f"Deleted message ({sent})"

@@ -1,0 +1,107 @@
+"""The patient's own lists: the inbox and the access history (the facts auditors see)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from portal.audit import Action
+from portal.crypto.errors import ContentDestroyed
+from portal.database import utcnow
+from portal.models import AuditEvent, Message, User
+from portal.services import messages, pdf
+from portal.services.pickup import Unavailable, display_name_of, message_state, read_or_unavailable
+
+
+@dataclass(frozen=True)
+class InboxRow:
+    """One line of the inbox: no link unless ``state`` is "available"."""
+
+    public_id: str
+    sender_name: str
+    sent_at: datetime
+    subject: str
+    attachments: int
+    unread: bool
+    state: str
+
+
+def inbox(session: Session, user: User, limit: int = 200) -> list[InboxRow]:
+    """Return the patient's messages (not their replies), newest first."""
+    rows, now = [], utcnow()
+    for message in session.scalars(select(Message).where(
+            Message.recipient_id == user.id, Message.in_reply_to_id.is_(None))
+            .order_by(Message.created_at.desc(), Message.id.desc()).limit(limit)):
+        state = message_state(message, now)
+        try:
+            subject = read_or_unavailable(session, message).subject
+        except Unavailable:
+            state, subject = "deleted", "(deleted)"
+        rows.append(InboxRow(message.public_id, display_name_of(session, message.sender_id),
+                             message.created_at, subject, len(message.attachments),
+                             message.first_opened_at is None, state))
+    return rows
+
+
+ACTION_TEXT = {
+    Action.MESSAGE_SEND: "Sent you a message", Action.LINK_OPEN: "Opened the link in the email",
+    Action.LINK_REISSUE: "Asked for a new link", Action.MESSAGE_RESEND: "Sent a new link",
+    Action.AUTH_IDENTITY_VERIFY: "Checked identity", Action.ACCESS_DENIED: "Was refused access",
+    Action.MESSAGE_VIEW: "Read the message", Action.MESSAGE_PDF: "Saved the message as PDF",
+    Action.ATTACHMENT_DOWNLOAD: "Downloaded an attachment",
+    Action.ATTACHMENT_VIEW: "Viewed an attachment", Action.MESSAGE_REPLY: "Replied",
+    Action.MESSAGE_REVOKE: "Withdrew the message", Action.MESSAGE_SHRED: "Deleted the message",
+    Action.NOTICE_SENT: "Email notice sent", Action.NOTICE_FAILED: "Email notice failed",
+    Action.USER_CREATE: "Created your account",
+}
+
+
+ANONYMOUS = (Action.LINK_OPEN, Action.LINK_REISSUE)
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    """One access to the patient's data, as an auditor would see it."""
+
+    when: datetime
+    who: str
+    role: str
+    what: str
+    outcome: str
+    item: str
+    from_address: str
+
+
+def history(session: Session, user: User, limit: int = 500) -> list[HistoryRow]:
+    """Return the newest audit events about ``user`` (patient_id), in words, newest first."""
+    names: dict[int | None, str] = {user.id: "You", None: "System"}
+    items: dict[int | None, str] = {None: ""}
+    rows = []
+    for event in session.scalars(select(AuditEvent).where(AuditEvent.patient_id == user.id)
+                                 .order_by(AuditEvent.seq.desc()).limit(limit)):
+        if event.actor_id not in names:
+            names[event.actor_id] = display_name_of(session, event.actor_id)
+        if event.message_id not in items:
+            items[event.message_id] = _item(session, event.message_id)
+        what = ACTION_TEXT.get(Action(event.action), event.action)
+        who = names[event.actor_id]
+        if event.actor_id is None and event.action in ANONYMOUS:
+            who = "Someone with the link (not signed in)"
+        rows.append(HistoryRow(event.occurred_at, who,
+                               event.actor_role or "", what, event.outcome,
+                               items[event.message_id], event.client_ip or ""))
+    return rows
+
+
+def _item(session: Session, message_id: int | None) -> str:
+    message = session.get(Message, message_id) if message_id is not None else None
+    if message is None:
+        return ""
+    sent = pdf.format_when(message.created_at)
+    try:
+        return f"{messages.read(session, message).subject} ({sent})"
+    except ContentDestroyed:
+        return f"Deleted message ({sent})"
