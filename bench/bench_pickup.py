@@ -227,9 +227,9 @@ def make_data(record: Path, mib: int) -> Data:
         user = accounts.create_user(session, role="patient", email=email, name=name,
                                     actor=SYSTEM, meta=NO_REQUEST, dob=date(1970, 1, 1),
                                     password=PASSWORD).user
-        secret = signin.start_enrolment(session, user)
+        secret, shown = signin.start_enrolment(session, user, None)
         step = int(utcnow().timestamp() // otp.STEP_SECONDS) - 1  # sign-in uses the next one
-        signin.finish_enrolment(session, user, otp.code_at(secret, step), NO_REQUEST)
+        signin.finish_enrolment(session, user, otp.code_at(secret, step), NO_REQUEST, shown)
         return user, Patient(email, secret)
 
     with app.app_context():

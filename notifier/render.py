@@ -93,12 +93,37 @@ def reply_context(*, url: str, org_name: str, org_address: str, support_contact:
     return {"url": url, "org_name": org_name}
 
 
+def credential_changed_context(*, url: str, org_name: str, org_address: str,
+                               support_contact: str, expires_at: datetime | None) -> Context:
+    """Return the context of a "your password / sign-in settings changed" notice.
+
+    Organisation, whom to contact, and the portal's address: no name, no time,
+    nothing about the account beyond the fact of the change (ASVS 2.2.3).
+    """
+    return _base(url=url, org_name=org_name, org_address=org_address,
+                 support_contact=support_contact)
+
+
+def account_locked_context(*, url: str, org_name: str, org_address: str,
+                           support_contact: str, expires_at: datetime | None) -> Context:
+    """Return the context of a "your account was locked" notice.
+
+    Organisation, whom to contact to unlock it, and the portal's address: no
+    name, no time, no count of attempts, no address they came from.
+    """
+    return _base(url=url, org_name=org_name, org_address=org_address,
+                 support_contact=support_contact)
+
+
 CONTEXTS: dict[str, Callable[..., Context]] = {
     NoticeKind.PICKUP: pickup_context,
     NoticeKind.REMINDER: reminder_context,
     NoticeKind.INVITE: invite_context,
     NoticeKind.RESET: reset_context,
     NoticeKind.REPLY: reply_context,
+    NoticeKind.MFA_CHANGED: credential_changed_context,
+    NoticeKind.PASSWORD_CHANGED: credential_changed_context,
+    NoticeKind.ACCOUNT_LOCKED: account_locked_context,
 }
 
 

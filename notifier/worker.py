@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 5.0  # pause between passes of run_forever when nothing is due
 REMINDER_BATCH = 200  # messages reminded per pass at most
 CONNECTION_DOWN = frozenset({"connect-failed", "timeout"})  # no point trying the rest of a batch
+# Notices with no link of their own: they point at the portal's front page.
+PORTAL_LINK_KINDS = frozenset({NoticeKind.REPLY, NoticeKind.MFA_CHANGED,
+                               NoticeKind.PASSWORD_CHANGED, NoticeKind.ACCOUNT_LOCKED})
 
 Clock = Callable[[], datetime]
 
@@ -113,8 +116,8 @@ def _build(session: Session, row: Notification, config: Any, now: datetime) -> E
         raise _Skip("cancelled")
     recipient = session.get(User, row.recipient_id)
     url = notices.open_payload(session, row)
-    if url is None and row.kind == NoticeKind.REPLY:
-        url = f"{config['BASE_URL']}/"  # staff sign in to the portal: no per-notice link
+    if url is None and row.kind in PORTAL_LINK_KINDS:
+        url = f"{config['BASE_URL']}/"  # people sign in to the portal: no per-notice link
     if recipient is None or url is None:
         outbox.mark_failed(session, row.id, "payload-missing")
         raise _Skip("failed")

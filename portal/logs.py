@@ -50,8 +50,23 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+LIMITER_LOGGER = "flask-limiter"
+
+
+def hide_limiter_keys(record: logging.LogRecord) -> bool:
+    """Rewrite Flask-Limiter's breach record without its key (an address or an account's
+    hash): keys name people, logs only name routes. Keeps every record; returns True."""
+    if isinstance(record.msg, str) and "exceeded" in record.msg:
+        args = record.args if isinstance(record.args, tuple) else ()
+        # Flask-Limiter 4: ("ratelimit %s (%s) exceeded at endpoint: %s", limit, key, scope)
+        limit, scope = (args[0], args[2]) if len(args) == 3 else ("?", "?")
+        record.msg, record.args = "rate limit %s exceeded at endpoint %s", (limit, scope)
+    return True
+
+
 def configure(level: str = "INFO") -> None:
     """Send every log record to stderr as JSON lines (idempotent)."""
+    logging.getLogger(LIMITER_LOGGER).addFilter(hide_limiter_keys)  # added once
     root = logging.getLogger()
     for handler in root.handlers:
         if getattr(handler, "_portal_json", False):

@@ -82,8 +82,9 @@ def enrolled_user(app: Flask, role: str = "staff", email: str = "sam@example.org
         user = accounts.create_user(db.session, role=role, email=email, name=name,
                                     password=password, actor=SYSTEM, meta=NO_REQUEST,
                                     **kwargs).user
-        secret = signin.start_enrolment(db.session, user)
-        codes = signin.finish_enrolment(db.session, user, current_code(secret, -1), NO_REQUEST)
+        secret, shown = signin.start_enrolment(db.session, user, None)
+        codes = signin.finish_enrolment(db.session, user, current_code(secret, -1), NO_REQUEST,
+                                        shown)
         db.session.commit()
         return user, secret, codes
 

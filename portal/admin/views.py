@@ -1,4 +1,4 @@
-"""Admin pages: list, invite, disable/enable accounts, reset MFA; key status."""
+"""Admin pages: list, invite, disable/enable, unlock accounts, reset MFA; key status."""
 
 from __future__ import annotations
 
@@ -31,11 +31,14 @@ def _user(public_id: str) -> User:
 @bp.get("/users")
 @roles(Role.ADMIN)
 def users() -> ResponseReturnValue:
-    """Every account that is not a patient's, with its state."""
+    """Every account that is not a patient's, with its state; then every locked account of
+    any role (patients included), so an admin can find and unlock it."""
     rows = db.session.scalars(select(User).where(User.role != Role.PATIENT)
                               .order_by(User.created_at)).all()
     named = [(u, accounts.display_name(db.session, u)) for u in rows]
-    return render_template("admin/users.html", users=named, form=ContinueForm())
+    locked = [(u, accounts.display_name(db.session, u))
+              for u in admin.locked_accounts(db.session)]
+    return render_template("admin/users.html", users=named, locked=locked, form=ContinueForm())
 
 
 @bp.route("/users/new", methods=["GET", "POST"])
@@ -91,8 +94,26 @@ def reset_mfa(public_id: str) -> ResponseReturnValue:
     return redirect(url_for("admin.users"))
 
 
+@bp.post("/users/<public_id>/unlock")
+@roles(Role.ADMIN)
+@fresh_auth
+def unlock(public_id: str) -> ResponseReturnValue:
+    """Lift the lock after too many failed attempts; password and authenticator stay."""
+    if not ContinueForm().validate_on_submit():
+        abort(400)
+    try:
+        admin.unlock(db.session, _user(public_id), actor_of(current_user), request_meta())
+    except ServiceError as refused:
+        flash(str(refused), "error")
+        return redirect(url_for("admin.users"))
+    db.session.commit()
+    flash("Account unlocked. They can sign in with their password and code.", "success")
+    return redirect(url_for("admin.users"))
+
+
 @bp.get("/keys")
 @roles(Role.ADMIN)
+@fresh_auth  # key pages need a code from the last 5 minutes, as the README promises
 def keys() -> ResponseReturnValue:
     """Key-encryption keys and how many data keys each wraps (rotate with `portal keys`)."""
     ring = key_service.keyring()

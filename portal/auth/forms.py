@@ -41,6 +41,14 @@ class NewPasswordForm(FlaskForm):
         EqualTo("password", "The two passwords do not match.")])
 
 
+class ChangePasswordForm(NewPasswordForm):
+    """Change a password: the current one first (ASVS 2.1.6), so a left-open session is not
+    enough to take the account."""
+
+    current_password = PasswordField("Current password", validators=[
+        DataRequired("Enter your current password."), Length(max=1024)])
+
+
 class ResetForm(NewPasswordForm):
     """A reset needs the second factor too, so an emailed link alone cannot take an account."""
 

@@ -14,20 +14,31 @@ from portal.auth.policy import fresh_auth, signed_in
 from portal.auth.views import bp, complete_signin
 from portal.extensions import db, limiter
 from portal.models import User
+from portal.models.notifications import NoticeKind
 from portal.security import otp, qr
-from portal.services import account_links
+from portal.services import account_links, credentials, notices
 from portal.services import signin as auth_service
 from portal.services.errors import ServiceError
 from portal.web.security import request_meta
 
 
-def enrolling_user() -> User | None:
-    """Return who is enrolling: a new user (after password or invite), or a user resetting MFA."""
-    if "enrol_uid" in session:
-        user = db.session.get(User, session["enrol_uid"])
-        return user if user is not None and not user.disabled else None
+def first_enrolment_user() -> User | None:
+    """Return who enrols a first authenticator (after a password, invite or first pickup).
+
+    None for an account that already has one: an enrolled factor is never
+    replaced this way, so a password alone cannot enrol a factor for an
+    enrolled account (NIST SP 800-63B 6.1.2.1).
+    """
+    user = db.session.get(User, session["enrol_uid"]) if "enrol_uid" in session else None
+    if user is None or user.disabled or user.totp_enabled_at is not None:
+        return None
+    return user
+
+
+def changing_user() -> User | None:
+    """Return the signed-in user when this session started a change of authenticator app."""
     if current_user.is_authenticated and session.get("mfa_change"):
-        return current_user._get_current_object()
+        return current_user._get_current_object()  # type: ignore[no-any-return]
     return None
 
 
@@ -35,23 +46,54 @@ def enrolling_user() -> User | None:
 @limiter.limit("20/minute", methods=["POST"])
 def enrol() -> ResponseReturnValue:
     """Show the QR code and secret; activate them once a correct code comes back."""
-    user = enrolling_user()
+    changing = changing_user()
+    if changing is not None:
+        return _change(changing)
+    user = first_enrolment_user()
     if user is None:
         return redirect(url_for("auth.signin"))
-    secret = auth_service.start_enrolment(db.session, user)
+    secret, session["enrol_issue"] = auth_service.start_enrolment(
+        db.session, user, session.get("enrol_issue"))
     db.session.commit()
     form, error = forms.CodeForm(), None
     if form.validate_on_submit():
         try:
             codes = auth_service.finish_enrolment(db.session, user, form.code.data or "",
-                                                  request_meta())
+                                                  request_meta(), session.get("enrol_issue"))
         except ServiceError as wrong:
             db.session.commit()
             error = str(wrong)
         else:
             return _enrolled(user, codes)
+    return _enrol_page(user, secret, form, error)
+
+
+def _change(user: User) -> ResponseReturnValue:
+    """A change of authenticator app: the pending secret counts only once a code proves it."""
+    secret = credentials.pending_mfa_secret(db.session, user)
+    form, error = forms.CodeForm(), None
+    if secret is not None and form.validate_on_submit():
+        try:
+            codes = credentials.finish_mfa_change(db.session, user, form.code.data or "",
+                                                  request_meta())
+        except credentials.ChangeExpired:
+            secret = None
+        except ServiceError as wrong:  # nothing was written: the old app still works
+            error = str(wrong)
+        else:
+            return _enrolled(user, codes)
+    if secret is None:
+        session.pop("mfa_change", None)
+        flash(credentials.CHANGE_EXPIRED, "error")
+        return redirect(url_for("auth.account"))
+    return _enrol_page(user, secret, form, error, changing=True)
+
+
+def _enrol_page(user: User, secret: str, form: forms.CodeForm, error: str | None,
+                changing: bool = False) -> ResponseReturnValue:
     uri = otp.provisioning_uri(secret, user.email, _issuer())
     return render_template("auth/enrol.html", form=form, error=error, secret=secret,
+                           changing=changing,
                            qr=Markup(qr.qr_svg(uri)))  # noqa: S704 - SVG made by segno
 
 
@@ -73,8 +115,17 @@ def _enrolled(user: User, codes: list[str]) -> ResponseReturnValue:
 @bp.post("/account/mfa")
 @signed_in
 @fresh_auth
+@limiter.limit("10/minute")
 def change_mfa() -> ResponseReturnValue:
-    """Start enrolling a new authenticator app (the old one works until the new one is proved)."""
+    """Start setting up a new authenticator app; the enrolled one works until the new one is
+    proved, so walking away changes nothing."""
+    try:
+        credentials.start_mfa_change(db.session, current_user._get_current_object(),
+                                     request_meta())
+    except ServiceError as refused:
+        flash(str(refused), "error")
+        return redirect(url_for("auth.account"))
+    db.session.commit()
     session["mfa_change"] = True
     return redirect(url_for("auth.enrol"))
 
@@ -168,15 +219,12 @@ def reset_new() -> ResponseReturnValue:
 
 
 def _try_reset(row: object, user: User, form: forms.ResetForm) -> ResponseReturnValue | None:
-    code = form.code.data or ""
-    proved = auth_service.consume_totp(db.session, user, code) or (
-        auth_service.consume_recovery_code(db.session, user, code, request_meta()) is not None)
-    if not proved:
-        try:
-            auth_service.second_factor_failed(db.session, user, request_meta())
-        except auth_service.SignInFailed as failed:
-            db.session.commit()
-            form.code.errors = [str(failed)]
+    try:  # the same pause and 100-failure lock as sign-in; audits auth.reset
+        auth_service.verify_code(db.session, user, form.code.data or "", request_meta(),
+                                 action=Action.AUTH_RESET)
+    except auth_service.SignInFailed as failed:
+        db.session.commit()
+        form.code.errors = [str(failed)]
         return None
     try:
         auth_service.set_password(db.session, user, form.password.data or "", request_meta())
@@ -184,9 +232,11 @@ def _try_reset(row: object, user: User, form: forms.ResetForm) -> ResponseReturn
         db.session.rollback()
         form.password.errors = list(refused.messages)
         return None
-    account_links.consume(db.session, row)  # type: ignore[arg-type]
-    audit.record(db.session, Action.AUTH_RESET, actor=auth_service.actor_of(user),
-                 meta=request_meta(), target_type="user", target_id=user.public_id)
+    if not account_links.consume(db.session, row):  # type: ignore[arg-type]
+        db.session.rollback()  # a concurrent reset used this link first: change nothing
+        return render_template("auth/link_invalid.html"), 404
+    # ASVS 2.2.3: tell the account holder, with no personal details, that it changed.
+    notices.enqueue(db.session, kind=NoticeKind.PASSWORD_CHANGED, recipient=user, url=None)
     db.session.commit()
     session.clear()
     flash("Your password is changed. Sign in with it now.", "success")

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, flash, redirect, render_template, request, session, url_for
+from flask import (
+    Blueprint,
+    current_app,
+    flash,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
 from flask.typing import ResponseReturnValue
 from flask_login import current_user, login_user, logout_user
 from sqlalchemy import func, select
@@ -20,17 +29,26 @@ from portal.auth.policy import (
 from portal.database import utcnow
 from portal.extensions import db, limiter, login_manager
 from portal.models import RecoveryCode, User
-from portal.services import accounts
+from portal.security import keyed
+from portal.services import accounts, credentials
 from portal.services import signin as auth_service
 from portal.services.errors import ServiceError
 from portal.web.security import request_meta
 
 bp = Blueprint("auth", __name__)
 PENDING_SECONDS = 5 * 60  # a half-finished sign-in (password right, code pending) expires
+# Per account, only a flood guard: the protection against guessing is the service's pause
+# (ASVS 2.2.1), which the right password and code pass once it ends. An hour-long 429 per
+# account would let anyone lock anyone out; this one clears within a minute of the flood.
+ACCOUNT_FLOOD_LIMIT = "60/minute"
 
 
-def _email_key() -> str:
-    return "acct:" + (request.form.get("email") or "").strip().lower()[:254]
+def _account_key() -> str:
+    """Return the rate-limit key of the account named in the form: a keyed hash, never the
+    address itself (Flask-Limiter logs keys, and Redis stores them)."""
+    email = (request.form.get("email") or "").strip().lower()[:254]
+    secret = keyed.derive_secret(current_app.config["SECRET_KEY"], keyed.RATE_LIMIT_ACCOUNT)
+    return "acct:" + keyed.keyed_hash(secret, email)
 
 
 @login_manager.user_loader
@@ -50,7 +68,7 @@ def index() -> ResponseReturnValue:
 
 @bp.route("/signin", methods=["GET", "POST"])
 @limiter.limit("20/minute;200/hour", methods=["POST"])
-@limiter.limit("30/hour", methods=["POST"], key_func=_email_key)
+@limiter.limit(ACCOUNT_FLOOD_LIMIT, methods=["POST"], key_func=_account_key)
 def signin() -> ResponseReturnValue:
     """First factor: email and password."""
     if current_user.is_authenticated:
@@ -155,19 +173,18 @@ def reauth() -> ResponseReturnValue:
     """Prove the second factor again before a sensitive action."""
     form, error = forms.ReauthForm(back=request.args.get("next")), None
     if form.validate_on_submit():
-        user = current_user._get_current_object()
-        ok = auth_service.consume_totp(db.session, user, form.code.data or "") or (
-            auth_service.consume_recovery_code(db.session, user, form.code.data or "",
-                                         request_meta()) is not None)
-        audit.record(db.session, Action.AUTH_REAUTH, actor=auth_service.actor_of(user),
-                     meta=request_meta(), outcome="success" if ok else "failure",
-                     target_type="user", target_id=user.public_id)
-        db.session.commit()
-        if ok:
+        try:  # wrong codes count and pause the account as at sign-in; audits auth.reauth
+            auth_service.verify_code(db.session, current_user._get_current_object(),
+                                     form.code.data or "", request_meta(),
+                                     action=Action.AUTH_REAUTH)
+        except auth_service.SignInFailed as failed:
+            db.session.commit()
+            error = str(failed)
+        else:
+            db.session.commit()
             mark_reauthenticated()
             back = form.back.data
             return redirect(back if is_internal_path(back) else url_for("auth.account"))
-        error = auth_service.CODE_FAILED
     return render_template("auth/reauth.html", form=form, error=error)
 
 
@@ -198,19 +215,34 @@ def regenerate_codes() -> ResponseReturnValue:
 @bp.route("/account/password", methods=["GET", "POST"])
 @signed_in
 @fresh_auth
+@limiter.limit("10/minute", methods=["POST"])
 def change_password() -> ResponseReturnValue:
-    """Change the password; every other session of the user ends."""
-    form = forms.NewPasswordForm()
+    """Change the password (the current one first, ASVS 2.1.6); every other session ends."""
+    form, status = forms.ChangePasswordForm(), 200
     if form.validate_on_submit():
-        try:
-            auth_service.set_password(db.session, current_user, form.password.data or "",
-                                request_meta())
-        except ServiceError as refused:
-            form.password.errors = list(refused.messages)
-        else:
-            db.session.commit()
+        refused = _try_password_change(form)
+        if refused is None:
             session.regenerate()  # type: ignore[attr-defined]
             flash("Your password is changed. Other sessions were signed out.", "success")
             return redirect(url_for("auth.account"))
+        status = refused
     return render_template("auth/new_password.html", form=form, hint=forms.CHOICE_HINT,
-                           title="Change your password", back=request.path)
+                           title="Change your password", back=request.path), status
+
+
+def _try_password_change(form: forms.ChangePasswordForm) -> int | None:
+    """Change the password as the form asks; return None when done, else the page's status."""
+    try:
+        credentials.change_password(db.session, current_user._get_current_object(),
+                                    form.current_password.data or "",
+                                    form.password.data or "", request_meta())
+    except auth_service.SignInFailed as failed:
+        db.session.commit()  # the failed attempt counts (ASVS 2.2.1)
+        form.current_password.errors = [str(failed)]
+        return 401
+    except ServiceError as refused:
+        db.session.rollback()
+        form.password.errors = list(refused.messages)
+        return 200
+    db.session.commit()
+    return None

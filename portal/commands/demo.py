@@ -65,10 +65,10 @@ def _enrol(user: object) -> None:
     from portal.security import otp
     from portal.services import signin
 
-    secret = signin.start_enrolment(db.session, user)  # type: ignore[arg-type]
+    secret, shown = signin.start_enrolment(db.session, user, None)  # type: ignore[arg-type]
     step = int(utcnow().timestamp() // otp.STEP_SECONDS) - 1
     signin.finish_enrolment(db.session, user, otp.code_at(secret, step),  # type: ignore[arg-type]
-                            NO_REQUEST)
+                            NO_REQUEST, shown)
 
 
 def _banner(app: Flask, port: int, maildir: Path) -> str:

@@ -20,6 +20,12 @@ class NoticeKind(StrEnum):
     INVITE = "invite"
     RESET = "reset"
     REPLY = "reply"
+    # Security notices (ASVS 2.2.3): a credential changed. They carry no name and link only
+    # to the portal's front page (no per-notice link, nothing stored in the payload).
+    MFA_CHANGED = "mfa_changed"
+    PASSWORD_CHANGED = "password_changed"  # noqa: S105 - a template name, not a secret
+    # The 100-failure lock was reached (NIST SP 800-63B 5.2.2): whom to contact to unlock.
+    ACCOUNT_LOCKED = "account_locked"
 
 
 class NoticeStatus(StrEnum):

@@ -47,6 +47,10 @@ class User(UserMixin, Base):
     # Last accepted RFC 6238 time step: codes are single-use (advanced by one
     # conditional UPDATE, so concurrent requests with one code cannot both pass).
     totp_last_step: Mapped[int | None] = mapped_column(BigInteger)
+    # A replacement authenticator being set up: kept apart, sealed like the active
+    # secret, and swapped in only once a code from it is proved (NIST SP 800-63B 6.1.2).
+    totp_pending_sealed: Mapped[bytes | None] = sealed_column()
+    totp_pending_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     failed_signins: Mapped[int] = mapped_column(Integer, default=0)
     locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -19,6 +19,7 @@ import re
 import threading
 import unicodedata
 from collections.abc import Iterable
+from difflib import SequenceMatcher
 
 import argon2
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -45,6 +46,17 @@ ZXCVBN_EXTRA_INPUTS = ("pickup", "portal")
 
 # Email local parts and name tokens shorter than this are too common to refuse on.
 MIN_PERSONAL_TOKEN = 3
+
+# 800-63B 5.1.1.2: refuse context-specific words, "such as the name of the service". The
+# product's name always, the organisation's (PORTAL_ORG_NAME) when the caller passes it;
+# compared without spaces, punctuation or common substitutions, and also as near-copies.
+PRODUCT_NAME = "Pickup Portal"
+MIN_CONTEXT_NAME = 4  # compacted names shorter than this are too common to refuse on
+CLOSE_MATCH_RATIO = 0.85  # difflib ratio from which a stretch of the password copies a name
+_UNLEET = (str.maketrans({"0": "o", "1": "i", "!": "i", "3": "e", "4": "a", "@": "a",
+                          "5": "s", "$": "s", "7": "t"}),
+           str.maketrans({"0": "o", "1": "l", "|": "l", "3": "e", "4": "a", "@": "a",
+                          "5": "s", "$": "s", "7": "t"}))
 
 # Unicode categories refused: Cc (controls: tab, newline, NUL...) and Cs (lone surrogates,
 # which cannot be encoded). Cf stays allowed: emoji sequences need the zero-width joiner.
@@ -233,9 +245,35 @@ def _personal_messages(password: str, email: str, name: str) -> list[str]:
     return messages
 
 
-def _strength_message(password: str, email: str, name: str) -> str | None:
+def _compact(text: str) -> str:
+    return "".join(ch for ch in normalise(text).casefold() if ch.isalnum())
+
+
+def _copies(password: str, target: str) -> bool:
+    """True when some stretch of ``password`` about as long as ``target`` nearly equals it."""
+    matcher = SequenceMatcher(None, b=target)  # difflib caches what it learns of b
+    for n in (len(target) - 1, len(target), len(target) + 1):
+        for i in range(max(1, len(password) - n + 1)):
+            matcher.set_seq1(password[i:i + n])
+            if (matcher.quick_ratio() >= CLOSE_MATCH_RATIO  # cheap upper bound first
+                    and matcher.ratio() >= CLOSE_MATCH_RATIO):
+                return True
+    return False
+
+
+def _context_message(password: str, organisation: str) -> str | None:
+    folded = password[:MAX_LENGTH].casefold()  # bounded work whatever the input's length
+    variants = {_compact(folded), *(_compact(folded.translate(table)) for table in _UNLEET)}
+    names = [c for c in map(_compact, (PRODUCT_NAME, organisation)) if len(c) >= MIN_CONTEXT_NAME]
+    if any(_copies(variant, name) for variant in variants for name in names):
+        return "Do not use the name of this service or of the organisation."
+    return None
+
+
+def _strength_message(password: str, email: str, name: str,
+                      organisation: str = "") -> str | None:
     prefix = password[:ZXCVBN_MAX_CHARS]
-    inputs = [email, name, *ZXCVBN_EXTRA_INPUTS]
+    inputs = [email, name, organisation, *ZXCVBN_EXTRA_INPUTS]
     with _ZXCVBN_LOCK:
         result = zxcvbn(prefix, user_inputs=inputs, max_length=ZXCVBN_MAX_CHARS)
     if result["score"] >= ZXCVBN_MIN_SCORE:
@@ -255,21 +293,26 @@ def check_password(
     *,
     email: str = "",
     name: str = "",
+    organisation: str = "",
     blocklist: Blocklist | None = None,
 ) -> list[str]:
     """Return the reasons ``password`` is refused; an empty list means it is acceptable.
 
-    No composition rules (800-63B 5.1.1.2). Messages say what to change and never echo
-    the password, the email or the name. Raises nothing.
+    No composition rules (800-63B 5.1.1.2). Refused too: the product's name and
+    ``organisation`` (the operator's name), close copies included. Messages say what to
+    change and never echo the password, the email or the names. Raises nothing.
     """
     password = normalise(password)
     messages = _shape_messages(password)
     messages += _personal_messages(password, email, name)
+    context = _context_message(password, organisation)
+    if context:
+        messages.append(context)
     if blocklist is not None and password in blocklist:
         messages.append("This password appears in a list of breached or common passwords.")
     if not messages:
         # Only scored once the shape is right: zxcvbn's hints would repeat the rules above.
-        strength = _strength_message(password, email, name)
+        strength = _strength_message(password, email, name, organisation)
         if strength:
             messages.append(strength)
     return messages

@@ -76,8 +76,13 @@ def blocklist() -> passwords.Blocklist | None:
 
 
 def check_new_password(password: str, *, email: str, name: str) -> None:
-    """Raise ServiceError with every reason ``password`` is refused (NIST SP 800-63B 5.1.1.2)."""
-    problems = passwords.check_password(password, email=email, name=name, blocklist=blocklist())
+    """Raise ServiceError with every reason ``password`` is refused (NIST SP 800-63B 5.1.1.2).
+
+    Context-specific words refused include the product's and the organisation's names.
+    """
+    problems = passwords.check_password(password, email=email, name=name,
+                                        organisation=current_app.config["ORG_NAME"],
+                                        blocklist=blocklist())
     if problems:
         raise ServiceError(*problems)
 

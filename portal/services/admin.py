@@ -1,8 +1,8 @@
-"""Account administration: invite, disable, enable, reset MFA. Each is audited."""
+"""Account administration: invite, disable, enable, unlock, reset MFA. Each is audited."""
 
 from __future__ import annotations
 
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from portal import audit
@@ -47,6 +47,7 @@ def reset_mfa(session: Session, user: User, *, actor: Actor, meta: RequestMeta) 
     """
     user.totp_secret_sealed = None
     user.totp_enabled_at = None
+    user.totp_pending_sealed, user.totp_pending_at = None, None  # a half-made change goes too
     user.password_hash = None
     user.failed_signins, user.locked_until, user.must_reset = 0, None, False
     session.execute(delete(RecoveryCode).where(RecoveryCode.user_id == user.id))
@@ -54,3 +55,26 @@ def reset_mfa(session: Session, user: User, *, actor: Actor, meta: RequestMeta) 
     account_links.send_link(session, user, "invite")
     audit.record(session, Action.USER_MFA_RESET, actor=actor, meta=meta, target_type="user",
                  target_id=user.public_id)
+
+
+def locked_accounts(session: Session) -> list[User]:
+    """Return every account of any role locked after MAX_FAILURES failed attempts, oldest
+    first (patients included: nobody but an admin can unlock them)."""
+    return list(session.scalars(select(User).where(User.must_reset.is_(True))
+                                .order_by(User.created_at, User.id)))
+
+
+def unlock(session: Session, user: User, actor: Actor, meta: RequestMeta) -> None:
+    """Lift the 100-failure lock (and any pause), keeping password and authenticator. Audited.
+
+    NIST SP 800-63B 5.2.2 lets a locked account be unlocked by other means than
+    the locked factors: here an admin, after checking who asks. A self-service
+    reset cannot do it. Raises ServiceError (changing nothing) when the account
+    is not locked.
+    """
+    if not user.must_reset:
+        raise ServiceError("This account is not locked.")
+    failures = user.failed_signins
+    user.failed_signins, user.locked_until, user.must_reset = 0, None, False
+    audit.record(session, Action.USER_UNLOCK, actor=actor, meta=meta, target_type="user",
+                 target_id=user.public_id, details={"failures": failures})

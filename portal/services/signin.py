@@ -7,8 +7,12 @@ the password, code or secret.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass
 from datetime import timedelta
+from enum import Enum
+from typing import NoReturn
 
 from flask import current_app
 from sqlalchemy import delete, func, or_, select, update
@@ -18,8 +22,9 @@ from portal import audit
 from portal.audit import Action, Actor, Outcome, RequestMeta
 from portal.database import utcnow
 from portal.models import RecoveryCode, User, WebSession
+from portal.models.notifications import NoticeKind
 from portal.security import otp, passwords, recovery
-from portal.services import accounts, keys
+from portal.services import accounts, keys, notices
 from portal.services.errors import ServiceError
 
 # Throttling (ASVS 2.2.1): after FREE_FAILURES consecutive failures each further one
@@ -31,6 +36,9 @@ MAX_DELAY_SECONDS = 15 * 60
 MAX_FAILURES = 100
 SIGNIN_FAILED = "The email or password is not right, or sign-in is paused after failed attempts."
 CODE_FAILED = "That code is not right, or it was already used. Wait for a new code and try again."
+NOT_CURRENT = ("That is not your current password, or changes are paused after "
+               "failed attempts.")
+ALREADY_ENROLLED = "Your authenticator app is already set up."
 
 
 class SignInFailed(ServiceError):
@@ -71,6 +79,9 @@ def check_password(session: Session, email: str, password: str,
         _failure(session, user, meta, "password")
     if passwords.needs_rehash(user.password_hash):
         user.password_hash = passwords.hash_password(password)
+    # ASVS 7.2.1: a right first factor is an authentication decision too, so it is audited.
+    audit.record(session, Action.AUTH_PASSWORD_OK, actor=actor_of(user), meta=meta,
+                 target_type="user", target_id=user.public_id)
     return FirstFactor(user, user.totp_enabled_at is not None)
 
 
@@ -81,8 +92,10 @@ def _may_try(user: User) -> bool:
 
 
 def _failure(session: Session, user: User, meta: RequestMeta, factor: str,
-             message: str = SIGNIN_FAILED) -> None:
-    """Count a failed attempt, pause or lock the account as due, audit, and raise."""
+             message: str = SIGNIN_FAILED,
+             action: Action = Action.AUTH_SIGNIN_FAILED) -> NoReturn:
+    """Count a failed attempt, pause or lock the account as due, audit it as ``action``,
+    and raise SignInFailed(message)."""
     if factor != "paused":
         user.failed_signins += 1
         excess = user.failed_signins - FREE_FAILURES
@@ -90,14 +103,24 @@ def _failure(session: Session, user: User, meta: RequestMeta, factor: str,
             delay = min(FIRST_DELAY_SECONDS * 2**excess, MAX_DELAY_SECONDS)
             user.locked_until = utcnow() + timedelta(seconds=delay)
         if user.failed_signins >= MAX_FAILURES and not user.must_reset:
-            user.must_reset = True
-            audit.record(session, Action.AUTH_LOCKOUT, actor=actor_of(user), meta=meta,
-                         outcome=Outcome.DENIED, target_type="user", target_id=user.public_id,
-                         details={"failures": user.failed_signins})
-    audit.record(session, Action.AUTH_SIGNIN_FAILED, actor=actor_of(user), meta=meta,
+            _lock(session, user, meta)
+    audit.record(session, action, actor=actor_of(user), meta=meta,
                  outcome=Outcome.FAILURE, target_type="user", target_id=user.public_id,
                  details={"factor": factor, "failures": user.failed_signins})
     raise SignInFailed(message)
+
+
+def _lock(session: Session, user: User, meta: RequestMeta) -> None:
+    """Lock the account (only an admin unlocks it), audit it, and tell its holder once.
+
+    Called on the transition only: attempts on a locked account are "paused" and
+    count no further, so each lock queues exactly one PHI-free notice (ASVS 2.2.3).
+    """
+    user.must_reset = True
+    audit.record(session, Action.AUTH_LOCKOUT, actor=actor_of(user), meta=meta,
+                 outcome=Outcome.DENIED, target_type="user", target_id=user.public_id,
+                 details={"failures": user.failed_signins})
+    notices.enqueue(session, kind=NoticeKind.ACCOUNT_LOCKED, recipient=user, url=None)
 
 
 def totp_secret(session: Session, user: User) -> str | None:
@@ -108,6 +131,32 @@ def totp_secret(session: Session, user: User) -> str | None:
     return keys.open_text(key, "users", "totp_secret", user.public_id, user.totp_secret_sealed)
 
 
+class _Totp(Enum):
+    """What a TOTP code turned out to be."""
+
+    ACCEPTED = "accepted"
+    WRONG = "wrong"
+    REPLAYED = "replayed"  # right for its time step, but that step (or a later one) was used
+
+
+def _claim_totp(session: Session, user: User, code: str) -> _Totp:
+    secret = totp_secret(session, user)
+    if secret is None or not otp.is_well_formed(code):
+        return _Totp.WRONG
+    step = otp.matching_step(secret, code, now=utcnow().timestamp(),
+                             drift_steps=current_app.config["TOTP_DRIFT"])
+    if step is None:
+        return _Totp.WRONG
+    claimed = session.execute(
+        update(User).where(User.id == user.id,
+                           or_(User.totp_last_step.is_(None), User.totp_last_step < step))
+        .values(totp_last_step=step).execution_options(synchronize_session=False))
+    if claimed.rowcount != 1:
+        return _Totp.REPLAYED
+    session.refresh(user, ["totp_last_step"])
+    return _Totp.ACCEPTED
+
+
 def consume_totp(session: Session, user: User, code: str) -> bool:
     """Return True when ``code`` is valid now and newer than any code the user used before.
 
@@ -115,21 +164,7 @@ def consume_totp(session: Session, user: User, code: str) -> bool:
     an older step after a newer one, and two concurrent requests with one code
     all fail but one (RFC 6238 section 5.2). Only ASCII digits are accepted.
     """
-    secret = totp_secret(session, user)
-    if secret is None or not otp.is_well_formed(code):
-        return False
-    step = otp.matching_step(secret, code, now=utcnow().timestamp(),
-                             drift_steps=current_app.config["TOTP_DRIFT"])
-    if step is None:
-        return False
-    claimed = session.execute(
-        update(User).where(User.id == user.id,
-                           or_(User.totp_last_step.is_(None), User.totp_last_step < step))
-        .values(totp_last_step=step).execution_options(synchronize_session=False))
-    if claimed.rowcount != 1:
-        return False
-    session.refresh(user, ["totp_last_step"])
-    return True
+    return _claim_totp(session, user, code) is _Totp.ACCEPTED
 
 
 def _pepper() -> bytes:
@@ -166,13 +201,7 @@ def second_factor(session: Session, user: User, code: str, meta: RequestMeta) ->
     Resets the failure count and audits the sign-in. Raises SignInFailed
     (CODE_FAILED) for a wrong, replayed or malformed code, or a paused account.
     """
-    if not _may_try(user):
-        _failure(session, user, meta, "paused", CODE_FAILED)
-    remaining = None
-    if not consume_totp(session, user, code):
-        remaining = consume_recovery_code(session, user, code, meta)
-        if remaining is None:
-            _failure(session, user, meta, "code", CODE_FAILED)
+    remaining = _prove_code(session, user, code, meta, Action.AUTH_SIGNIN_FAILED)
     user.failed_signins, user.locked_until = 0, None
     audit.record(session, Action.AUTH_SIGNIN, actor=actor_of(user), meta=meta,
                  target_type="user", target_id=user.public_id,
@@ -180,34 +209,86 @@ def second_factor(session: Session, user: User, code: str, meta: RequestMeta) ->
     return remaining
 
 
-def second_factor_failed(session: Session, user: User, meta: RequestMeta) -> None:
-    """Count a wrong code given outside sign-in (reset); raises SignInFailed(CODE_FAILED)."""
-    _failure(session, user, meta, "code", CODE_FAILED)
+def verify_code(session: Session, user: User, code: str, meta: RequestMeta, *,
+                action: Action) -> int | None:
+    """Prove the second factor outside sign-in (re-authentication, password reset).
 
-
-def start_enrolment(session: Session, user: User) -> str:
-    """Return the user's pending TOTP secret, making (and sealing) one if needed.
-
-    The secret stays inactive until :func:`finish_enrolment` sees a correct code.
+    The same pause, 100-failure lock and failure count as sign-in apply (ASVS 2.2.1,
+    NIST SP 800-63B 5.2.2), so these forms are no side door for guessing codes. The
+    outcome is audited as ``action`` (a replay as ``auth.code.replay``). The failure
+    count is not reset: only a whole sign-in or a new password does that. Returns the
+    recovery codes left when one was used, None for a TOTP code. Raises
+    SignInFailed(CODE_FAILED) for a paused, locked or disabled account and for a wrong,
+    replayed or malformed code; the caller commits the count either way.
     """
-    if user.totp_enabled_at is None:
-        current = totp_secret(session, user)
-        if current is not None:
-            return current
+    remaining = _prove_code(session, user, code, meta, action)
+    audit.record(session, action, actor=actor_of(user), meta=meta, target_type="user",
+                 target_id=user.public_id,
+                 details={"factor": "recovery" if remaining is not None else "totp"})
+    return remaining
+
+
+def _prove_code(session: Session, user: User, code: str, meta: RequestMeta,
+                failed: Action) -> int | None:
+    """Check a TOTP or recovery code for an unpaused, unlocked account; return recovery codes
+    left (None for TOTP). Raises SignInFailed(CODE_FAILED), counted and audited as ``failed``."""
+    if not _may_try(user):
+        _failure(session, user, meta, "paused", CODE_FAILED, failed)
+    totp = _claim_totp(session, user, code)
+    if totp is _Totp.ACCEPTED:
+        return None
+    if totp is _Totp.REPLAYED:  # RFC 6238 5.2: a reused code is a signal, not a typo
+        _failure(session, user, meta, "code", CODE_FAILED, Action.AUTH_CODE_REPLAY)
+    remaining = consume_recovery_code(session, user, code, meta)
+    if remaining is None:
+        _failure(session, user, meta, "code", CODE_FAILED, failed)
+    return remaining
+
+
+def start_enrolment(session: Session, user: User, shown: str | None) -> tuple[str, str]:
+    """Return a not yet enrolled user's inactive TOTP secret and its issue fingerprint.
+
+    ``shown`` is the fingerprint this browser session was given before: when it
+    still names the stored secret, that secret is shown again; otherwise a new
+    one replaces it. So each enrolment session gets a secret of its own, and a
+    second session (someone else holding only the password) never sees the
+    secret the first one is about to turn on. The secret stays inactive until
+    :func:`finish_enrolment` sees a correct code. Raises ServiceError
+    (ALREADY_ENROLLED) for an enrolled user: an active factor is never replaced
+    here, only by a proved change (portal.services.credentials), so a password
+    alone can never enrol a factor for an enrolled account.
+    """
+    if user.totp_enabled_at is not None:
+        raise ServiceError(ALREADY_ENROLLED)
+    current = totp_secret(session, user)
+    if current is not None and shown is not None and hmac.compare_digest(
+            shown, _issue_fingerprint(user)):
+        return current, shown
     secret = otp.new_secret()
     key = keys.unwrap(session, user.data_key_id)
     user.totp_secret_sealed = keys.seal_text(key, "users", "totp_secret", user.public_id, secret)
-    user.totp_enabled_at, user.totp_last_step = None, None
+    user.totp_last_step = None
     session.flush()
-    return secret
+    return secret, _issue_fingerprint(user)
 
 
-def finish_enrolment(session: Session, user: User, code: str, meta: RequestMeta) -> list[str]:
+def _issue_fingerprint(user: User) -> str:
+    # Sealing is randomised, so the sealed bytes name one issue of a secret, not the secret.
+    return hashlib.sha256(user.totp_secret_sealed or b"").hexdigest()
+
+
+def finish_enrolment(session: Session, user: User, code: str, meta: RequestMeta,
+                     shown: str | None = None) -> list[str]:
     """Activate the pending secret when ``code`` matches; return ten new recovery codes.
 
-    The enrolment code's time step is recorded, so it cannot be reused to sign
-    in. Raises ServiceError when the code is wrong.
+    ``shown`` must be the fingerprint :func:`start_enrolment` gave this session
+    (another session's secret cannot be turned on from here). The enrolment
+    code's time step is recorded, so it cannot be reused to sign in. Raises
+    ServiceError when the code is wrong or the secret was replaced meanwhile.
     """
+    if shown is None or not hmac.compare_digest(shown, _issue_fingerprint(user)):
+        raise ServiceError("This set-up was started again elsewhere. Scan the new QR code "
+                           "shown here and enter a code from it.")
     if user.totp_enabled_at is not None or not consume_totp(session, user, code):
         raise ServiceError("That code is not right. Check the time on your phone, "
                            "wait for the next code and enter it.")
@@ -247,8 +328,10 @@ def purge_expired_sessions(session: Session, idle_seconds: int, lifetime_seconds
     return int(result.rowcount or 0)
 
 
-def set_password(session: Session, user: User, password: str, meta: RequestMeta) -> None:
-    """Set a new password after the policy check; end the user's other sessions. Audited.
+def set_password(session: Session, user: User, password: str, meta: RequestMeta,
+                 action: Action = Action.AUTH_PASSWORD_SET) -> None:
+    """Set a new password after the policy check; end the user's other sessions. Audited
+    as ``action``.
 
     Raises ServiceError with every reason the password is refused.
     """
@@ -257,5 +340,22 @@ def set_password(session: Session, user: User, password: str, meta: RequestMeta)
     user.password_hash = passwords.hash_password(password)
     user.failed_signins, user.locked_until, user.must_reset = 0, None, False
     end_all_sessions(session, user)
-    audit.record(session, Action.AUTH_PASSWORD_SET, actor=actor_of(user), meta=meta,
+    audit.record(session, action, actor=actor_of(user), meta=meta,
                  target_type="user", target_id=user.public_id)
+
+
+def check_current_password(session: Session, user: User, password: str,
+                           meta: RequestMeta) -> None:
+    """Return when ``password`` is the signed-in user's current password.
+
+    ASVS 2.1.6: changing a password needs the current one. A wrong one counts as a
+    failed attempt (the same pause and lock as sign-in, ASVS 2.2.1), audited with
+    factor ``current_password``; a paused account is refused whatever the password.
+    Raises SignInFailed(NOT_CURRENT); the caller commits the count.
+    """
+    if not _may_try(user):
+        passwords.verify_password(passwords.DUMMY_HASH, password)
+        _failure(session, user, meta, "paused", NOT_CURRENT)
+    if user.password_hash is None or not passwords.verify_password(user.password_hash,
+                                                                     password):
+        _failure(session, user, meta, "current_password", NOT_CURRENT)

@@ -138,8 +138,32 @@ def test_reset_needs_second_factor_and_is_single_use(app: Flask) -> None:
     done = browser.submit("/reset/new", {"password": NEW_PASSWORD, "confirm": NEW_PASSWORD,
                                          "code": next_code(secret)})
     assert done.location == "/signin"
+    with app.app_context():  # ASVS 2.2.3: the holder is told, with no personal details
+        kinds = db.session.scalars(select(Notification.kind)).all()
+    assert kinds.count("password_changed") == 1
     assert Browser(app).get(link).status_code == 404
     travel(timedelta(minutes=2))
+    assert Browser(app).sign_in("sam@example.org", NEW_PASSWORD, secret).status_code == 302
+
+
+def test_two_tabs_on_one_reset_link_change_the_password_once(app: Flask) -> None:
+    _, secret, _ = enrolled_user(app)
+    Browser(app).submit("/reset", {"email": "sam@example.org"})
+    link = outbox_url(app, "reset")
+    first, second = Browser(app), Browser(app)
+    assert first.submit(link).location == "/reset/new"
+    assert second.submit(link).location == "/reset/new"
+    open_form = second.token("/reset/new")  # the second tab shows the form, then waits
+    done = first.submit("/reset/new", {"password": NEW_PASSWORD, "confirm": NEW_PASSWORD,
+                                       "code": next_code(secret)})
+    assert done.location == "/signin"
+    travel(timedelta(seconds=31))
+    other = "Quartz meadow lantern ferry 58"
+    late = second.client.post("/reset/new", data={"csrf_token": open_form, "password": other,
+                                                  "confirm": other, "code": next_code(secret)})
+    assert late.status_code == 404
+    travel(timedelta(minutes=2))
+    assert Browser(app).sign_in("sam@example.org", other, secret).status_code != 302
     assert Browser(app).sign_in("sam@example.org", NEW_PASSWORD, secret).status_code == 302
 
 
@@ -181,7 +205,8 @@ def test_password_change_ends_other_sessions(app: Flask) -> None:
     other.sign_in("sam@example.org", PASSWORD, secret)
     mine = Browser(app)
     mine.sign_in("sam@example.org", PASSWORD, code=next_code(secret))
-    changed = mine.submit("/account/password", {"password": NEW_PASSWORD,
+    changed = mine.submit("/account/password", {"current_password": PASSWORD,
+                                                "password": NEW_PASSWORD,
                                                 "confirm": NEW_PASSWORD})
     assert changed.location == "/account"
     assert mine.get("/account").status_code == 200
@@ -207,3 +232,22 @@ def test_admin_pages_invite_and_disable(app: Flask) -> None:
     assert disabled.location == "/admin/users"
     with app.app_context():
         assert db.session.get(User, target.id).disabled
+
+
+@pytest.mark.parametrize(("org_name", "password"), [
+    (None, "Pickup Portal forever 2024"),  # the product's name
+    (None, "P1ckupPorta1 lantern 77"),
+    (None, "Pickup Portal Demo Clinic 1987"),  # the embedded default organisation
+    ("Riverside Family Practice", "riverside-family-practice-77"),
+])
+def test_service_and_organisation_names_refused(make_app: Any, org_name: str | None,
+                                                password: str) -> None:
+    app = make_app(**({"ORG_NAME": org_name} if org_name else {}))
+    response = accept(Browser(app), invite(app), password)
+    assert response.status_code == 200
+    assert "name of this service or of the organisation" in response.get_data(as_text=True)
+    assert password not in response.get_data(as_text=True)
+    with app.app_context():
+        user = db.session.scalar(select(User).where(User.email == "nina@example.org"))
+        assert user is not None
+        assert user.password_hash is None

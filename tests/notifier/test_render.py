@@ -211,3 +211,48 @@ def test_a_patient_named_like_the_organisation_does_not_block_notices(
     assert app.config["ORG_NAME"] == "Pickup Portal Demo Clinic"
     assert terms == set()  # every word of the name is one the notice says anyway
     assert not phi.find_phi(render.readable_texts(msg), terms)
+
+
+# -- credential-change notices ------------------------------------------------------------
+
+CHANGE_NOTICES = [(NoticeKind.MFA_CHANGED, "Your Riverside Family Practice portal sign-in "
+                   "settings changed"),
+                  (NoticeKind.PASSWORD_CHANGED, "Your Riverside Family Practice portal "
+                   "password changed")]
+
+
+@pytest.mark.parametrize(("kind", "subject"), CHANGE_NOTICES)
+def test_change_notices_say_what_changed_and_whom_to_call(kind: str, subject: str) -> None:
+    msg = rendered(kind)
+    plain = msg.get_body(("plain",)).get_content()
+
+    assert msg["Subject"] == subject
+    assert "reception on 01234 567890" in plain
+    assert "signed out" in plain
+    assert "7 June 2031" not in plain  # no expiry: there is no link to expire
+
+
+def test_locked_notice_says_whom_to_contact_to_unlock(session: Any) -> None:
+    msg = rendered(NoticeKind.ACCOUNT_LOCKED)
+    plain = msg.get_body(("plain",)).get_content()
+    _, patient = _people(session)
+    row = notices.enqueue(session, kind=NoticeKind.ACCOUNT_LOCKED, recipient=patient, url=None)
+
+    assert msg["Subject"] == "Your Riverside Family Practice portal account was locked"
+    assert "too many failed sign-in" in plain
+    assert "contact reception on 01234 567890" in plain
+    assert not phi.find_phi(render.readable_texts(msg), phi.phi_terms(session, row))
+
+
+@pytest.mark.parametrize(("kind", "subject"), CHANGE_NOTICES)
+def test_change_notices_to_a_patient_pass_the_phi_guard(session: Any, kind: str,
+                                                        subject: str) -> None:
+    _, patient = _people(session)
+    row = notices.enqueue(session, kind=kind, recipient=patient, url=None)
+    terms = phi.phi_terms(session, row)
+    texts = render.readable_texts(rendered(kind))
+
+    assert {"Philippa Quenby", "1984-03-07"} <= terms
+    assert row.payload_sealed is None  # nothing stored: the notice links the portal's front page
+    assert not phi.find_phi(texts, terms)
+    assert not any("Quenby" in text for text in texts)

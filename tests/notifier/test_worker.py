@@ -601,6 +601,26 @@ def test_a_reply_notice_tells_staff_without_naming_the_patient(
         assert re.search(re.escape(leak), text, re.IGNORECASE) is None, "PHI in the notice"
 
 
+@pytest.mark.parametrize("kind", ["mfa_changed", "password_changed", "account_locked"])
+def test_a_credential_change_notice_is_sent_without_phi(
+        make_app: Callable[..., Flask], sink: MailSink, t0: datetime, kind: str,
+        delivered: Callable[[MailSink], list[EmailMessage]]) -> None:
+    app = app_for(make_app, sink.port, sink.cert_file)
+    with app.app_context():
+        _, patient = make_people(db.session)
+        notices.enqueue(db.session, kind=kind, recipient=patient, url=None)
+        db.session.commit()
+
+    assert worker.drain(app, "w1", clock=fixed(t0)).sent == 1
+
+    [msg] = delivered(sink)
+    assert msg["To"] == PATIENT_EMAIL
+    assert f"{BASE_URL}/" in msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    text = readable(msg)
+    for leak in LEAKS:
+        assert re.search(re.escape(leak), text, re.IGNORECASE) is None, "PHI in the notice"
+
+
 def test_run_forever_sends_and_stops_when_asked(
         make_app: Callable[..., Flask], sink: MailSink) -> None:
     app = app_for(make_app, sink.port, sink.cert_file)

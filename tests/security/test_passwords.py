@@ -215,3 +215,45 @@ def test_parameters_below_floor_refused() -> None:
         make_hasher(time_cost=1, memory_cost=19_456, parallelism=1)
     with pytest.raises(ValueError, match="below the floor"):
         make_hasher(time_cost=2, memory_cost=8_192, parallelism=1)
+
+
+ORG = "Riverside Family Practice"
+SERVICE_NAME_REASON = "name of this service or of the organisation"
+
+
+@pytest.mark.parametrize("password", [
+    "Pickup Portal forever 2024",  # the product, as is
+    "pickupportal!!lantern9",  # without the space, lower case
+    "P1ckup Porta1 lantern 77",  # common substitutions
+    "PikupPortl winter 2025 x",  # a near-copy
+    _wide("PickupPortal") + " 2024 lantern",  # full-width letters (NFKC)
+    "Riverside Family Practice 1987",  # the organisation
+    "riverside-family-practice-77",
+    "Rivrside Family Practise 9",
+])
+def test_product_and_organisation_names_refused(password: str) -> None:
+    reasons = check_password(password, organisation=ORG)
+    assert any(SERVICE_NAME_REASON in r for r in reasons), reasons
+    assert not any(password in r for r in reasons)
+
+
+@pytest.mark.parametrize("password", [
+    "Velvet lighthouse quarrel 77",
+    "pick up the portable radio 42",  # the words apart, not the name
+    "A riverside walk on Sundays 7",  # one word of the organisation is not its name
+])
+def test_passwords_near_but_not_the_names_pass(password: str) -> None:
+    assert check_password(password, organisation=ORG) == []
+
+
+def test_product_name_refused_without_an_organisation() -> None:
+    assert any(SERVICE_NAME_REASON in r for r in check_password("My pickup portal key 9431"))
+
+
+def test_short_organisation_name_refuses_nothing_on_its_own() -> None:
+    assert check_password("Velvet lighthouse abc quarrel 77", organisation="ABC") == []
+
+
+def test_name_check_work_is_bounded_for_huge_input() -> None:
+    reasons = check_password("x" * 100_000 + "Pickup Portal", organisation=ORG)
+    assert reasons == ["Use at most 128 characters."]  # the name sits past the checked part
