@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from flask_wtf import FlaskForm
-from wtforms import DateField, HiddenField, PasswordField, StringField, TextAreaField
+from wtforms import HiddenField, PasswordField, StringField, TextAreaField
 from wtforms.validators import DataRequired, Length, ValidationError
 from wtforms.widgets import DateInput
 
 from portal.auth import forms as auth_forms
 from portal.services.pickup import MAX_REPLY, parse_dob
+from portal.web.fields import DayField, DayRequired
 
 # The password step reuses the sign-in forms: one policy hint, one pair of fields.
 CHOICE_HINT = auth_forms.CHOICE_HINT
@@ -62,5 +63,5 @@ class ReplyForm(FlaskForm):
 class DisclosureRangeForm(FlaskForm):
     """The period of the patient's own accounting of disclosures."""
 
-    since = DateField("From", validators=[DataRequired("Enter the first day.")])
-    until = DateField("To (inclusive)", validators=[DataRequired("Enter the last day.")])
+    since = DayField("From", validators=[DayRequired("Enter the first day.")])
+    until = DayField("To (inclusive)", validators=[DayRequired("Enter the last day.")])

@@ -31,13 +31,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from portal import audit
 from portal.audit import Action, Actor
 from portal.auth.policy import roles, signed_in
+from portal.crypto.errors import ContentTampered
 from portal.extensions import db, limiter
 from portal.models import Attachment, Message, Role, User
 from portal.pickup import bp, forms
 from portal.pickup.forms import DisclosureRangeForm
 from portal.services import disclosures, patient_lists, pdf, pickup
 from portal.services.errors import NotFound, ServiceError
-from portal.web.errors import page
+from portal.web.errors import page, report_tampered
 from portal.web.security import request_meta
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,20 @@ def _stream(attachment: Attachment, *, inline: bool) -> ResponseReturnValue:
     except SQLAlchemyError:
         chunks.close()  # type: ignore[attr-defined]
         return _unrecorded()
-    return _pdf_response(chunks, attachment.size, name, inline)
+    return _pdf_response(_tamper_guarded(chunks), attachment.size, name, inline)
+
+
+def _tamper_guarded(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Yield ``chunks``; a segment failing authentication after the headers went out is
+    audited and alerted (content.tampered), then re-raised so the server aborts the body:
+    a cut connection, never a complete-looking file (the first segment was checked before)."""
+    try:
+        yield from chunks
+    except ContentTampered:
+        report_tampered("mid_stream")
+        raise
+    finally:
+        chunks.close()  # type: ignore[attr-defined]
 
 
 def _pdf_response(chunks: Iterator[bytes], size: int, name: str, inline: bool) -> Response:
@@ -203,9 +217,32 @@ def reply(message_id: str) -> ResponseReturnValue:
 @bp.get("/history")
 @roles(Role.PATIENT)
 def history() -> ResponseReturnValue:
-    """Every audited access to the patient's data: who, when, what, which message, from where."""
-    return render_template("pickup/history.html", rows=patient_lists.history(db.session, _user()),
-                           form=DisclosureRangeForm())
+    """Every audited access to the patient's data: who, when, what, which message, from where.
+
+    The page shows subjects and staff names, so reading it is itself audited (fail closed).
+    """
+    return _history_page(DisclosureRangeForm())
+
+
+def _history_page(form: DisclosureRangeForm, status: int = 200) -> ResponseReturnValue:
+    user = _user()
+    rows = patient_lists.history(db.session, user)
+    try:
+        patient_lists.record_history_view(db.session, user, len(rows), request_meta())
+        db.session.commit()
+    except SQLAlchemyError:
+        return _unrecorded()
+    return render_template("pickup/history.html", rows=rows, form=form), status
+
+
+def _valid_period(form: DisclosureRangeForm) -> bool:
+    """Validate the posted period; a reversed one gets an error under its last day."""
+    if not form.validate_on_submit():
+        return False
+    if form.until.data < form.since.data:  # type: ignore[operator]
+        form.until.errors = ["The last day is before the first."]
+        return False
+    return True
 
 
 @bp.post("/history/disclosures.pdf")
@@ -214,9 +251,8 @@ def disclosures_pdf() -> ResponseReturnValue:
     """The patient's own accounting of disclosures for a period, as a PDF (audited)."""
     form = DisclosureRangeForm()
     user = _user()
-    if not form.validate_on_submit() or form.until.data < form.since.data:  # type: ignore[operator]
-        flash("Choose a first and a last day, the last on or after the first.", "error")
-        return redirect(url_for("pickup.history"))
+    if not _valid_period(form):
+        return _history_page(form, 400)  # the form's own messages, under its fields
     body = disclosures.report_pdf(db.session, user, form.since.data,  # type: ignore[arg-type]
                                   form.until.data, actor=Actor(user.id, user.role),  # type: ignore[arg-type]
                                   meta=request_meta())

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from portal import audit
 from portal.audit import Action, Actor, RequestMeta
-from portal.models import AuditEvent
+from portal.models import AuditEvent, Role
 from portal.services.audit_query import AuditFilter, EventRow, Names, select_events, to_rows
 
 FORMATS = ("csv", "json", "fhir")
@@ -57,19 +57,20 @@ OBSERVER = "Pickup Portal"
 # and other procedures are E.
 _FHIR_ACTION: dict[Action, str] = {
     Action.MESSAGE_VIEW: "R", Action.MESSAGE_LIST: "R", Action.MESSAGE_PDF: "R",
-    Action.ATTACHMENT_DOWNLOAD: "R",
+    Action.ATTACHMENT_DOWNLOAD: "R", Action.PATIENT_HISTORY_VIEW: "R",
+    Action.PATIENT_LOOKUP: "R", Action.PATIENT_VIEW: "R",
     Action.ATTACHMENT_VIEW: "R", Action.LINK_OPEN: "R", Action.AUDIT_SEARCH: "R",
     Action.AUDIT_EXPORT: "R", Action.AUDIT_REPORT: "R", Action.AUDIT_VERIFY: "R",
     Action.MESSAGE_SEND: "C", Action.MESSAGE_REPLY: "C", Action.MESSAGE_RESEND: "C",
     Action.USER_CREATE: "C", Action.LINK_REISSUE: "C",
     Action.MESSAGE_REVOKE: "U", Action.KEY_ROTATE: "U", Action.USER_DISABLE: "U",
-    Action.USER_ENABLE: "U", Action.USER_MFA_RESET: "U",
+    Action.USER_ENABLE: "U", Action.USER_MFA_RESET: "U", Action.USER_UNLOCK: "U",
     Action.MESSAGE_SHRED: "D",
 }
 # AuditEvent.outcome (R4 value set audit-event-outcome): a refused access is a
 # serious failure (8), anything else that failed a minor one (4).
 _FHIR_OUTCOME = {"success": "0", "failure": "4", "denied": "8"}
-_APPLICATION_ACTIONS = {Action.KEY_ROTATE, Action.RETENTION_RUN}
+_APPLICATION_ACTIONS = {Action.KEY_ROTATE, Action.KEY_REWRAP_FAILED, Action.RETENTION_RUN}
 
 
 def fhir_action(action: str) -> str:
@@ -256,17 +257,22 @@ def _chain_extension(row: EventRow) -> dict[str, Any]:
 
 
 def _agent(row: EventRow) -> dict[str, Any]:
-    who = row.actor_public_id or ("system" if row.actor_id is None else f"id-{row.actor_id}")
-    agent: dict[str, Any] = {
-        "who": {"identifier": {"system": IDENTIFIER_SYSTEM + "user", "value": who},
-                "display": row.actor_name},
-        "requestor": True,
-    }
+    agent: dict[str, Any] = {"who": _who(row), "requestor": True}
     if row.actor_role:
         agent["role"] = [{"coding": [{"system": ROLE_SYSTEM, "code": row.actor_role}]}]
     if row.client_ip:
         agent["network"] = {"address": row.client_ip, "type": "2"}  # 2 = IP address
     return agent
+
+
+def _who(row: EventRow) -> dict[str, Any]:
+    """A patient acting is only ``Patient/<public id>``, never a name (HIPAA minimum
+    necessary); staff and the system carry their identifier and display name."""
+    who = row.actor_public_id or ("system" if row.actor_id is None else f"id-{row.actor_id}")
+    if row.actor_role == Role.PATIENT:
+        return {"reference": f"Patient/{who}"}
+    return {"identifier": {"system": IDENTIFIER_SYSTEM + "user", "value": who},
+            "display": row.actor_name}
 
 
 def _entity(what: dict[str, Any], type_code: str, type_display: str, role: str,

@@ -12,8 +12,17 @@ from portal import audit
 from portal.audit import Action, Actor, RequestMeta
 from portal.models import AuditEvent, User
 from portal.services import accounts, pdf
-from portal.services.audit_query import AuditFilter, Names, select_events
+from portal.services.audit_query import (
+    DAY_RANGE_HINT,
+    EARLIEST_DAY,
+    LATEST_DAY,
+    AuditFilter,
+    EventRow,
+    Names,
+    select_events,
+)
 from portal.services.audit_query import to_rows as audit_rows
+from portal.services.patient_lists import OTHER_PATIENT, is_other_patient
 
 # What counts as an access to or a disclosure of the patient's messages and records.
 HOW = {
@@ -35,9 +44,12 @@ ITEMS = {"message": "Message", "attachment": "Record (PDF)", "link": "Pickup lin
 
 
 def period(since: date, until: date) -> tuple[datetime, datetime]:
-    """Return [since 00:00, until+1 00:00) in UTC; ValueError when until is before since."""
+    """Return [since 00:00, until+1 00:00) in UTC; ValueError when until is before since
+    or either day lies outside EARLIEST_DAY..LATEST_DAY (forms check that first)."""
     if until < since:
         raise ValueError("The end of the period is before its start.")
+    if since < EARLIEST_DAY or until > LATEST_DAY:
+        raise ValueError(f"The period must lie {DAY_RANGE_HINT}.")
     start = datetime.combine(since, time.min, UTC)
     return start, datetime.combine(until + timedelta(days=1), time.min, UTC)
 
@@ -48,11 +60,20 @@ def rows(session: Session, patient: User, since: date, until: date) -> list[dict
     stmt = select_events(AuditFilter(patient_id=patient.id, since=start, until=end)).where(
         AuditEvent.action.in_([a.value for a in HOW])).order_by(AuditEvent.seq)
     events = audit_rows(session, session.execute(stmt).all(), Names(session))
-    return [{"when": e.occurred_at, "who": "the patient" if e.actor_id == patient.id
-             else e.actor_name, "role": e.actor_role or "", "action": HOW[Action(e.action)],
-             "item": f"{ITEMS.get(e.target_type or '', 'Account')} {(e.target_id or '')[:8]}",
-             "how": "portal" if e.client_ip else "system", "from_address": e.client_ip or "-"}
-            for e in events]
+    return [_row(e, patient) for e in events]
+
+
+def _row(event: EventRow, patient: User) -> dict[str, object]:
+    """One line of the record: another patient is never named nor located (DESIGN)."""
+    other = is_other_patient(patient, event.actor_id, event.actor_role)
+    who = ("the patient" if event.actor_id == patient.id
+           else OTHER_PATIENT if other else event.actor_name)
+    return {"when": event.occurred_at, "who": who, "role": "" if other else event.actor_role or "",
+            "action": HOW[Action(event.action)],
+            "item": f"{ITEMS.get(event.target_type or '', 'Account')} "
+                    f"{(event.target_id or '')[:8]}",
+            "how": "portal" if event.client_ip else "system",
+            "from_address": "-" if other else event.client_ip or "-"}
 
 
 def report_pdf(session: Session, patient: User, since: date, until: date, *, actor: Actor,

@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from portal import audit
-from portal.audit import Action, Actor, RequestMeta
+from portal.audit import Action, Actor, Outcome, RequestMeta
 from portal.database import utcnow
 from portal.models import AuditEvent, Message, Notification, PickupLink, Role, User
 from portal.models.notifications import NoticeKind
@@ -51,6 +51,22 @@ def recipient_for(session: Session, email: str) -> User:
     if user is None or user.role != Role.PATIENT or user.disabled:
         raise NotFound("No active patient has that email address. Register the patient first.")
     return user
+
+
+def lookup_patient(session: Session, email: str, *, actor: Actor, meta: RequestMeta
+                   ) -> User | None:
+    """Return the patient with this address (disabled ones too), or None. Audited either way.
+
+    A staff lookup shows the patient's name: a read of PHI (patient.lookup). The
+    address searched for is never recorded, only whether a patient was found.
+    """
+    user = find_by_email(session, email)
+    found = user if user is not None and user.role == Role.PATIENT else None
+    audit.record(session, Action.PATIENT_LOOKUP, actor=actor, meta=meta,
+                 target_type="user" if found else None,
+                 target_id=found.public_id if found else None,
+                 patient_id=found.id if found else None, details={"found": found is not None})
+    return found
 
 
 def send(session: Session, *, sender: User, recipient: User, subject: str, body: str,
@@ -118,22 +134,74 @@ def revoke(session: Session, message: Message, *, actor: Actor, meta: RequestMet
                  message_id=message.id)
 
 
-def resend(session: Session, message: Message, *, actor: Actor, meta: RequestMeta) -> str:
-    """Send a fresh link (the old ones are revoked); an expired message gets the default
-    lifetime again. Returns the new URL. Audited.
+def resend(session: Session, message: Message, *, actor: Actor, meta: RequestMeta,
+           extend: bool = True) -> str:
+    """Send a fresh link (the old ones are revoked). Returns the new URL. Audited.
 
-    Raises ServiceError for a revoked or destroyed message.
+    ``extend`` (staff resending, their own choice): an expired message gets the
+    default lifetime again. Without it (a patient's renewal) the availability
+    staff chose stays as it is, and the link expires with it. Raises
+    ServiceError for a revoked or destroyed message, and, without ``extend``,
+    for one whose availability has ended.
     """
     if message.revoked_at is not None or message.destroyed_at is not None:
         raise ServiceError("A revoked message cannot be sent again. Send a new message.")
+    if not extend and message.expires_at <= utcnow():
+        raise ServiceError("This message is no longer available. Contact the practice.")
     _revoke_links(session, message)
     notices.cancel_for_message(session, message.id)
-    message.expires_at = max(message.expires_at, expiry(None))
+    if extend:
+        message.expires_at = max(message.expires_at, expiry(None))
     url = issue_link(session, message, NoticeKind.PICKUP)
     audit.record(session, Action.MESSAGE_RESEND, actor=actor, meta=meta, target_type="message",
                  target_id=message.public_id, patient_id=message.recipient_id,
                  message_id=message.id)
     return url
+
+
+# Why a colleague acts on a message they did not send: a fixed list, never free text, so
+# the audit trail gains no room for PHI (ASVS V7.1.1). Keys are stored; labels are shown.
+COVER_REASONS: dict[str, str] = {
+    "sender_absent": "The sender is away or off shift",
+    "on_call": "I am on call for the sender's patients",
+    "sender_request": "The sender asked me to take this message over",
+    "patient_request": "The patient asked for help with this message",
+}
+
+
+def check_staff_access(session: Session, message: Message, staff: User, *, covering: bool,
+                       meta: RequestMeta) -> None:
+    """Let the message's sender, or a colleague covering for them, act on it; return None.
+
+    Object-level access for every per-message staff route (ASVS V4.2.1) until
+    care teams exist. Anyone else is audited (access.denied, reason not_sender)
+    and gets NotFound, so the refusal does not confirm that the message exists.
+    """
+    if staff.role == Role.STAFF and not staff.disabled and (
+            message.sender_id == staff.id or covering):
+        return
+    audit.record(session, Action.ACCESS_DENIED, actor=Actor(staff.id, staff.role), meta=meta,
+                 outcome=Outcome.DENIED, target_type="message", target_id=message.public_id,
+                 patient_id=message.recipient_id, message_id=message.id,
+                 details={"reason": "not_sender"})
+    raise NotFound("There is nothing here.")
+
+
+def cover(session: Session, message: Message, staff: User, *, reason: str,
+          meta: RequestMeta) -> None:
+    """Audit that ``staff`` acts on ``message`` for its sender (message.cover); return None.
+
+    Raises ServiceError for a reason outside COVER_REASONS and for anyone who is
+    not active staff. The caller decides how long the cover lasts (the web: the session).
+    """
+    if reason not in COVER_REASONS:
+        raise ServiceError("Choose why you are covering for the sender.")
+    if staff.role != Role.STAFF or staff.disabled:
+        raise ServiceError("Only staff can cover for a colleague.")
+    audit.record(session, Action.MESSAGE_COVER, actor=Actor(staff.id, staff.role), meta=meta,
+                 target_type="message", target_id=message.public_id,
+                 patient_id=message.recipient_id, message_id=message.id,
+                 details={"reason": reason, "sender_id": message.sender_id})
 
 
 @dataclass(frozen=True)
@@ -155,6 +223,7 @@ STATUS_ACTIONS = {
     Action.MESSAGE_RESEND: "New link sent",
     Action.AUTH_IDENTITY_VERIFY: "Identity check",
     Action.ACCESS_DENIED: "Access denied",
+    Action.MESSAGE_COVER: "A colleague covered for the sender",
 }
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from flask import current_app
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from portal.audit import Action
+from portal import audit
+from portal.audit import Action, Actor, RequestMeta
 from portal.crypto.errors import ContentDestroyed
 from portal.database import utcnow
-from portal.models import AuditEvent, Message, User
+from portal.models import AuditEvent, Message, Role, User
 from portal.services import messages, pdf
 from portal.services.pickup import Unavailable, display_name_of, message_state, read_or_unavailable
 
@@ -56,19 +58,37 @@ ACTION_TEXT = {
     Action.MESSAGE_REVOKE: "Withdrew the message", Action.MESSAGE_SHRED: "Deleted the message",
     Action.NOTICE_SENT: "Email notice sent", Action.NOTICE_FAILED: "Email notice failed",
     Action.USER_CREATE: "Created your account",
+    Action.PATIENT_HISTORY_VIEW: "Viewed this access history",
+    Action.MESSAGE_LIST: "Viewed the list of messages",
+    Action.PATIENT_LOOKUP: "Looked you up by email address",
+    Action.PATIENT_VIEW: "Opened your record to write to you",
+    Action.MESSAGE_COVER: "Acted on a message for a colleague who sent it",
 }
 
 
 ANONYMOUS = (Action.LINK_OPEN, Action.LINK_REISSUE)
+OTHER_PATIENT = "Another patient"
+
+
+def is_other_patient(patient: User, actor_id: int | None, actor_role: str | None) -> bool:
+    """Return True when the actor is a patient other than ``patient``.
+
+    A patient's history and disclosure record name the organisation's people
+    and roles, never another patient: no name, email or address (HIPAA
+    minimum necessary; DESIGN "Who may see what").
+    """
+    return actor_id is not None and actor_id != patient.id and actor_role == Role.PATIENT
 
 
 @dataclass(frozen=True)
 class HistoryRow:
-    """One access to the patient's data, as an auditor would see it."""
+    """One access to the patient's data: staff by name, role and organisation; other
+    patients only as :data:`OTHER_PATIENT`, without an address."""
 
     when: datetime
     who: str
     role: str
+    organisation: str
     what: str
     outcome: str
     item: str
@@ -82,18 +102,39 @@ def history(session: Session, user: User, limit: int = 500) -> list[HistoryRow]:
     rows = []
     for event in session.scalars(select(AuditEvent).where(AuditEvent.patient_id == user.id)
                                  .order_by(AuditEvent.seq.desc()).limit(limit)):
-        if event.actor_id not in names:
-            names[event.actor_id] = display_name_of(session, event.actor_id)
         if event.message_id not in items:
             items[event.message_id] = _item(session, event.message_id)
         what = ACTION_TEXT.get(Action(event.action), event.action)
-        who = names[event.actor_id]
-        if event.actor_id is None and event.action in ANONYMOUS:
-            who = "Someone with the link (not signed in)"
-        rows.append(HistoryRow(event.occurred_at, who,
-                               event.actor_role or "", what, event.outcome,
+        if is_other_patient(user, event.actor_id, event.actor_role):
+            rows.append(HistoryRow(event.occurred_at, OTHER_PATIENT, "", "", what,
+                                   event.outcome, items[event.message_id], ""))
+            continue
+        if event.actor_id not in names:
+            names[event.actor_id] = display_name_of(session, event.actor_id)
+        rows.append(HistoryRow(event.occurred_at, _who(event, names), event.actor_role or "",
+                               _organisation(event, user), what, event.outcome,
                                items[event.message_id], event.client_ip or ""))
     return rows
+
+
+def _who(event: AuditEvent, names: dict[int | None, str]) -> str:
+    if event.actor_id is None and event.action in ANONYMOUS:
+        return "Someone with the link (not signed in)"
+    return names[event.actor_id]
+
+
+def _organisation(event: AuditEvent, user: User) -> str:
+    """The organisation whose person acted (our staff, auditors, admins, the system)."""
+    if event.actor_id == user.id or (event.action in ANONYMOUS and event.actor_id is None):
+        return ""
+    return str(current_app.config["ORG_NAME"])
+
+
+def record_history_view(session: Session, user: User, rows: int, meta: RequestMeta) -> None:
+    """Audit that ``user`` read their own access history (it shows subjects and names: PHI)."""
+    audit.record(session, Action.PATIENT_HISTORY_VIEW, actor=Actor(user.id, user.role),
+                 meta=meta, target_type="user", target_id=user.public_id, patient_id=user.id,
+                 details={"count": rows})
 
 
 def _item(session: Session, message_id: int | None) -> str:

@@ -111,15 +111,19 @@ def renew(session: Session, token: str, meta: RequestMeta) -> bool:
     """Send a fresh link to the address on file when ``token`` is a real, expired link.
 
     Returns whether one was sent; the caller answers the same either way. The
-    old links stop (messaging.resend revokes them) and the expired message gets
-    the default lifetime again. Audited as link.reissue (and message.resend).
+    old links stop (messaging.resend revokes them). A renewal never extends
+    the message's availability past what staff chose when sending (itself at
+    most PORTAL_LINK_MAX_TTL): once the message has expired nothing is sent
+    (state "unavailable") and only staff can send it again. Audited as
+    link.reissue (and message.resend).
     """
     link = find_link(session, token)
     state = link_state(session, link) if link is not None else "unknown"
-    if link is not None and state == "expired":
-        message = session.get(Message, link.message_id)
-        assert message is not None
-        messaging.resend(session, message, actor=SYSTEM, meta=meta)
+    message = session.get(Message, link.message_id) if link is not None else None
+    if state == "expired" and message is not None and message_state(message) == "expired":
+        state = "unavailable"
+    if link is not None and message is not None and state == "expired":
+        messaging.resend(session, message, actor=SYSTEM, meta=meta, extend=False)
         link.reissued_at = utcnow()
     audit.record(session, Action.LINK_REISSUE, meta=meta,
                  outcome=Outcome.SUCCESS if state == "expired" else Outcome.DENIED,

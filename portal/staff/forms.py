@@ -7,6 +7,7 @@ from wtforms import (
     BooleanField,
     DateField,
     EmailField,
+    HiddenField,
     IntegerField,
     MultipleFileField,
     SelectField,
@@ -16,13 +17,14 @@ from wtforms import (
 from wtforms.fields.choices import SelectChoice
 from wtforms.validators import DataRequired, Length, NumberRange, Optional
 
+from portal.services.messaging import COVER_REASONS
+
 
 class FindPatientForm(FlaskForm):
-    """Look a patient up by email address."""
+    """Look a patient up by email address: a POST, so the address stays out of URLs (history,
+    proxy and server logs). ``intent`` tells it apart from the registration form."""
 
-    class Meta:
-        csrf = False  # a GET search changes nothing
-
+    intent = HiddenField(default="find")
     email = EmailField("Email", validators=[DataRequired("Enter the patient's email address."),
                                             Length(max=254)])
 
@@ -54,3 +56,13 @@ class ComposeForm(FlaskForm):
 
 class ActionForm(FlaskForm):
     """A button: revoke or resend."""
+
+
+class CoverForm(FlaskForm):
+    """Covering for a colleague: a reason from a fixed list (free text could carry PHI)."""
+
+    reason = SelectField(
+        "Why are you acting on a colleague's message?",
+        choices=[SelectChoice("", "Choose a reason"),
+                 *(SelectChoice(key, label) for key, label in COVER_REASONS.items())],
+        validators=[DataRequired("Choose why you are covering for the sender.")])

@@ -1,4 +1,8 @@
-"""Staff pages: find or register patients, compose, the sent list, status, revoke, resend."""
+"""Staff pages: find or register patients, compose, the sent list, status, revoke, resend.
+
+Every page that shows PHI (names, subjects) writes an audit event; per-message pages
+are for the sender, or a colleague covering for them (see portal.staff.access).
+"""
 
 from __future__ import annotations
 
@@ -19,17 +23,10 @@ from portal.services import accounts, messages, messaging
 from portal.services.errors import ServiceError
 from portal.services.messages import Upload
 from portal.services.signin import actor_of
-from portal.staff import forms
+from portal.staff import access, forms
 from portal.web.security import request_meta
 
 bp = Blueprint("staff", __name__, url_prefix="/staff")
-
-
-def _message(public_id: str) -> Message:
-    message = db.session.scalar(select(Message).where(Message.public_id == public_id))
-    if message is None or message.in_reply_to_id is not None:
-        abort(404)
-    return message
 
 
 def _patient(public_id: str | None) -> User:
@@ -50,34 +47,70 @@ def _safe_read(message: Message) -> messages.Readable | None:
 @bp.get("/")
 @roles(Role.STAFF)
 def index() -> ResponseReturnValue:
-    """The messages this member of staff sent, newest first, with their state."""
+    """The messages this member of staff sent, newest first, with their state.
+
+    Patients' names and subjects are PHI, so the listing is audited (message.list).
+    """
+    rows = _sent_rows()
+    audit.record(db.session, Action.MESSAGE_LIST, actor=actor_of(current_user),
+                 meta=request_meta(), details={"page": "staff_index", "count": len(rows)})
+    db.session.commit()
+    return render_template("staff/index.html", rows=rows)
+
+
+def _sent_rows() -> list[tuple[Message, str, str]]:
     rows = []
     for message in messaging.sent_by(db.session, current_user):
         patient = db.session.get(User, message.recipient_id)
         readable = _safe_read(message)
         rows.append((message, accounts.display_name(db.session, patient) if patient else "",
                      readable.subject if readable else "(deleted)"))
-    return render_template("staff/index.html", rows=rows)
+    return rows
 
 
-@bp.route("/patients", methods=["GET", "POST"])
+@bp.get("/patients")
 @roles(Role.STAFF)
 def patients() -> ResponseReturnValue:
-    """Find a patient by email, or register a new one."""
-    find = forms.FindPatientForm(request.args)
+    """The forms to find a patient by email or register one (no patient shown: no PHI)."""
+    return _patients_page()
+
+
+@bp.post("/patients")
+@roles(Role.STAFF)
+def patients_post() -> ResponseReturnValue:
+    """Find a patient (``intent=find``) or register one.
+
+    A POST, so the address travels in the body, never in a URL (browser history,
+    proxy and server logs); results link to the patient's opaque public id.
+    """
+    if request.form.get("intent") == "find":
+        return _find(forms.FindPatientForm())
     register = forms.RegisterPatientForm()
-    found = None
-    if request.args.get("email") and find.validate():
-        found = accounts.find_by_email(db.session, find.email.data or "")
-        found = found if found is not None and found.role == Role.PATIENT else None
-        if found is None:
-            flash("No patient has that email address. Register them below.", "info")
-            register.email.data = find.email.data
-    if register.validate_on_submit():
-        return _register(register)
-    name = accounts.display_name(db.session, found) if found else None
-    return render_template("staff/patients.html", find=find, register=register, found=found,
-                           found_name=name)
+    if not register.validate():
+        return _patients_page(register=register)
+    return _register(register)
+
+
+def _patients_page(find: forms.FindPatientForm | None = None,
+                   register: forms.RegisterPatientForm | None = None,
+                   found: User | None = None) -> ResponseReturnValue:
+    return render_template(
+        "staff/patients.html", find=find or forms.FindPatientForm(formdata=None),
+        register=register or forms.RegisterPatientForm(formdata=None), found=found,
+        found_name=accounts.display_name(db.session, found) if found else None)
+
+
+def _find(find: forms.FindPatientForm) -> ResponseReturnValue:
+    if not find.validate():
+        return _patients_page(find=find)
+    found = messaging.lookup_patient(db.session, find.email.data or "",
+                                     actor=actor_of(current_user), meta=request_meta())
+    db.session.commit()
+    register = forms.RegisterPatientForm(formdata=None)
+    if found is None:
+        flash("No patient has that email address. Register them below.", "info")
+        register.email.data = find.email.data
+    return _patients_page(find=find, register=register, found=found)
 
 
 def _register(form: forms.RegisterPatientForm) -> ResponseReturnValue:
@@ -89,8 +122,7 @@ def _register(form: forms.RegisterPatientForm) -> ResponseReturnValue:
     except ServiceError as refused:
         db.session.rollback()
         form.email.errors = list(refused.messages)
-        return render_template("staff/patients.html", find=forms.FindPatientForm(),
-                               register=form, found=None, found_name=None)
+        return _patients_page(register=form)
     db.session.commit()
     return render_template("staff/registered.html", patient=created.user,
                            access_code=created.access_code)
@@ -112,6 +144,15 @@ def compose() -> ResponseReturnValue:
             db.session.commit()
             flash("Message sent. The patient will get an email with a secure link.", "success")
             return redirect(url_for("staff.status", public_id=sent.message.public_id))
+    return _compose_page(form, patient)
+
+
+def _compose_page(form: forms.ComposeForm, patient: User) -> ResponseReturnValue:
+    # The page names the patient: a read of PHI, audited like any other (DESIGN.md invariants).
+    audit.record(db.session, Action.PATIENT_VIEW, actor=actor_of(current_user),
+                 meta=request_meta(), target_type="user", target_id=patient.public_id,
+                 patient_id=patient.id, details={"page": "staff_compose"})
+    db.session.commit()
     return render_template("staff/compose.html", form=form, patient=patient,
                            patient_name=accounts.display_name(db.session, patient))
 
@@ -128,9 +169,9 @@ def _send(form: forms.ComposeForm, patient: User) -> messaging.Sent:
 
 @bp.get("/messages/<public_id>")
 @roles(Role.STAFF)
-def status(public_id: str) -> ResponseReturnValue:
+@access.staff_message
+def status(message: Message) -> ResponseReturnValue:
     """A message's state: notices, first opened, downloads; revoke and resend."""
-    message = _message(public_id)
     readable = _safe_read(message)
     patient = db.session.get(User, message.recipient_id)
     audit.record(db.session, Action.MESSAGE_VIEW, actor=actor_of(current_user),
@@ -148,23 +189,24 @@ def status(public_id: str) -> ResponseReturnValue:
 
 @bp.post("/messages/<public_id>/revoke")
 @roles(Role.STAFF)
+@access.staff_message  # before fresh_auth: no password prompt for what they may not do
 @fresh_auth
-def revoke(public_id: str) -> ResponseReturnValue:
+def revoke(message: Message) -> ResponseReturnValue:
     """Stop the message and its links at once (re-authentication required)."""
-    return _act(public_id, messaging.revoke, "Message revoked. Its link no longer works.")
+    return _act(message, messaging.revoke, "Message revoked. Its link no longer works.")
 
 
 @bp.post("/messages/<public_id>/resend")
 @roles(Role.STAFF)
-def resend(public_id: str) -> ResponseReturnValue:
+@access.staff_message
+def resend(message: Message) -> ResponseReturnValue:
     """Send a fresh link; the old one stops working."""
-    return _act(public_id, messaging.resend, "A new link is on its way to the patient.")
+    return _act(message, messaging.resend, "A new link is on its way to the patient.")
 
 
-def _act(public_id: str, action: object, done: str) -> ResponseReturnValue:
+def _act(message: Message, action: object, done: str) -> ResponseReturnValue:
     if not forms.ActionForm().validate_on_submit():
         abort(400)
-    message = _message(public_id)
     try:
         action(db.session, message, actor=actor_of(current_user),  # type: ignore[operator]
                meta=request_meta())
@@ -174,4 +216,40 @@ def _act(public_id: str, action: object, done: str) -> ResponseReturnValue:
     else:
         db.session.commit()
         flash(done, "success")
-    return redirect(url_for("staff.status", public_id=public_id))
+    return redirect(url_for("staff.status", public_id=message.public_id))
+
+
+@bp.get("/messages/<public_id>/cover")
+@roles(Role.STAFF)
+def cover(public_id: str) -> ResponseReturnValue:
+    """Ask why this member of staff acts on a colleague's message.
+
+    Shows nothing of the message, and the same page whether or not it exists.
+    """
+    if not access.well_formed(public_id):
+        return access.nothing_here(public_id)
+    return render_template("staff/cover.html", form=forms.CoverForm(formdata=None),
+                           public_id=public_id)
+
+
+@bp.post("/messages/<public_id>/cover")
+@roles(Role.STAFF)
+def cover_post(public_id: str) -> ResponseReturnValue:
+    """Cover for the sender with a reason from the fixed list: audited, for this session."""
+    message = access.find_message(public_id)
+    if message is None:
+        return access.nothing_here(public_id)
+    form = forms.CoverForm()
+    if not form.validate():
+        return render_template("staff/cover.html", form=form, public_id=public_id), 400
+    if message.sender_id != current_user.id:
+        try:
+            messaging.cover(db.session, message, current_user, reason=form.reason.data or "",
+                            meta=request_meta())
+        except ServiceError as refused:
+            db.session.rollback()
+            form.reason.errors = list(refused.messages)
+            return render_template("staff/cover.html", form=form, public_id=public_id), 400
+        db.session.commit()
+        access.remember_cover(message.public_id)
+    return redirect(url_for("staff.status", public_id=message.public_id))

@@ -11,7 +11,7 @@ from flask import Flask
 from sqlalchemy import func, select
 
 from portal.audit import NO_REQUEST, SYSTEM
-from portal.database import utcnow
+from portal.database import travel, utcnow
 from portal.extensions import db
 from portal.models import (
     Attachment,
@@ -115,10 +115,27 @@ def pickup_notices(app: Flask) -> int:
             Notification.kind == "pickup")) or 0
 
 
+def expire_link_only(app: Flask, public_id: str) -> None:
+    """Let a message's links run out while the message itself is still available."""
+    with app.app_context():
+        message = db.session.scalar(select(Message).where(Message.public_id == public_id))
+        assert message is not None
+        for link in db.session.scalars(select(PickupLink).where(
+                PickupLink.message_id == message.id)):
+            link.expires_at = utcnow() - timedelta(minutes=1)
+        db.session.commit()
+
+
+def message_expiry(app: Flask, public_id: str) -> Any:
+    with app.app_context():
+        return db.session.scalar(select(Message.expires_at).where(
+            Message.public_id == public_id))
+
+
 def test_renew_answers_the_same_and_sends_only_for_a_real_expired_link(
         app: Flask, staff: Any, patient: User) -> None:
     expired, revoked = send(app), send(app)
-    expire(app, expired.public_id)
+    expire_link_only(app, expired.public_id)
     revoke(app, revoked.public_id)
     before = pickup_notices(app)
     browser = Browser(app)
@@ -139,6 +156,47 @@ def test_renew_answers_the_same_and_sends_only_for_a_real_expired_link(
                         ("revoked", "denied")]
     assert events(app, "message.resend")
     assert chain_ok(app)
+
+
+def test_renew_never_outlives_the_availability_staff_chose(
+        app: Flask, staff: Any, patient: User) -> None:
+    """Issue 10 item 20: a message sent for 2 hours is not made available for 7 days."""
+    sent = send(app, expires_in=timedelta(hours=2))
+    chosen = message_expiry(app, sent.public_id)
+    before = pickup_notices(app)
+    travel(timedelta(hours=3))
+    browser = Browser(app)
+    assert browser.get(sent.path).status_code == 404
+    answer = browser.submit(sent.path, {"intent": "renew"})
+    assert answer.status_code == 200
+    assert pickup_notices(app) == before  # nothing sent
+    assert message_expiry(app, sent.public_id) == chosen  # availability unchanged
+    assert f"contact {app.config['ORG_NAME']}" in answer.get_data(as_text=True)
+    assert browser.get(sent.path).status_code == 404
+    reissue = events(app, "link.reissue")[-1]
+    assert (json.loads(reissue.details)["state"], reissue.outcome) == ("unavailable", "denied")
+    assert events(app, "message.resend") == []
+    assert chain_ok(app)
+
+
+def test_renewed_link_expires_with_the_message_not_the_default(
+        app: Flask, staff: Any, patient: User) -> None:
+    """Issue 10 item 20: a renewal within the sender's window keeps the sender's end time."""
+    sent = send(app, expires_in=timedelta(hours=2))
+    chosen = message_expiry(app, sent.public_id)
+    expire_link_only(app, sent.public_id)
+    browser = Browser(app)
+    assert browser.submit(sent.path, {"intent": "renew"}).status_code == 200
+    assert message_expiry(app, sent.public_id) == chosen
+    with app.app_context():
+        message_id = db.session.scalar(select(Message.id).where(
+            Message.public_id == sent.public_id))
+        fresh = db.session.scalars(select(PickupLink).where(
+            PickupLink.message_id == message_id, PickupLink.revoked_at.is_(None))).all()
+    assert [link.expires_at for link in fresh] == [chosen]
+    assert browser.get(outbox_url(app, "pickup")).status_code == 200  # the new link works
+    travel(timedelta(hours=2, minutes=1))
+    assert browser.get(outbox_url(app, "pickup")).status_code == 404  # stops at the chosen end
 
 
 def test_renew_is_rate_limited_per_link(app: Flask, staff: Any, patient: User) -> None:

@@ -347,13 +347,76 @@ def test_history_lists_every_access(app: Flask, reader: tuple[Browser, SentMessa
     assert staff_browser.get("/history").status_code == 403  # patients only
     page = browser.get("/history").get_data(as_text=True)
     for expected in ("Read the message", "Downloaded an attachment", "Sent you a message",
-                     "Sam Staffer", "(staff)", "You", "127.0.0.1", SUBJECT):
+                     "Sam Staffer", "(staff, ", "You", "127.0.0.1", SUBJECT):
         assert expected in page, expected
     rows = re.findall(r"<tr>", page)[1:]  # after the header row
     with app.app_context():
         patient_id = db.session.scalar(select(User.id).where(User.email == "zq@example.org"))
         mine = db.session.scalars(select(AuditEvent).where(AuditEvent.patient_id == patient_id))
-        assert len(rows) == len(list(mine))
+        assert len(rows) + 1 == len(list(mine))  # + the audited view of this page
+    assert chain_ok(app)
+
+
+NOSY_NAME = "Ottoline Nosyparker-Snoop"
+NOSY_EMAIL = "ottoline.snoop@example.org"
+NOSY_IP = "198.51.100.77"
+NOSY_LEAKS = (NOSY_NAME, "Nosyparker", "Ottoline", NOSY_EMAIL, "ottoline.snoop", NOSY_IP)
+
+
+def _nosy_patient_denied(app: Flask, sent: SentMessage) -> None:
+    """A second, recognisable patient tries the first patient's message from their own address."""
+    _, secret = enrolled_patient(app, email=NOSY_EMAIL, name=NOSY_NAME)
+    nosy = signed_in(app, NOSY_EMAIL, secret)
+    refused = nosy.get(f"/messages/{sent.public_id}", environ_base={"REMOTE_ADDR": NOSY_IP})
+    assert refused.status_code == 404
+    denied = events(app, "access.denied")
+    assert [e.client_ip for e in denied] == [NOSY_IP]
+
+
+def test_history_never_names_another_patient(app: Flask,
+                                             reader: tuple[Browser, SentMessage]) -> None:
+    """Issue 10 item 4: other patients' attempts show without name, email or address."""
+    browser, sent = reader
+    _nosy_patient_denied(app, sent)
+    page = browser.get("/history").get_data(as_text=True)
+    assert not [leak for leak in NOSY_LEAKS if leak in page]
+    assert "Another patient" in page
+    assert "Was refused access" in page
+    assert f"(staff, {app.config['ORG_NAME']})" in page  # the organisation's people by name
+    assert "Sam Staffer" in page
+
+
+def test_disclosure_pdf_never_names_another_patient(app: Flask,
+                                                    reader: tuple[Browser, SentMessage]) -> None:
+    """Issue 10 item 4: the same rule in the patient's accounting of disclosures."""
+    browser, sent = reader
+    _nosy_patient_denied(app, sent)
+    today = utcnow().date().isoformat()
+    response = browser.submit("/history/disclosures.pdf", {"since": today, "until": today},
+                              form_page="/history")
+    assert response.mimetype == "application/pdf"
+    text_ = " ".join(p.extract_text() for p in PdfReader(io.BytesIO(response.data)).pages)
+    spaced, squeezed = " ".join(text_.split()), "".join(text_.split())
+    assert not [leak for leak in NOSY_LEAKS
+                if leak in spaced or leak.replace(" ", "") in squeezed]
+    assert "Another patient" in spaced
+    assert "access attempt denied" in spaced
+    assert "Sam Staffer" in spaced
+
+
+def test_history_view_is_audited(app: Flask, reader: tuple[Browser, SentMessage]) -> None:
+    """Issue 10 item 10: the history shows subjects and names (PHI), so each view is audited."""
+    browser, _ = reader
+    assert events(app, "patient.history.view") == []
+    assert browser.get("/history").status_code == 200
+    assert browser.get("/history").status_code == 200
+    viewed = events(app, "patient.history.view")
+    with app.app_context():
+        patient_id = db.session.scalar(select(User.id).where(User.email == "zq@example.org"))
+    assert len(viewed) == 2
+    assert {(e.actor_id, e.patient_id, e.client_ip) for e in viewed} == {
+        (patient_id, patient_id, "127.0.0.1")}
+    assert "Viewed this access history" in browser.get("/history").get_data(as_text=True)
     assert chain_ok(app)
 
 
@@ -416,7 +479,8 @@ def test_patient_downloads_own_disclosure_record(app: Flask) -> None:
     assert "Pat Ient" in " ".join(pdf_text.split())
     bad = browser.submit("/history/disclosures.pdf", {"since": today, "until": "2000-01-01"},
                          form_page="/history")
-    assert bad.location == "/history"
+    assert bad.status_code == 400  # the history page again, the error under "To (inclusive)"
+    assert "The last day is before the first." in bad.get_data(as_text=True)
     with app.app_context():
         assert db.session.query(AuditEvent).filter_by(action="audit.report").count() == 1
         assert db.session.query(AuditEvent).filter_by(action="message.list").count() == 1

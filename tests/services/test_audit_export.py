@@ -155,6 +155,23 @@ def test_fhir_bundle_validates_as_r4(app: Flask, trail: dict[str, Any]) -> None:
     assert by_action["key.rotate"]["action"] == "U"
 
 
+def test_fhir_patient_actor_is_only_a_patient_reference(app: Flask,
+                                                        trail: dict[str, Any]) -> None:
+    """Issue 10 item 9: a patient acting appears as Patient/<public id>, never by name."""
+    with app.app_context():
+        patient = db.session.get(User, trail["patient_id"])
+        record(db.session, Action.MESSAGE_VIEW, actor=patient, patient_id=patient.id)
+        db.session.commit()
+        text = joined(audit_export.export_fhir(db.session, AuditFilter(actor_id=patient.id)))
+    bundle = json.loads(text)
+    FhirBundle.model_validate(bundle)
+    agents = [e["resource"]["agent"][0] for e in bundle["entry"]]
+    assert agents
+    assert all(a["who"] == {"reference": f"Patient/{trail['patient']}"} for a in agents)
+    assert PATIENT_NAME not in text
+    assert "zq@example.org" not in text
+
+
 def test_fhir_empty_bundle_is_valid(app: Flask) -> None:
     with app.app_context():
         chunks = audit_export.export_fhir(db.session, AuditFilter(since=utcnow()))
@@ -210,8 +227,8 @@ def test_cli_export_to_private_file(app: Flask, trail: dict[str, Any], tmp_path:
         assert audit.verify(db.session).ok
 
 
-def test_cli_export_to_stdout_and_existing_file_mode_reset(app: Flask, trail: dict[str, Any],
-                                                           tmp_path: Path) -> None:
+def test_cli_export_to_stdout_and_existing_file_replaced_with_force(
+        app: Flask, trail: dict[str, Any], tmp_path: Path) -> None:
     env = {"PORTAL_DATABASE_URL": app.config["DATABASE_URL"]}
     result = CliRunner().invoke(cli.main, ["audit", "export", "--format", "json"], env=env)
     assert result.exit_code == 0, result.output
@@ -220,8 +237,8 @@ def test_cli_export_to_stdout_and_existing_file_mode_reset(app: Flask, trail: di
     target = tmp_path / "old.csv"
     target.write_text("old")
     os.chmod(target, 0o644)
-    again = CliRunner().invoke(cli.main, ["audit", "export", "--format", "csv", "-o",
-                                          str(target)], env=env)
+    again = CliRunner().invoke(cli.main, ["audit", "export", "--format", "csv", "--force",
+                                          "-o", str(target)], env=env)
     assert again.exit_code == 0, again.output
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     assert "old" not in target.read_text()
@@ -236,6 +253,22 @@ def test_cli_unknown_patient_exits_without_echoing_email(app: Flask, trail: dict
         assert result.exit_code == 1
         assert "portal: no patient with that email" in result.output
         assert email not in result.output
+    with app.app_context():
+        assert audit_query.count(db.session, AuditFilter(action="audit.export")) == 0
+
+
+@pytest.mark.parametrize("day", ["9999-12-31", "0001-01-01", "garbage",
+                                 "\u0662\u0660\u0662\u0664-01-01"])
+def test_cli_out_of_range_dates_export_nothing(app: Flask, trail: dict[str, Any],
+                                               day: str) -> None:
+    """Issue 10 item 8: --since/--until have the web's bounds; a refusal exports nothing."""
+    env = {"PORTAL_DATABASE_URL": app.config["DATABASE_URL"]}
+    for option in ("--since", "--until"):
+        result = CliRunner().invoke(cli.main, ["audit", "export", "--format", "csv",
+                                               option, day], env=env)
+        assert result.exit_code == 1
+        assert "enter a date as YYYY-MM-DD, between 2000-01-01 and 2100-12-31" in result.output
+        assert "seq,occurred_at" not in result.output
     with app.app_context():
         assert audit_query.count(db.session, AuditFilter(action="audit.export")) == 0
 

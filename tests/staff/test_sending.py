@@ -88,6 +88,7 @@ def test_send_with_pdfs(app: Flask, staff: tuple[Browser, str], patient: str) ->
 
 @pytest.mark.parametrize(("blob", "message"), [
     (b"Just some text, no PDF here", "is not a PDF file"),
+    (b"<html><script>alert(1)</script></html>\n" + MINIMAL_PDF, "is not a PDF file"),
     (MINIMAL_PDF[:40] + b"\x00garbage" * 10, "could not be read"),
     (b"%PDF-1.7\n" + b"\x89PNG junk" * 50, "could not be read"),
     ("encrypted", "password-protected"),
@@ -143,8 +144,9 @@ def test_register_patient_with_access_code_shown_once(app: Flask,
     with app.app_context():
         user = db.session.scalar(select(User).where(User.email == "ac@example.org"))
         assert code not in (user.profile.access_code_hash or "")
-    again = browser.get("/staff/patients?email=ac@example.org").get_data(as_text=True)
-    assert code not in again
+    again = browser.submit("/staff/patients", {"intent": "find", "email": "ac@example.org"})
+    assert "Ann Code" in again.get_data(as_text=True)
+    assert code not in again.get_data(as_text=True)
 
 
 @pytest.mark.parametrize(("fields", "error"), [
