@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from portal.database import utcnow
@@ -34,14 +34,19 @@ class Action(StrEnum):
 
     AUTH_SIGNIN = "auth.signin"
     AUTH_SIGNIN_FAILED = "auth.signin.failed"
+    AUTH_PASSWORD_OK = "auth.password.ok"
+    AUTH_CODE_REPLAY = "auth.code.replay"
     AUTH_LOCKOUT = "auth.lockout"
     AUTH_SIGNOUT = "auth.signout"
     AUTH_REAUTH = "auth.reauth"
     AUTH_MFA_ENROL = "auth.mfa.enrol"
+    AUTH_MFA_CHANGE_START = "auth.mfa.change.start"
+    AUTH_MFA_CHANGE = "auth.mfa.change"
     AUTH_RECOVERY_USED = "auth.recovery.used"
     AUTH_RECOVERY_REGENERATED = "auth.recovery.regenerated"
     AUTH_IDENTITY_VERIFY = "auth.identity.verify"
     AUTH_PASSWORD_SET = "auth.password.set"
+    AUTH_PASSWORD_CHANGE = "auth.password.change"
     AUTH_RESET_REQUEST = "auth.reset.request"
     AUTH_RESET = "auth.reset"
     AUTH_INVITE_ACCEPT = "auth.invite.accept"
@@ -49,6 +54,7 @@ class Action(StrEnum):
     USER_DISABLE = "user.disable"
     USER_ENABLE = "user.enable"
     USER_MFA_RESET = "user.mfa.reset"
+    USER_UNLOCK = "user.unlock"
     MESSAGE_SEND = "message.send"
     MESSAGE_LIST = "message.list"
     MESSAGE_VIEW = "message.view"
@@ -57,19 +63,27 @@ class Action(StrEnum):
     MESSAGE_REVOKE = "message.revoke"
     MESSAGE_RESEND = "message.resend"
     MESSAGE_SHRED = "message.shred"
+    MESSAGE_COVER = "message.cover"
+    PATIENT_LOOKUP = "patient.lookup"
+    PATIENT_VIEW = "patient.view"
+    PATIENT_HISTORY_VIEW = "patient.history.view"
     ATTACHMENT_DOWNLOAD = "attachment.download"
     ATTACHMENT_VIEW = "attachment.view"
     LINK_OPEN = "link.open"
     LINK_REISSUE = "link.reissue"
     ACCESS_DENIED = "access.denied"
+    CONTENT_TAMPERED = "content.tampered"
     NOTICE_SENT = "notice.sent"
     NOTICE_FAILED = "notice.failed"
     KEY_ROTATE = "key.rotate"
+    KEY_REWRAP_FAILED = "key.rewrap.failed"
     AUDIT_SEARCH = "audit.search"
     AUDIT_EXPORT = "audit.export"
     AUDIT_REPORT = "audit.report"
     AUDIT_VERIFY = "audit.verify"
     RETENTION_RUN = "retention.run"
+    BACKUP_CREATE = "backup.create"
+    BACKUP_RESTORE = "backup.restore"
 
 
 class Outcome(StrEnum):
@@ -213,13 +227,27 @@ VERIFY_COLUMNS = (
 )
 
 
-def _rows(session: Session, batch: int = 5000) -> Iterator[tuple[object, ...]]:
+def read_head(session: Session) -> tuple[int, str] | None:
+    """Return the committed head (seq, hash), read now (never from the identity map), or None.
+
+    Verification reads it first and walks only up to it: events that others
+    append meanwhile are past the head read, so they cannot look like a gap.
+    """
+    row = session.execute(select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1)).first()
+    return (int(row[0]), str(row[1])) if row is not None else None
+
+
+def _rows(session: Session, upto: int | None,
+          batch: int = 5000) -> Iterator[tuple[object, ...]]:
     connection = session.connection()
     stmt = select(*VERIFY_COLUMNS).order_by(AuditEvent.seq)
+    if upto is not None:
+        stmt = stmt.where(AuditEvent.seq <= upto)
     if connection.dialect.name == "postgresql":
         # A plain server-side cursor of the driver: SQLAlchemy's per-row processing costs
         # as much as the hash. timestamptz arrives timezone-aware; _timestamp makes it UTC.
-        sql = str(stmt.compile(dialect=connection.dialect))
+        sql = str(stmt.compile(dialect=connection.dialect,
+                               compile_kwargs={"literal_binds": True}))  # an int, ours
         driver = connection.connection.driver_connection
         with driver.cursor(name="audit_verify", binary=True) as cursor:  # type: ignore[union-attr]
             cursor.itersize = batch
@@ -235,20 +263,36 @@ def verify(session: Session) -> Verification:
     Finds an edited row (hash mismatch), a deleted row (gap in ``seq`` or a
     broken ``prev_hash``), a reordering (``prev_hash`` mismatch) and a trail
     cut short at its end (the head row counts further than the last event).
+    The head is read before the walk, and the walk stops there, so events
+    appended while it runs are left for the next verification.
     """
+    head = read_head(session)
+    if head is None:  # the migration creates the row; without it a cut end would pass
+        return Verification(False, 0, GENESIS_HASH, None, 1,
+                            "the audit head row is missing (deleted outside the chain)")
     expected_seq, prev, head_time = 1, GENESIS_HASH, None
-    for row in _rows(session):
+    for row in _rows(session, head[0]):
         # The common case inlined (this loop runs once per event); _check_row explains.
         if row[0] != expected_seq or row[14] != prev or _hash_fields(*row[:15]) != row[15]:
             problem = _check_row(row, expected_seq, prev) or "unreadable event"
             return Verification(False, expected_seq - 1, str(prev), _utc(head_time), int(row[0]),
                                 problem)
         expected_seq, prev, head_time = expected_seq + 1, row[15], row[1]
-    head = session.get(AuditHead, 1)
-    if head is not None and (head.seq != expected_seq - 1 or head.hash != prev):
+    if head != (expected_seq - 1, prev):
         return Verification(False, expected_seq - 1, str(prev), _utc(head_time), expected_seq,
                             "events are missing after the last one (the head counts further)")
+    if _past_head(session):
+        return Verification(False, expected_seq - 1, str(prev), _utc(head_time), expected_seq,
+                            "events lie past the head (not appended through the chain)")
     return Verification(True, expected_seq - 1, str(prev), _utc(head_time))
+
+
+def _past_head(session: Session) -> bool:
+    # The highest seq is read before the head: an append commits its event and its head
+    # update together, so one committing in between cannot make an honest event look past it.
+    last = session.scalar(select(func.max(AuditEvent.seq)))
+    head = read_head(session)
+    return last is not None and head is not None and int(last) > head[0]
 
 
 def _utc(moment: object) -> datetime | None:
@@ -301,15 +345,16 @@ def verify_parallel(session: Session, jobs: int) -> Verification:
     """Verify like :func:`verify`, splitting the trail into ``jobs`` seq ranges checked by
     separate processes, then checking the joins (each range must start with the hash the
     range before it ends with). PostgreSQL only; smaller trails and SQLite use verify()."""
-    head = session.get(AuditHead, 1)
+    head = read_head(session)  # first: the ranges end there, whatever is appended meanwhile
     url = session.get_bind().url.render_as_string(hide_password=False)
-    if (jobs < 2 or head is None or head.seq < PARALLEL_MIN_EVENTS
+    if (jobs < 2 or head is None or head[0] < PARALLEL_MIN_EVENTS
             or not url.startswith("postgresql")):
         return verify(session)
+    head_seq, head_hash = head
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    bounds = [1 + head.seq * i // jobs for i in range(jobs)] + [head.seq + 1]
+    bounds = [1 + head_seq * i // jobs for i in range(jobs)] + [head_seq + 1]
     work = [(_libpq_url(url), a, z) for a, z in itertools.pairwise(bounds)]
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
         parts = list(pool.map(_verify_range, work))
@@ -319,7 +364,7 @@ def verify_parallel(session: Session, jobs: int) -> Verification:
             # Something is wrong in or around this range: the serial walk names it exactly.
             return verify(session)
         prev, total = str(last_hash), total + count
-    if head.hash != prev or head.seq != total:
+    if head_hash != prev or head_seq != total or _past_head(session):
         return verify(session)
     return Verification(True, total, prev, _utc(session.scalar(
         select(AuditEvent.occurred_at).where(AuditEvent.seq == total))))

@@ -235,3 +235,89 @@ def test_parallel_verify_agrees_and_falls_back(app: Flask, monkeypatch: pytest.M
         broken = audit.verify_parallel(db.session, 3)
         assert not broken.ok
         assert broken.bad_seq == 27
+
+
+def _appenders(app: Flask, stop: threading.Event, errors: list[BaseException],
+               threads: int = 3) -> list[threading.Thread]:
+    """Threads that append (and commit) through the audit service until ``stop`` is set."""
+
+    def worker() -> None:
+        try:
+            with app.app_context():
+                while not stop.is_set():
+                    audit.record(db.session, Action.AUTH_SIGNIN, actor=STAFF)
+                    db.session.commit()
+        except BaseException as error:
+            errors.append(error)
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    return pool
+
+
+@pytest.mark.postgres_only
+@pytest.mark.parametrize("how", ["serial", "parallel"])
+def test_verify_is_intact_while_others_append(app: Flask, monkeypatch: pytest.MonkeyPatch,
+                                              how: str) -> None:
+    """Issue 10 item 19: the head is read first, so concurrent appends never look missing."""
+    monkeypatch.setattr(audit, "PARALLEL_MIN_EVENTS", 10)
+    with app.app_context():
+        append(3000)
+    stop, errors = threading.Event(), []
+    pool = _appenders(app, stop, errors)
+    try:
+        with app.app_context():
+            results = []
+            for _ in range(8):
+                results.append(audit.verify(db.session) if how == "serial"
+                               else audit.verify_parallel(db.session, 2))
+                db.session.rollback()
+    finally:
+        stop.set()
+        for thread in pool:
+            thread.join()
+    assert errors == []
+    assert [(r.ok, r.problem) for r in results] == [(True, None)] * len(results)
+    assert results[-1].count > 3000  # the appenders really ran during the walks
+
+
+def test_events_past_the_head_are_found(app: Flask, backend: str) -> None:
+    with app.app_context():
+        append(3)
+        tamper(db.session, backend, "UPDATE audit_head SET seq = 2, hash = "
+               "(SELECT hash FROM audit_events WHERE seq = 2)")
+        result = audit.verify(db.session)
+        assert not result.ok
+        assert result.bad_seq == 3
+
+
+def test_a_deleted_head_row_is_found(app: Flask, backend: str) -> None:
+    """Without the head row a cut end would pass unnoticed: its absence is itself a break."""
+    with app.app_context():
+        append(3)
+        tamper(db.session, backend, "DELETE FROM audit_events WHERE seq = 3")
+        tamper(db.session, backend, "DELETE FROM audit_head")
+        result = audit.verify(db.session)
+        assert not result.ok
+        assert "head row is missing" in (result.problem or "")
+
+
+def test_cli_verify_says_unanchored_without_a_noted_head(app: Flask) -> None:
+    """Issue 10 item 18: an intact chain without --from-head cannot rule out a cut end."""
+    from click.testing import CliRunner
+
+    from portal import cli
+
+    with app.app_context():
+        append(2)
+        head = audit.verify(db.session).head_hash
+    runner, env = CliRunner(), {"PORTAL_DATABASE_URL": app.config["DATABASE_URL"]}
+    plain = runner.invoke(cli.main, ["audit", "verify"], env=env)
+    assert plain.exit_code == 0, plain.output
+    assert "unanchored" in plain.output
+    assert "--from-head" in plain.output
+    pinned = runner.invoke(cli.main, ["audit", "verify", "--from-head", head], env=env)
+    assert pinned.exit_code == 0, pinned.output
+    assert "unanchored" not in pinned.output
+    assert f"anchored: the noted head {head[:12]}" in pinned.output

@@ -34,6 +34,13 @@ UNKNOWN_NAME = "(unknown)"  # an id no user row carries
 USER_CACHE_SIZE = 10_000  # bounds memory of a long export; one entry per distinct user
 _ACTION_FILTER = re.compile(r"[a-z][a-z_]*(\.[a-z_]+)*\.?")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_DIGITS = re.compile(r"[0-9]{1,19}")  # ASCII only: int() would also take "١٢" and "1_0"
+# Dates an auditor or a patient may type. The trail cannot hold events outside them, and
+# the bounds keep day arithmetic (until + 1 day) and the database far from their limits.
+EARLIEST_DAY = date(2000, 1, 1)
+LATEST_DAY = date(2100, 12, 31)
+DAY_RANGE_HINT = f"between {EARLIEST_DAY.isoformat()} and {LATEST_DAY.isoformat()}"
+MAX_SEQ = 2**63 - 1  # BIGINT: a larger number would be a database error, not "no events"
 
 EVENT_COLUMNS = (
     AuditEvent.seq, AuditEvent.occurred_at, AuditEvent.actor_id, AuditEvent.actor_role,
@@ -83,25 +90,42 @@ def _short_time(moment: datetime) -> str:
 def parse_time(raw: str, label: str) -> datetime:
     """Return ``raw`` (``YYYY-MM-DD`` = midnight UTC, or ISO 8601) as aware UTC.
 
-    A time without an offset is taken as UTC. Raises ServiceError naming ``label``.
+    A time without an offset is taken as UTC. Raises ServiceError naming
+    ``label`` when it does not parse or lies outside EARLIEST_DAY..LATEST_DAY.
     """
+    refused = ServiceError(f"{label}: enter a date as YYYY-MM-DD, {DAY_RANGE_HINT}.")
     try:
+        if not raw.isascii():
+            raise ValueError(raw)
         if len(raw) == 10:
-            return datetime.combine(date.fromisoformat(raw), time(0), UTC)
-        moment = datetime.fromisoformat(raw)
-    except ValueError:
-        raise ServiceError(f"{label}: enter a date as YYYY-MM-DD.") from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+            moment = datetime.combine(date.fromisoformat(raw), time(0), UTC)
+        else:
+            moment = datetime.fromisoformat(raw)
+        if not EARLIEST_DAY <= moment.date() <= LATEST_DAY:
+            raise ValueError(raw)
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise refused from None
+
+
+def parse_seq(raw: str | None, label: str) -> int | None:
+    """Return ``raw`` (ASCII digits, 1..MAX_SEQ) as an event number, None when blank.
+
+    Raises ServiceError naming ``label`` for anything else (signs, other digits, too large).
+    """
+    if raw is None or raw == "":
+        return None
+    if not _DIGITS.fullmatch(raw) or not 1 <= int(raw) <= MAX_SEQ:
+        raise ServiceError(f"{label}: enter a whole number from 1 to {MAX_SEQ}.")
+    return int(raw)
 
 
 def _opt_int(raw: int | str | None, label: str, problems: list[str]) -> int | None:
     if raw is None or raw == "":
         return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
+    value = int(raw) if isinstance(raw, int) else (
+        int(raw) if _DIGITS.fullmatch(raw) else 0)
+    if not 1 <= value <= MAX_SEQ:
         problems.append(f"{label}: enter a positive whole number.")
         return None
     return value

@@ -21,9 +21,9 @@ from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from portal import audit
-from portal.audit import Action, Actor, RequestMeta
+from portal.audit import Action, Actor, Outcome, RequestMeta
 from portal.database import utcnow
-from portal.models import Attachment, Message
+from portal.models import Attachment, AuditEvent, Message
 from portal.services import keys
 from portal.storage import FilesystemBlobStore, read_decrypted
 
@@ -103,6 +103,33 @@ def open_attachment(session: Session, attachment: Attachment) -> Iterator[bytes]
     """
     key = keys.unwrap(session, attachment.message.data_key_id)
     return read_decrypted(blob_store(), key, attachment.blob_id, attachment.public_id)
+
+
+def record_tampered(session: Session, *, actor: Actor, meta: RequestMeta, stage: str,
+                    message_public_id: str | None = None,
+                    attachment_public_id: str | None = None) -> AuditEvent:
+    """Audit content that failed authentication (content.tampered, high severity); return it.
+
+    Ids name the message and attachment only when they exist (a URL can say
+    anything). ``stage`` says whether the response had begun ("mid_stream").
+    Logs at CRITICAL with ids only, for alerting (ASVS 7.2.2, 6.4.2: integrity
+    failures of protected data are security events). Raises nothing of ours.
+    """
+    message = (session.scalar(select(Message).where(Message.public_id == message_public_id))
+               if message_public_id else None)
+    attachment = next((a for a in message.attachments
+                       if a.public_id == attachment_public_id), None) if message else None
+    target_type, target = ("attachment", attachment) if attachment else ("message", message)
+    event = audit.record(
+        session, Action.CONTENT_TAMPERED, actor=actor, meta=meta, outcome=Outcome.FAILURE,
+        target_type=target_type if target else None, target_id=target.public_id if target else None,
+        patient_id=message.recipient_id if message else None,
+        message_id=message.id if message else None, details={"severity": "high", "stage": stage})
+    log.critical("content failed its integrity check", extra={
+        "event": "content_tampered", "audit_seq": event.seq, "stage": stage,
+        "target_type": event.target_type, "target_id": event.target_id,
+        "message_id": event.message_id, "actor_id": actor.id})
+    return event
 
 
 def shred(session: Session, message: Message, *, actor: Actor, meta: RequestMeta) -> None:

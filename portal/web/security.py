@@ -7,12 +7,14 @@ import re
 import secrets
 import time
 
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, Response, abort, current_app, g, request
 
 from portal.audit import RequestMeta
 
 log = logging.getLogger("portal.request")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # never stored: NUL breaks PostgreSQL text, the rest logs
+_MAX_AGENT = 256  # the audit column's width
 
 # No inline script and no third-party origin (DESIGN.md: self-hosted static).
 CSP = "; ".join((
@@ -31,6 +33,7 @@ CSP = "; ".join((
 def init_app(app: Flask) -> None:
     """Register the before/after request hooks on ``app``."""
     app.before_request(_start)
+    app.before_request(_refuse_nul)
     app.after_request(_headers)
     app.after_request(_log)
 
@@ -41,10 +44,21 @@ def _start() -> None:
     g.started = time.perf_counter()
 
 
+def _refuse_nul() -> None:
+    # No text a user types may carry NUL: PostgreSQL text cannot hold it (a query with one
+    # fails as a DataError, a 500) and nothing legitimate sends it. Checked once here for the
+    # path, the query string and urlencoded forms (multipart bodies are parsed by their views).
+    fields = [request.path, *request.args.keys(), *request.args.values()]
+    if request.mimetype == "application/x-www-form-urlencoded":
+        fields += [*request.form.keys(), *request.form.values()]
+    if any("\x00" in field for field in fields):
+        abort(400)
+
+
 def request_meta() -> RequestMeta:
     """Return the current request's address, user agent and id for services and the audit trail."""
-    return RequestMeta(client_ip=request.remote_addr,
-                       user_agent=(request.user_agent.string or None),
+    agent = _CONTROL.sub("", request.user_agent.string or "")[:_MAX_AGENT]
+    return RequestMeta(client_ip=request.remote_addr, user_agent=agent or None,
                        request_id=g.get("request_id"))
 
 

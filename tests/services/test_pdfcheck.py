@@ -15,7 +15,7 @@ from pypdf.generic import DecodedStreamObject
 
 from portal.services.errors import ServiceError
 from portal.services.messages import Upload
-from portal.services.pdfcheck import MAGIC_WINDOW, sniff_size, validate_pdf
+from portal.services.pdfcheck import sniff_size, validate_pdf
 from tests.factories import MINIMAL_PDF
 
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x02\x00\x00\x00"
@@ -96,15 +96,23 @@ def test_real_multipage_pdf_passes(multipage_pdf: bytes) -> None:
     assert check(multipage_pdf).tell() == 0
 
 
-def test_leading_junk_within_first_kib_is_allowed() -> None:
-    assert check(b"\x00" * 200 + MINIMAL_PDF).tell() == 0
+HTML_POLYGLOT = b"<html><body><script>alert(document.cookie)</script></body></html>\n"
+
+
+@pytest.mark.parametrize("prefix", [b"\x00" * 200, b" ", HTML_POLYGLOT],
+                         ids=["nul", "space", "html"])
+def test_header_must_be_at_offset_zero(prefix: bytes) -> None:
+    """Issue 10 item 14: readers tolerate junk before %PDF-; a polyglot must not pass."""
+    message, stream = refusal(prefix + MINIMAL_PDF)
+    assert message == NOT_A_PDF
+    assert stream.tell() == 0
 
 
 @pytest.mark.parametrize(("data", "why"), [
     (b"Dear patient,\nyour results are normal.\n", "text"),
     (PNG, "png"),
     (b"", "empty"),
-    (b" " * MAGIC_WINDOW + MINIMAL_PDF, "header after the first KiB"),
+    (b" " * 1024 + MINIMAL_PDF, "header after the first KiB"),
     (b"%PD", "shorter than the magic"),
 ])
 def test_not_a_pdf(data: bytes, why: str) -> None:
@@ -159,7 +167,7 @@ def test_parser_messages_never_reach_the_user() -> None:
 def test_pypdf_warnings_quoting_content_stay_out_of_the_logs(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    check(b"Xylophonoma " + MINIMAL_PDF)  # pypdf would warn "invalid pdf header: b'Xylop'"
+    refusal(b"Xylophonoma " + MINIMAL_PDF)  # refused before pypdf could quote its header
     refusal(b"%PDF-1.4 Xylophonoma")
     assert not [r for r in caplog.records if r.name.startswith("pypdf")]
     assert "Xylophonoma" not in caplog.text
