@@ -29,7 +29,12 @@ import click
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from notifier.tlscert import DEFAULT_HOSTNAMES, generate_self_signed, write_private_file
+from notifier.tlscert import (
+    DEFAULT_HOSTNAMES,
+    generate_self_signed,
+    write_private_file,
+    write_public_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +220,7 @@ class MailSink:
             context, self.cert_pem = _server_tls_context(self._hostnames)
             if self.cert_file is not None:
                 self.cert_file.parent.mkdir(parents=True, exist_ok=True)
-                self.cert_file.write_bytes(self.cert_pem)
+                write_public_file(self.cert_file, self.cert_pem)
         controller = _SinkController(
             self.handler,
             hostname=BIND_ADDRESS,

@@ -19,10 +19,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from portal.files import open_output
+
 DEFAULT_HOSTNAMES: tuple[str, ...] = ("localhost", "127.0.0.1")
 DEFAULT_VALIDITY_DAYS = 30
 CLOCK_SKEW = dt.timedelta(minutes=5)  # tolerate a client clock slightly behind ours
 KEY_FILE_MODE = 0o600
+CERT_FILE_MODE = 0o644  # a certificate is public; only its key is private
 
 
 def _general_name(hostname: str) -> x509.GeneralName:
@@ -101,10 +104,12 @@ def generate_self_signed(
 
 
 def write_private_file(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` readable by the owner only (mode 0600), replacing it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, KEY_FILE_MODE)
-    with os.fdopen(fd, "wb") as handle:
-        os.fchmod(handle.fileno(), KEY_FILE_MODE)  # O_CREAT's mode is ignored for an old file
+    """Write ``data`` to ``path`` as a new file readable by the owner only (mode 0600).
+
+    A file already there is replaced (a link too, not what it points to); a FIFO
+    or device is written as it is, its mode untouched (portal.files).
+    """
+    with open_output(path, replace=True, mode=KEY_FILE_MODE) as handle:
         handle.write(data)
 
 
@@ -121,5 +126,15 @@ def write_cert_files(
     for path in (cert_path, key_path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_private_file(key_path, key_pem)
-    Path(cert_path).write_bytes(cert_pem)
+    write_public_file(cert_path, cert_pem)
     return cert_pem
+
+
+def write_public_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` (a certificate) to ``path`` as a new mode-0644 file, as a whole.
+
+    Replaces a file or link already there without following it; readers never
+    see a half-written certificate.
+    """
+    with open_output(path, replace=True, mode=CERT_FILE_MODE) as handle:
+        handle.write(data)

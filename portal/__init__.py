@@ -42,6 +42,11 @@ def _harden(app: Flask) -> None:
         PREFERRED_URL_SCHEME="https" if https else "http",
         MAX_CONTENT_LENGTH=app.config["MAX_UPLOAD"] + 1024 * 1024,
         WTF_CSRF_TIME_LIMIT=None,
+        # Flask-WTF's HTTPS Referer check cannot work here: Referrer-Policy is no-referrer
+        # (tokens in URLs), so browsers send no Referer and Origin: null, and every form
+        # behind TLS would fail. The session-bound token, SameSite=Lax and the __Host-
+        # cookie prefix (no subdomain can plant the cookie) carry CSRF defence (ASVS 4.2.2).
+        WTF_CSRF_SSL_STRICT=False,
     )
 
 

@@ -66,6 +66,12 @@ def db_upgrade(app: Flask) -> None:
     click.echo(f"database at revision {schema_state(database.engine)[0]}")
 
 
+# Without a noted head, deleting the newest events and rewinding the head row leaves a chain
+# that verifies: only a head kept off this system shows the cut.
+UNANCHORED = ("unanchored: events cut from the newest end would not show; note the head above "
+              "off this system and pass it with --from-head next time")
+
+
 @main.group()
 def audit() -> None:
     """The audit trail."""
@@ -93,6 +99,8 @@ def audit_verify(app: Flask, from_head: str | None, jobs: int) -> None:
     if result.ok:
         when = result.head_time.isoformat() if result.head_time else "-"
         click.echo(f"audit trail intact: {result.count} events, head {result.head_hash} at {when}")
+        click.echo(f"anchored: the noted head {from_head.strip()[:12]} is in the trail"
+                   if from_head is not None else UNANCHORED)
         return
     where = f" at event {result.bad_seq}" if result.bad_seq is not None else ""
     click.echo(f"audit trail BROKEN{where}: {result.problem} "
@@ -103,18 +111,37 @@ def audit_verify(app: Flask, from_head: str | None, jobs: int) -> None:
 @main.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5000, show_default=True, type=int)
-@click.option("--workers", default=2, show_default=True, type=int)
-def serve(host: str, port: int, workers: int) -> None:
+@click.option("--workers", default=None, type=click.IntRange(1, 64),
+              help="Worker processes [default: 2 with PORTAL_REDIS_URL, else 1].")
+def serve(host: str, port: int, workers: int | None) -> None:
     """Run the portal under gunicorn (production WSGI server)."""
-    make_app()  # fail fast, with the one-line settings error, before forking workers
-    from portal.server import run_gunicorn
+    app = make_app()  # fail fast, with the one-line settings error, before forking workers
+    shared = bool(app.config["REDIS_URL"])
+    workers = workers or (2 if shared else 1)
+    if workers > 1 and not shared:
+        # In-memory rate-limit counters live in each process: N workers would allow N times
+        # the attempts (ASVS 2.2.1). Redis shares them.
+        click.echo(f"portal: configuration error: --workers {workers} needs PORTAL_REDIS_URL "
+                   "(rate limits are counted per process without it); set PORTAL_REDIS_URL "
+                   "or run one worker", err=True)
+        sys.exit(2)
+    from portal.server import gunicorn_trusted, run_gunicorn
 
-    run_gunicorn(host, port, workers)
+    run_gunicorn(host, port, workers,
+                 forwarded_allow_ips=gunicorn_trusted(app.config["TRUSTED_PROXIES"]))
 
 
 def _load_commands() -> None:
     # Command modules attach themselves to ``main`` on import.
-    from portal.commands import audit_export, demo, keys, messages, retention, users  # noqa: F401
+    from portal.commands import (  # noqa: F401
+        audit_export,
+        backup,
+        demo,
+        keys,
+        messages,
+        retention,
+        users,
+    )
 
 
 _load_commands()

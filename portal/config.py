@@ -6,6 +6,8 @@ setting (and never echoes a secret's value).
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import re
 import secrets
@@ -20,6 +22,8 @@ from sqlalchemy.exc import ArgumentError
 
 SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 MIB = 1024 * 1024
+MAX_PROXY_HOPS = 10
+ProxyNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(Exception):
@@ -110,6 +114,33 @@ def _text(_name: str, raw: str) -> str:
     return raw
 
 
+def _secret_key(name: str, raw: str) -> str:
+    # An empty or blank secret would sign sessions with nothing (ASVS 3.5.2, 6.4.1).
+    if not raw.strip():
+        raise ConfigError(f"{name}: is empty; set a long random value, or unset it to use "
+                          "the generated instance/secret_key")
+    return raw
+
+
+def _trusted_proxies(name: str, raw: str) -> int | tuple[ProxyNetwork, ...]:
+    """Return a hop count (``"2"``) or the proxies' networks (``"10.0.0.1, 10.1.0.0/16"``)."""
+    value = raw.strip()
+    message = (f"{name}: expected a number of proxy hops (0 to {MAX_PROXY_HOPS}) or proxy "
+               "addresses and networks separated by commas, such as 10.0.0.1, 10.1.0.0/16")
+    if value.isascii() and value.isdigit():
+        if int(value) > MAX_PROXY_HOPS:
+            raise ConfigError(message)
+        return int(value)
+    try:
+        networks = tuple(ipaddress.ip_network(part) for part in re.split(r"[,\s]+", value)
+                         if part)
+    except ValueError:
+        raise ConfigError(message) from None
+    if not networks or any(network.prefixlen == 0 for network in networks):
+        raise ConfigError(message)  # trusting every address would let anyone spoof theirs
+    return networks
+
+
 @dataclass(frozen=True)
 class Setting:
     """One ``PORTAL_*`` environment variable and the Flask config key it fills."""
@@ -119,6 +150,7 @@ class Setting:
     parse: Any
     default: Any
     help: str
+    empty_is_unset: bool = True
 
 
 def _port(name: str, raw: str) -> int:
@@ -136,8 +168,9 @@ def _bool(name: str, raw: str) -> bool:
 SETTINGS: tuple[Setting, ...] = (
     Setting("PORTAL_DATABASE_URL", "DATABASE_URL", _parse_database_url, None,
             "Database URL; default SQLite in the instance folder"),
-    Setting("PORTAL_SECRET_KEY", "SECRET_KEY", _text, None,
-            "Session signing secret; default generated once in instance/secret_key"),
+    Setting("PORTAL_SECRET_KEY", "SECRET_KEY", _secret_key, None,
+            "Session signing secret; default generated once in instance/secret_key",
+            empty_is_unset=False),
     Setting("PORTAL_KEYRING", "KEYRING_PATH", _readable_file, None,
             "Key-encryption keyring file; default generated once in instance/keyring.json"),
     Setting("PORTAL_BLOB_DIR", "BLOB_DIR", _text, None,
@@ -161,6 +194,9 @@ SETTINGS: tuple[Setting, ...] = (
             "How patients reach support (shown in notices)"),
     Setting("PORTAL_REDIS_URL", "REDIS_URL", _parse_redis_url, None,
             "Redis for rate limits across processes; default in-process memory"),
+    Setting("PORTAL_TRUSTED_PROXIES", "TRUSTED_PROXIES", _trusted_proxies, 0,
+            "Reverse proxies whose X-Forwarded-For/-Proto/-Host are believed: a hop count, "
+            "or their addresses/CIDRs; default none"),
     Setting("PORTAL_LINK_TTL", "LINK_TTL", parse_duration, 7 * 86400,
             "Default lifetime of a pickup link"),
     Setting("PORTAL_LINK_MAX_TTL", "LINK_MAX_TTL", parse_duration, 30 * 86400,
@@ -197,19 +233,35 @@ def instance_dir(environ: Mapping[str, str]) -> Path:
 def secret_file(path: Path, nbytes: int = 32) -> str:
     """Return the secret stored in ``path``, creating it once with mode 0600.
 
-    The file is created with O_EXCL so two processes starting together agree on
-    one secret; the loser reads the winner's file.
+    A new secret is written whole to a private temporary file, then hard-linked
+    into place; the link fails if another process got there first. So processes
+    starting together all read one complete secret, never an empty or half-written
+    file. Raises ConfigError when the file is unreadable or empty.
     """
+    if not path.exists():
+        _publish_secret(path, secrets.token_urlsafe(nbytes))
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    value = secrets.token_urlsafe(nbytes)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(value + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+        value = path.read_text().strip()
+    except OSError as error:
+        raise ConfigError(f"PORTAL_SECRET_KEY: cannot read {path}: {error.strerror}") from None
+    if not value:
+        raise ConfigError(f"PORTAL_SECRET_KEY: {path} is empty; delete it to generate a new "
+                          "secret (signs everyone out) or set PORTAL_SECRET_KEY")
     return value
+
+
+def _publish_secret(path: Path, value: str) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(value + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        with contextlib.suppress(FileExistsError):  # another process won: keep its secret
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load(environ: Mapping[str, str] | None = None,
@@ -223,10 +275,13 @@ def load(environ: Mapping[str, str] | None = None,
     config: dict[str, Any] = {"INSTANCE_DIR": str(folder)}
     for setting in SETTINGS:
         raw = environ.get(setting.env)
-        config[setting.key] = setting.default if raw in (None, "") else setting.parse(
-            setting.env, raw)
+        unset = raw is None or (raw == "" and setting.empty_is_unset)
+        config[setting.key] = setting.default if unset else setting.parse(setting.env, raw)
     config.update(overrides or {})
     _fill_embedded_defaults(config, folder)
+    secret = config["SECRET_KEY"]
+    if not isinstance(secret, str | bytes) or not secret.strip():
+        raise ConfigError("SECRET_KEY: is empty; the portal will not sign sessions without one")
     return config
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+
+from portal.config import ProxyNetwork
 
 
 class _Gunicorn(BaseApplication):  # type: ignore[misc]
@@ -22,8 +25,13 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         return app
 
 
-def run_gunicorn(host: str, port: int, workers: int = 2, threads: int = 4) -> None:
-    """Serve ``portal.wsgi:app`` on host:port until interrupted."""
+def run_gunicorn(host: str, port: int, workers: int = 2, threads: int = 4,
+                 forwarded_allow_ips: str = "") -> None:
+    """Serve ``portal.wsgi:app`` on host:port until interrupted.
+
+    ``forwarded_allow_ips`` (see :func:`gunicorn_trusted`) are the peers whose
+    X-Forwarded-Proto gunicorn itself believes; default none.
+    """
     _Gunicorn({
         "bind": f"{host}:{port}",
         "workers": workers,
@@ -32,5 +40,16 @@ def run_gunicorn(host: str, port: int, workers: int = 2, threads: int = 4) -> No
         "accesslog": None,
         "errorlog": "-",
         "timeout": 120,
-        "forwarded_allow_ips": "127.0.0.1",
+        "forwarded_allow_ips": forwarded_allow_ips,
     }).run()
+
+
+def gunicorn_trusted(trusted: int | Sequence[ProxyNetwork]) -> str:
+    """Return gunicorn's ``forwarded_allow_ips`` for PORTAL_TRUSTED_PROXIES, so both agree.
+
+    A hop count trusts whatever peer connects ("*"); addresses trust those only;
+    none trusts nobody (a local user could otherwise claim https).
+    """
+    if isinstance(trusted, int):
+        return "*" if trusted else ""
+    return ",".join(str(network) for network in trusted)

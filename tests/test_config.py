@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
+import multiprocessing
+import os
+import secrets
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,3 +90,95 @@ def test_cli_stops_with_one_line(instance: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "portal: configuration error: PORTAL_SMTP_TLS: expected starttls or implicit"]
+
+
+def _first_start(folder: str, barrier: Any, results: Any) -> None:
+    """One process starting on a fresh instance: slow entropy widens any race window."""
+    real = secrets.token_urlsafe
+
+    def slow(nbytes: int) -> str:
+        time.sleep(0.2)
+        return real(nbytes)
+
+    secrets.token_urlsafe = slow  # this child process only
+    barrier.wait()
+    try:
+        results.put(config.load({"PORTAL_INSTANCE_DIR": folder})["SECRET_KEY"])
+    except ConfigError as error:
+        results.put(f"error: {error}")
+
+
+def test_concurrent_first_starts_agree_on_one_secret(instance: Path) -> None:
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(6), context.Queue()
+    workers = [context.Process(target=_first_start, args=(str(instance), barrier, results))
+               for _ in range(6)]
+    for worker in workers:
+        worker.start()
+    keys = [results.get(timeout=60) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=30)
+    assert len(set(keys)) == 1, keys
+    assert len(keys[0]) >= 40
+    assert (instance / "secret_key").read_text().strip() == keys[0]
+    assert stat.S_IMODE((instance / "secret_key").stat().st_mode) == 0o600
+    assert os.listdir(instance) == ["secret_key"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("value", ["", "   ", "\t"])
+def test_empty_secret_key_setting_is_refused(instance: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match=r"^PORTAL_SECRET_KEY: is empty"):
+        config.load({"PORTAL_INSTANCE_DIR": str(instance), "PORTAL_SECRET_KEY": value})
+    assert not (instance / "secret_key").exists()
+
+
+def test_empty_secret_key_file_is_refused(instance: Path) -> None:
+    instance.mkdir(parents=True)
+    (instance / "secret_key").write_text("\n")
+    with pytest.raises(ConfigError, match=r"^PORTAL_SECRET_KEY: .*secret_key is empty") as raised:
+        config.load({"PORTAL_INSTANCE_DIR": str(instance)})
+    assert "\n" not in str(raised.value)
+    assert (instance / "secret_key").read_text() == "\n"  # left for the operator to see
+
+
+@pytest.mark.parametrize("secret", ["", "  ", b""])
+def test_app_refuses_an_empty_secret(instance: Path, secret: str | bytes) -> None:
+    from portal import create_app
+
+    instance.mkdir(parents=True)
+    (instance / "secret_key").write_text("")  # so the embedded default cannot fill it in
+    with pytest.raises(ConfigError, match="SECRET_KEY"):
+        create_app({"SECRET_KEY": secret, "TESTING": True})
+
+
+def test_cli_refuses_an_empty_secret_key_with_one_line(instance: Path) -> None:
+    env = {"PORTAL_INSTANCE_DIR": str(instance), "PORTAL_SECRET_KEY": "", "PATH": "/usr/bin"}
+    result = subprocess.run([sys.executable, "-m", "portal", "db", "upgrade"], env=env,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("portal: configuration error: PORTAL_SECRET_KEY: is empty")
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("", 0),
+    ("0", 0),
+    ("2", 2),
+    ("10.0.0.1", (ipaddress.ip_network("10.0.0.1/32"),)),
+    ("10.0.0.1, 10.1.0.0/16 ::1", (ipaddress.ip_network("10.0.0.1/32"),
+                                   ipaddress.ip_network("10.1.0.0/16"),
+                                   ipaddress.ip_network("::1/128"))),
+])
+def test_trusted_proxies_parse(instance: Path, raw: str, expected: object) -> None:
+    loaded = config.load({"PORTAL_INSTANCE_DIR": str(instance), "PORTAL_TRUSTED_PROXIES": raw})
+    assert loaded["TRUSTED_PROXIES"] == expected
+
+
+@pytest.mark.parametrize("raw", ["lots", "11", "-1", "10.0.0.1/8", "10.0.0.1, nope",
+                                 "0.0.0.0/0", "::/0", "300.1.1.1", ",", "\u00b2"])
+def test_malformed_trusted_proxies_stop_start_up(instance: Path, raw: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        config.load({"PORTAL_INSTANCE_DIR": str(instance), "PORTAL_TRUSTED_PROXIES": raw})
+    assert str(raised.value).startswith("PORTAL_TRUSTED_PROXIES: expected a number of proxy hops")
+    assert "\n" not in str(raised.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 from flask import Flask, abort
@@ -67,6 +68,30 @@ def test_post_with_csrf_token_is_accepted(client: FlaskClient) -> None:
                                             "password": "x" * 12})
     assert response.status_code == 401  # the form was accepted; the credentials were not
     assert "not right" in response.get_data(as_text=True)
+
+
+def test_forms_work_behind_https_without_a_referer(make_app: object) -> None:
+    # Browsers send no Referer (our Referrer-Policy is no-referrer) and Origin: null; a
+    # Referer check on HTTPS would refuse every form (found through deploy/nginx).
+    app = make_app(BASE_URL="https://portal.example.org")  # type: ignore[operator]
+    client = app.test_client()
+    https = "https://portal.example.org"
+    token = csrf_token_at(client, "/signin", https)
+    response = client.post("/signin", base_url=https, headers={"Origin": "null"},
+                           data={"csrf_token": token, "email": "a@example.org",
+                                 "password": "x" * 12})
+    assert response.status_code == 401  # past CSRF; the credentials were not right
+    refused = client.post("/signin", base_url=https, data={"email": "a@example.org",
+                                                           "password": "x" * 12})
+    assert refused.status_code == 400  # still no form without its token
+
+
+def csrf_token_at(client: FlaskClient, path: str, base_url: str) -> str:
+    """The CSRF token of the form on ``path`` fetched from ``base_url``."""
+    page = client.get(path, base_url=base_url).get_data(as_text=True)
+    found = re.search(r'name="csrf_token"[^>]*value="([^"]+)"', page)
+    assert found, page[:300]
+    return found.group(1)
 
 
 @pytest.fixture

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterable
-from typing import TextIO
+from typing import IO, Any
 
 import click
 from flask import Flask
@@ -14,6 +13,7 @@ from sqlalchemy.orm import Session
 from portal.audit import NO_REQUEST, SYSTEM
 from portal.cli import audit as audit_group
 from portal.cli import with_app
+from portal.files import OutputError, OutputExists, open_output
 from portal.services.errors import ServiceError
 
 FILE_MODE = 0o600  # an export names patients: readable by its owner only
@@ -28,10 +28,12 @@ FILE_MODE = 0o600  # an export names patients: readable by its owner only
 @click.option("--patient", "patient_email", default=None, metavar="EMAIL",
               help="Only events about this patient.")
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
-              help="Write to FILE (created mode 0600) instead of standard output.")
+              help="Write to FILE (created mode 0600) instead of standard output; "
+                   "a FIFO or device is written as it is.")
+@click.option("--force", is_flag=True, help="Replace FILE if it already exists.")
 @with_app
 def audit_export(app: Flask, fmt: str, since: str | None, until: str | None,
-                 patient_email: str | None, output: str | None) -> None:
+                 patient_email: str | None, output: str | None, force: bool) -> None:
     """Export audit events, oldest first, streaming (memory stays flat)."""
     from portal.extensions import db
     from portal.services import audit_export as exporter
@@ -47,8 +49,7 @@ def audit_export(app: Flask, fmt: str, since: str | None, until: str | None,
     if output is None:
         _write(chunks, sys.stdout)
     else:
-        with _private_file(output) as sink:
-            _write(chunks, sink)
+        _write_file(chunks, output, force)
     # Recorded after the stream, so the chain's head row is locked only until commit.
     exporter.record_export(db.session, flt, fmt, SYSTEM, NO_REQUEST)
 
@@ -66,14 +67,23 @@ def _patient_id(session: Session, email: str | None) -> int | None:
     return user.id
 
 
-def _private_file(path: str) -> TextIO:
-    """Open ``path`` for writing, created (or reset) to mode 0600; never follows a symlink."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
-    os.fchmod(fd, FILE_MODE)  # an existing file keeps its mode through O_CREAT
-    return os.fdopen(fd, "w", encoding="utf-8", newline="")
+def _write_file(chunks: Iterable[str], path: str, force: bool) -> None:
+    """Write to a new 0600 file (or a FIFO/device as it is); exit 1 when ``path`` is refused."""
+    try:
+        with open_output(path, replace=force, mode=FILE_MODE, encoding="utf-8") as sink:
+            _write(chunks, sink)
+    except OutputExists as error:
+        click.echo(f"portal: {error}; use --force to replace it", err=True)
+        sys.exit(1)
+    except OutputError as error:
+        click.echo(f"portal: {error}", err=True)
+        sys.exit(1)
+    except OSError as error:
+        click.echo(f"portal: cannot write {path}: {error.strerror}", err=True)
+        sys.exit(1)
 
 
-def _write(chunks: Iterable[str], sink: TextIO) -> None:
+def _write(chunks: Iterable[str], sink: IO[Any]) -> None:
     for chunk in chunks:
         sink.write(chunk)
     sink.flush()

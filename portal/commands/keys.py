@@ -45,6 +45,16 @@ def keys_rotate(app: Flask, batch_size: int) -> None:
                                 batch_size=batch_size)
     verb = "resumed rotation to" if result.resumed else "rotated to"
     click.echo(f"{verb} KEK v{result.version}: {result.rewrapped} data keys rewrapped")
+    if result.failed:
+        ids = ", ".join(str(key_id) for key_id in result.failed)
+        click.echo(f"portal: {len(result.failed)} data keys failed authentication (corrupted "
+                   f"or altered) and stay under their old KEK; restore them from a backup, "
+                   f"then run 'portal keys rotate' again. Data key ids: {ids}", err=True)
+        sys.exit(1)  # every batch (and each failure's audit event) is already committed
+    if result.left:
+        click.echo(f"portal: {result.left} data keys were held by other transactions and "
+                   f"stay under an older KEK; run 'portal keys rotate' again.", err=True)
+        sys.exit(1)
 
 
 @keys.command("remove")

@@ -13,12 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from flask import current_app
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, true
 from sqlalchemy.orm import Session
 
 from portal import audit
-from portal.audit import Action, Actor, RequestMeta
-from portal.crypto.errors import ContentDestroyed
+from portal.audit import Action, Actor, Outcome, RequestMeta
+from portal.crypto.errors import ContentDestroyed, ContentTampered
 from portal.crypto.fields import field_aad, open_sealed, seal
 from portal.crypto.keyring import Keyring
 from portal.database import utcnow
@@ -26,15 +26,24 @@ from portal.models import DataKey
 from portal.services.errors import ServiceError
 
 WRAP_AAD = b"pickup-portal/data-key/v1"
+ROTATION_PASSES = 3  # passes over the keys; a later one retries keys that were locked
 
 
 @dataclass(frozen=True)
 class RotationResult:
-    """What a rotation did: the active KEK version, keys rewrapped, whether it resumed."""
+    """What a rotation did: the active KEK version, keys rewrapped, whether it resumed.
+
+    ``failed`` holds the ids of data keys that could not be unwrapped (corrupted
+    or altered); they stay under their old KEK, each with an audit event.
+    ``left`` counts other keys still under an older KEK after every pass (held
+    locked by other transactions throughout); rerun to finish them.
+    """
 
     version: int
     rewrapped: int
     resumed: bool
+    failed: tuple[int, ...] = ()
+    left: int = 0  # live keys still under an older KEK (locked by other writers throughout)
 
 
 def keyring() -> Keyring:
@@ -110,38 +119,78 @@ def rotate(session: Session, *, actor: Actor, meta: RequestMeta, batch_size: int
     """Make a new KEK active and rewrap every live data key under it, committing per batch.
 
     Resumable: when live keys are still wrapped by older versions (a rotation
-    that crashed), no new version is made and the rewrapping carries on.
-    Content is never re-encrypted. Each batch and its audit event commit
-    together; ``after_batch`` (tests) runs after each commit. Raises
+    that crashed, or keys that failed before), no new version is made and the
+    rewrapping carries on. Content is never re-encrypted. A wrapped key that
+    fails authentication is skipped, audited and listed in the result's
+    ``failed``; the others are still rewrapped. Each batch and its audit events
+    commit together; ``after_batch`` (tests) runs after each commit. Raises
     KeyUnavailable when a key's KEK is missing from the keyring.
     """
     ring = keyring()
     resumed = any(version != ring.active_version for version in status(session))
     if not resumed:
         ring.add_version()
-    target, total = ring.active_version, 0
-    audit.record(session, Action.KEY_ROTATE, actor=actor, meta=meta, target_type="keyring",
-                 target_id=str(target), details={"stage": "start", "resumed": resumed})
+    target, total, after = ring.active_version, 0, 0
+    failed: list[int] = []
+    _audit_rotation(session, actor, meta, target, {"stage": "start", "resumed": resumed})
     session.commit()
-    while rewrapped := _rewrap_batch(session, ring, target, batch_size):
-        total += rewrapped
-        audit.record(session, Action.KEY_ROTATE, actor=actor, meta=meta, target_type="keyring",
-                     target_id=str(target), details={"stage": "batch", "rewrapped": rewrapped})
-        session.commit()
-        if after_batch:
-            after_batch(total)
-    return RotationResult(target, total, resumed)
+    for _pass in range(ROTATION_PASSES):  # a later pass takes keys another writer had locked
+        after = 0
+        while batch := _next_batch(session, target, after, batch_size, failed):
+            after = batch[-1].id
+            bad = _rewrap_batch(session, ring, batch, actor, meta)
+            total, failed = total + len(batch) - len(bad), failed + bad
+            _audit_rotation(session, actor, meta, target,
+                            {"stage": "batch", "rewrapped": len(batch) - len(bad),
+                             "failed": len(bad)})
+            session.commit()
+            if after_batch:
+                after_batch(total)
+        left = _left_behind(session, target, failed)
+        if not left:
+            break
+    return RotationResult(target, total, resumed, tuple(failed), left)
 
 
-def _rewrap_batch(session: Session, ring: Keyring, target: int, size: int) -> int:
-    rows = session.scalars(
-        select(DataKey).where(DataKey.wrapped.is_not(None), DataKey.kek_version != target)
-        .order_by(DataKey.id).limit(size).with_for_update(skip_locked=True)).all()
+def _left_behind(session: Session, target: int, failed: list[int]) -> int:
+    """How many live keys, not known bad, are still under an older KEK."""
+    return int(session.scalar(select(func.count()).select_from(DataKey).where(
+        DataKey.wrapped.is_not(None), DataKey.kek_version != target,
+        DataKey.id.not_in(failed) if failed else true())) or 0)
+
+
+def _audit_rotation(session: Session, actor: Actor, meta: RequestMeta, target: int,
+                    details: dict[str, object]) -> None:
+    audit.record(session, Action.KEY_ROTATE, actor=actor, meta=meta, target_type="keyring",
+                 target_id=str(target), details=details)
+
+
+def _next_batch(session: Session, target: int, after: int, size: int,
+                failed: list[int]) -> list[DataKey]:
+    # Keyset paging (id > the last one seen); keys that failed are never picked up again.
+    return list(session.scalars(
+        select(DataKey).where(DataKey.wrapped.is_not(None), DataKey.kek_version != target,
+                              DataKey.id > after,
+                              DataKey.id.not_in(failed) if failed else true())
+        .order_by(DataKey.id).limit(size).with_for_update(skip_locked=True)))
+
+
+def _rewrap_batch(session: Session, ring: Keyring, rows: list[DataKey], actor: Actor,
+                  meta: RequestMeta) -> list[int]:
+    """Rewrap ``rows`` under the active KEK; return the ids of those that failed (audited)."""
+    failed: list[int] = []
     for row in rows:
         assert row.wrapped is not None
-        row.kek_version, row.wrapped = ring.rewrap(row.kek_version, row.wrapped, WRAP_AAD)
+        try:
+            row.kek_version, row.wrapped = ring.rewrap(row.kek_version, row.wrapped, WRAP_AAD)
+        except ContentTampered:
+            failed.append(row.id)
+            audit.record(session, Action.KEY_REWRAP_FAILED, actor=actor, meta=meta,
+                         outcome=Outcome.FAILURE, target_type="data_key",
+                         target_id=str(row.id),
+                         details={"kek_version": row.kek_version, "purpose": row.purpose})
     session.flush()
-    return len(rows)
+    return failed
 
 
 def remove_kek(session: Session, version: int) -> None:
