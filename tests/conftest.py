@@ -25,6 +25,9 @@ from portal import create_app
 from portal.database import Base, make_engine
 from portal.migrate import upgrade
 
+# Every test fails if anything it logged carries PHI, an email address or a token.
+pytest_plugins = ["tests.log_guard"]
+
 PG_URL = os.environ.get("PORTAL_TEST_DATABASE_URL")
 REDIS_URL = os.environ.get("PORTAL_TEST_REDIS_URL")
 BACKENDS = ["sqlite", *(["postgresql"] if PG_URL else [])]
