@@ -81,10 +81,23 @@ class FilesystemBlobStore(BlobStore):
         temporary file is removed and the exception re-raised: no partial blob.
         """
         blob_id = secrets.token_hex(BLOB_ID_BYTES)
+        self._write(blob_id, chunks)
+        return blob_id
+
+    def put_at(self, blob_id: str, chunks: Iterable[bytes]) -> None:
+        """Store ``chunks`` under the given id, as :meth:`put` does (restoring a backup).
+
+        Raises FileExistsError when the id is taken, ValueError for a malformed id.
+        """
+        if self.exists(blob_id):
+            raise FileExistsError(f"blob {blob_id} exists")
+        self._write(blob_id, chunks)
+
+    def _write(self, blob_id: str, chunks: Iterable[bytes]) -> None:
+        final = self._path(blob_id)
         tmp = self._tmp / f"{blob_id}{_TMP_SUFFIX}"
         try:
             _write_synced(tmp, chunks)
-            final = self._path(blob_id)
             self._ensure_fanout(final.parent)
             os.rename(tmp, final)
             _fsync_dir(final.parent)
@@ -92,7 +105,6 @@ class FilesystemBlobStore(BlobStore):
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             raise
-        return blob_id
 
     def open(self, blob_id: str) -> BinaryIO:
         """Return the blob opened for binary reading (caller closes it).

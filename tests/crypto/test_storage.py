@@ -184,3 +184,17 @@ def test_200_mib_round_trip_keeps_memory_flat(store: FilesystemBlobStore) -> Non
     assert received.hexdigest() == sent.hexdigest()
     print(f"peak RSS growth {(peak - baseline) / MIB:.1f} MiB")
     assert peak - baseline < 32 * MIB
+
+
+def test_put_at_restores_a_blob_under_its_id_and_never_overwrites(
+        store: FilesystemBlobStore) -> None:
+    blob_id = "ab" + "0" * 30
+    store.put_at(blob_id, [b"cipher", b"text"])
+    assert store.open(blob_id).read() == b"ciphertext"
+    assert mode(store.root / "ab" / blob_id) == 0o600
+    with pytest.raises(FileExistsError):
+        store.put_at(blob_id, [b"other"])
+    assert store.open(blob_id).read() == b"ciphertext"
+    with pytest.raises(ValueError, match="malformed"):
+        store.put_at("../../escape", [b"x"])
+    assert files_under(store.root) == [store.root / "ab" / blob_id]
