@@ -6,6 +6,10 @@ ldconfig -p | grep -q 'libpango-1.0.so' || need+=(libpango-1.0-0 libpangoft2-1.0
 ldconfig -p | grep -q 'libharfbuzz-subset' || need+=(libharfbuzz-subset0)
 fc-list 2>/dev/null | grep -qi dejavu || need+=(fonts-dejavu-core fontconfig)
 [ -x /usr/bin/chromium ] || need+=(chromium)
+# tests/deploy: nginx in front of the portal, and systemd-analyze for the service units
+# (the nginx package's own service is not started: the tests run nginx from a temp folder).
+[ -x /usr/sbin/nginx ] || need+=(nginx)
+[ -x /usr/bin/systemd-analyze ] || need+=(systemd)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
