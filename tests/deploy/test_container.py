@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.deploy.conftest import DEPLOY, NGINX_SAMPLE, ROOT
+from tests.support.deploy import DEPLOY, NGINX_SAMPLE, ROOT
 
 CONTAINER = DEPLOY / "container"
 CONTAINERFILE = CONTAINER / "Containerfile"
@@ -87,8 +87,9 @@ def read_compose() -> dict[str, Any]:
 def final_stage() -> list[str]:
     """The Containerfile's instructions after its last FROM, continuation lines joined."""
     joined = re.sub(r"\\\n\s*", " ", CONTAINERFILE.read_text())
-    instructions = [line for line in joined.splitlines()
-                    if line.strip() and not line.startswith("#")]
+    instructions = [
+        line for line in joined.splitlines() if line.strip() and not line.startswith("#")
+    ]
     last = max(i for i, line in enumerate(instructions) if line.startswith("FROM "))
     return instructions[last:]
 
@@ -112,10 +113,20 @@ def test_no_secret_is_built_into_the_image() -> None:
     for line in final_stage() + CONTAINERFILE.read_text().splitlines():
         if line.startswith(("ENV ", "ARG ", "LABEL ")):
             assert not SECRET_WORDS.search(line), line
-    copied = [line.split()[1] for line in CONTAINERFILE.read_text().splitlines()
-              if line.startswith("COPY ") and "--from" not in line]
-    assert set(copied) == {"pyproject.toml", "portal", "notifier", "migrations", "templates",
-                           "static"}  # named sources only: never instance/ or .env
+    copied = [
+        line.split()[1]
+        for line in CONTAINERFILE.read_text().splitlines()
+        if line.startswith("COPY ") and "--from" not in line
+    ]
+    assert set(copied) == {
+        "requirements/main.txt",
+        "pyproject.toml",
+        "portal",
+        "notifier",
+        "migrations",
+        "templates",
+        "static",
+    }  # named sources only: never instance/ or .env
 
 
 def test_compose_runs_every_service_read_only_hardened_and_health_checked() -> None:
@@ -153,8 +164,9 @@ def test_the_portal_trusts_nginx_alone_and_only_nginx_leaves_the_internal_networ
     assert services["portal"]["environment"]["PORTAL_TRUSTED_PROXIES"] == address
     assert networks["backend"]["internal"] == networks["frontend"]["internal"] == "true"
     assert set(services["portal"]["networks"]) == {"backend", "frontend"}
-    assert set(services["postgres"]["networks"]) == set(services["redis"]["networks"]) == {
-        "backend"}
+    assert (
+        set(services["postgres"]["networks"]) == set(services["redis"]["networks"]) == {"backend"}
+    )
 
 
 def test_nginx_uses_the_sample_config_with_every_placeholder_set() -> None:
@@ -174,8 +186,9 @@ def test_compose_holds_no_secret_values() -> None:
     for url in re.findall(r"postgresql://[^@\s]+@", text):
         assert _INTERPOLATED.search(url), url
     required = set(re.findall(r"\$\{([A-Z_]+):\?", text))
-    documented = set(re.findall(r"^([A-Z_]+)=", (CONTAINER / "env.example").read_text(),
-                                re.MULTILINE))
+    documented = set(
+        re.findall(r"^([A-Z_]+)=", (CONTAINER / "env.example").read_text(), re.MULTILINE)
+    )
     assert required <= documented
 
 
@@ -189,22 +202,52 @@ def test_the_reader_refuses_yaml_it_does_not_understand() -> None:
 @pytest.mark.container_engine
 def test_the_image_builds_and_runs_read_only_as_its_user(tmp_path: Path) -> None:
     tag = f"pickup-portal:test-{os.getpid()}"
-    build = subprocess.run(["docker", "build", "-f", str(CONTAINERFILE), "-t", tag, str(ROOT)],
-                           capture_output=True, text=True, check=False, timeout=1800)
+    build = subprocess.run(
+        ["docker", "build", "-f", str(CONTAINERFILE), "-t", tag, str(ROOT)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=1800,
+    )
     assert build.returncode == 0, build.stderr[-3000:]
     try:
         ran = subprocess.run(
-            ["docker", "run", "--rm", "--read-only", "--tmpfs", "/tmp", "--entrypoint",
-             "/bin/sh", tag, "-c", "id -u && portal --help >/dev/null && notifier --help"],
-            capture_output=True, text=True, check=False, timeout=300)
+            [
+                "docker",
+                "run",
+                "--rm",
+                "--read-only",
+                "--tmpfs",
+                "/tmp",
+                "--entrypoint",
+                "/bin/sh",
+                tag,
+                "-c",
+                "id -u && portal --help >/dev/null && notifier --help",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+        )
         assert ran.returncode == 0, ran.stderr[-3000:]
         assert ran.stdout.splitlines()[0] == "10001"
-        env = {**os.environ, "POSTGRES_PASSWORD": "build-test-only", "PORTAL_HOST": "p.test",
-               "PORTAL_SMTP_HOST": "smtp.test", "PORTAL_MAIL_FROM": "n@p.test",
-               "PORTAL_ORG_NAME": "Test"}
-        config = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "config", "-q"],
-                                env=env, capture_output=True, text=True, check=False,
-                                timeout=120)
+        env = {
+            **os.environ,
+            "POSTGRES_PASSWORD": "build-test-only",
+            "PORTAL_HOST": "p.test",
+            "PORTAL_SMTP_HOST": "smtp.test",
+            "PORTAL_MAIL_FROM": "n@p.test",
+            "PORTAL_ORG_NAME": "Test",
+        }
+        config = subprocess.run(
+            ["docker", "compose", "-f", str(COMPOSE), "config", "-q"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
         assert config.returncode == 0, config.stderr
     finally:
         subprocess.run(["docker", "image", "rm", "-f", tag], capture_output=True, check=False)
