@@ -25,10 +25,12 @@ def main() -> None:
 @click.option("--worker-id", default=None, help="Name in claimed_by [default: host:pid].")
 def run(once: bool, worker_id: str | None) -> None:
     """Send due notices: forever (until SIGTERM), or with --once until none is due."""
+    # Deferred on purpose: `notifier sink` (the demo's and the tests' mail server) needs
+    # neither the worker nor the portal app, so only `notifier run` imports them.
     from notifier import worker
-    from portal.cli import make_app
+    from portal.cli import load_app
 
-    app = make_app()
+    app = load_app()
     name = worker_id or default_worker_id()
     if once:
         stats = worker.drain(app, name)

@@ -43,41 +43,51 @@ def _due(now: datetime) -> ColumnElement[bool]:
     )
 
 
-def claim(session: Session, worker_id: str, batch: int = DEFAULT_BATCH,
-          now: datetime | None = None) -> list[int]:
-    """Claim up to ``batch`` due notices for ``worker_id``, COMMIT, and return their ids.
+def claim(
+    session: Session, worker_id: str, batch: int = DEFAULT_BATCH, now: datetime | None = None
+) -> list[int]:
+    """Claim up to ``batch`` due notices for ``worker_id`` (flushed) and return their ids.
 
-    Oldest due first. Call it with no transaction open. Rows another worker
-    holds locked are skipped (PostgreSQL) or waited for (SQLite's write lock).
+    Oldest due first. Call it as a job of its own, with no transaction open, and
+    commit at once (notifier.worker.job): the claim holds row locks (SQLite's
+    write lock) until then. Rows another worker holds locked are skipped
+    (PostgreSQL) or waited for (SQLite's write lock).
     """
     now = now or utcnow()
     due = _due(now)
-    candidates = (select(Notification.id).where(due)
-                  .order_by(Notification.next_attempt_at, Notification.id).limit(batch))
+    candidates = (
+        select(Notification.id)
+        .where(due)
+        .order_by(Notification.next_attempt_at, Notification.id)
+        .limit(batch)
+    )
     if session.get_bind().dialect.name == "postgresql":
         # Two statements: PostgreSQL may rescan an IN (subquery) per row, and a rescan
         # skips the rows this UPDATE already changed, so LIMIT would not hold.
         ids = list(session.scalars(candidates.with_for_update(skip_locked=True)))
-        target = Notification.id.in_(ids)
+        target: ColumnElement[bool] = Notification.id.in_(ids)
     else:
         # One statement: SQLite's write lock serialises it against every other claim.
         target = and_(Notification.id.in_(candidates.scalar_subquery()), due)
-    stmt = (update(Notification).where(target)
-            .values(status=SENDING, claimed_by=worker_id, claimed_at=now)
-            .returning(Notification.id)
-            .execution_options(synchronize_session="fetch"))
-    claimed = sorted(session.scalars(stmt).all())
-    session.commit()
-    return claimed
+    stmt = (
+        update(Notification)
+        .where(target)
+        .values(status=SENDING, claimed_by=worker_id, claimed_at=now)
+        .returning(Notification.id)
+        .execution_options(synchronize_session="fetch")
+    )
+    return sorted(session.scalars(stmt).all())
 
 
 def release(session: Session, ids: Sequence[int]) -> None:
     """Hand claimed, unsent rows back to the queue at once (graceful shutdown); flushes."""
     if ids:
-        session.execute(update(Notification)
-                        .where(Notification.id.in_(ids), Notification.status == SENDING)
-                        .values(status=QUEUED, claimed_by=None, claimed_at=None)
-                        .execution_options(synchronize_session="fetch"))
+        session.execute(
+            update(Notification)
+            .where(Notification.id.in_(ids), Notification.status == SENDING)
+            .values(status=QUEUED, claimed_by=None, claimed_at=None)
+            .execution_options(synchronize_session="fetch")
+        )
         session.flush()
 
 
@@ -86,14 +96,23 @@ def load(session: Session, notice_id: int) -> Notification | None:
     return session.get(Notification, notice_id, populate_existing=True)
 
 
-def _audit(session: Session, row: Notification, action: Action, outcome: Outcome,
-           reason: str | None) -> None:
+def _audit(
+    session: Session, row: Notification, action: Action, outcome: Outcome, reason: str | None
+) -> None:
     details: dict[str, object] = {"kind": row.kind, "attempts": row.attempts}
     if reason is not None:
         details["reason"] = reason
-    audit.record(session, action, actor=SYSTEM, outcome=outcome, target_type="notification",
-                 target_id=row.public_id, patient_id=_patient_id(session, row),
-                 message_id=row.message_id, details=details)
+    audit.record(
+        session,
+        action,
+        actor=SYSTEM,
+        outcome=outcome,
+        target_type="notification",
+        target_id=row.public_id,
+        patient_id=_patient_id(session, row),
+        message_id=row.message_id,
+        details=details,
+    )
 
 
 def _patient_id(session: Session, row: Notification) -> int | None:
@@ -111,8 +130,9 @@ def _required(session: Session, notice_id: int) -> Notification:
     return row
 
 
-def mark_sent(session: Session, notice_id: int, smtp_response: str,
-              now: datetime | None = None) -> Notification:
+def mark_sent(
+    session: Session, notice_id: int, smtp_response: str, now: datetime | None = None
+) -> Notification:
     """Record that the server accepted the notice: status sent, the URL ERASED, audited.
 
     Returns the row (flushed). Raises LookupError for an unknown id.
@@ -155,8 +175,9 @@ def total_backoff(attempts: int) -> timedelta:
     return sum(delays, timedelta())
 
 
-def mark_retry(session: Session, notice_id: int, reason: str,
-               now: datetime | None = None) -> Notification:
+def mark_retry(
+    session: Session, notice_id: int, reason: str, now: datetime | None = None
+) -> Notification:
     """Queue the notice again after an exponential backoff, or fail it once past the window.
 
     The n-th retry waits ``BACKOFF_BASE * 2**n`` (at most ``BACKOFF_CAP``);

@@ -15,18 +15,18 @@ from collections.abc import Iterable
 from datetime import date
 from pathlib import Path
 
-from flask import current_app, has_app_context
+from flask import has_app_context
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from notifier.render import PARTS, template_dir
+from portal.config import current_settings
 from portal.models import Attachment, Message, Notification, PatientProfile, Role, User
 from portal.services import keys
 
 MIN_NAME_TOKEN = 3  # name parts shorter than this ("Li", "Jo") are only matched in the full name
 MIN_SUBJECT_WORD = 4
 MIN_BODY_WORD = 5
-CONFIG_TEXTS = ("ORG_NAME", "ORG_ADDRESS", "SUPPORT_CONTACT", "MAIL_FROM", "BASE_URL")
 
 _WORD = re.compile(r"[^\W_]+")
 _STOPWORD_TEXT = """
@@ -39,8 +39,10 @@ would your yours yourself yourselves because tomorrow yesterday kind best wishes
 """
 STOPWORDS = frozenset(_STOPWORD_TEXT.split())
 _CALENDAR_WORDS = frozenset(
-    w.lower() for w in (*calendar.month_name, *calendar.month_abbr, *calendar.day_name,
-                        *calendar.day_abbr) if w)
+    w.lower()
+    for w in (*calendar.month_name, *calendar.month_abbr, *calendar.day_name, *calendar.day_abbr)
+    if w
+)
 
 
 def words(text: str) -> list[str]:
@@ -66,7 +68,14 @@ def template_vocabulary(kind: str, extra: Iterable[str] = ()) -> frozenset[str]:
 def _config_texts() -> list[str]:
     if not has_app_context():
         return []
-    return [str(current_app.config.get(key) or "") for key in CONFIG_TEXTS]
+    settings = current_settings()  # the words a notice may carry from settings
+    return [
+        settings.org_name,
+        settings.org_address,
+        settings.support_contact,
+        settings.mail_from,
+        settings.base_url,
+    ]
 
 
 def name_terms(name: str) -> set[str]:
@@ -79,17 +88,23 @@ def dob_terms(iso: str) -> set[str]:
     d = date.fromisoformat(iso)
     month, abbr = calendar.month_name[d.month], calendar.month_abbr[d.month]
     return {
-        iso, f"{d:%d/%m/%Y}", f"{d:%m/%d/%Y}", f"{d.day}/{d.month}/{d.year}",
-        f"{d.month}/{d.day}/{d.year}", f"{d:%d.%m.%Y}", f"{d:%d-%m-%Y}",
-        f"{d.day} {month} {d.year}", f"{d.day} {abbr} {d.year}",
-        f"{month} {d.day}, {d.year}", f"{month} {d.day} {d.year}",
+        iso,
+        f"{d:%d/%m/%Y}",
+        f"{d:%m/%d/%Y}",
+        f"{d.day}/{d.month}/{d.year}",
+        f"{d.month}/{d.day}/{d.year}",
+        f"{d:%d.%m.%Y}",
+        f"{d:%d-%m-%Y}",
+        f"{d.day} {month} {d.year}",
+        f"{d.day} {abbr} {d.year}",
+        f"{month} {d.day}, {d.year}",
+        f"{month} {d.day} {d.year}",
     }
 
 
 def subject_terms(subject: str) -> set[str]:
     """Return the whole subject and its words of 4+ characters that are not stopwords."""
-    found = {w for w in words(subject) if len(w) >= MIN_SUBJECT_WORD
-             and w.lower() not in STOPWORDS}
+    found = {w for w in words(subject) if len(w) >= MIN_SUBJECT_WORD and w.lower() not in STOPWORDS}
     return {subject.strip(), *found}
 
 
@@ -120,8 +135,9 @@ def _message(session: Session, message: Message) -> set[str]:
     found |= body_terms(keys.open_text(key, "messages", "body", pid, message.body_sealed))
     attachments = session.scalars(select(Attachment).where(Attachment.message_id == message.id))
     for item in attachments:
-        found |= filename_terms(keys.open_text(key, "attachments", "filename", item.public_id,
-                                               item.filename_sealed))
+        found |= filename_terms(
+            keys.open_text(key, "attachments", "filename", item.public_id, item.filename_sealed)
+        )
     for party_id in (message.sender_id, message.recipient_id):
         party = session.get(User, party_id)
         if party is not None and party.role == Role.PATIENT:
@@ -158,8 +174,9 @@ def _harmless(term: str, allowed: frozenset[str]) -> bool:
 
 
 def _pattern(terms: set[str]) -> re.Pattern[str]:
-    alternatives = sorted((r"\s+".join(map(re.escape, t.split())) for t in terms),
-                          key=len, reverse=True)
+    alternatives = sorted(
+        (r"\s+".join(map(re.escape, t.split())) for t in terms), key=len, reverse=True
+    )
     return re.compile(r"(?<!\w)(?:" + "|".join(alternatives) + r")(?!\w)", re.IGNORECASE)
 
 

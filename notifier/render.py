@@ -55,64 +55,94 @@ def expiry_text(moment: datetime | None) -> str:
 
 
 def _base(*, url: str, org_name: str, org_address: str, support_contact: str) -> Context:
-    return {"url": url, "org_name": org_name, "org_address": org_address,
-            "support_contact": support_contact}
+    return {
+        "url": url,
+        "org_name": org_name,
+        "org_address": org_address,
+        "support_contact": support_contact,
+    }
 
 
-def pickup_context(*, url: str, org_name: str, org_address: str, support_contact: str,
-                   expires_at: datetime | None) -> Context:
+def pickup_context(
+    *, url: str, org_name: str, org_address: str, support_contact: str, expires_at: datetime | None
+) -> Context:
     """Return the context of a pickup notice: organisation, link, expiry date. No PHI."""
-    return {**_base(url=url, org_name=org_name, org_address=org_address,
-                    support_contact=support_contact), "expires_on": expiry_text(expires_at)}
+    return {
+        **_base(
+            url=url, org_name=org_name, org_address=org_address, support_contact=support_contact
+        ),
+        "expires_on": expiry_text(expires_at),
+    }
 
 
-def reminder_context(*, url: str, org_name: str, org_address: str, support_contact: str,
-                     expires_at: datetime | None) -> Context:
+def reminder_context(
+    *, url: str, org_name: str, org_address: str, support_contact: str, expires_at: datetime | None
+) -> Context:
     """Return the context of a reminder: the same fields as a pickup notice. No PHI."""
-    return pickup_context(url=url, org_name=org_name, org_address=org_address,
-                          support_contact=support_contact, expires_at=expires_at)
+    return pickup_context(
+        url=url,
+        org_name=org_name,
+        org_address=org_address,
+        support_contact=support_contact,
+        expires_at=expires_at,
+    )
 
 
-def invite_context(*, url: str, org_name: str, org_address: str, support_contact: str,
-                   expires_at: datetime | None) -> Context:
+def invite_context(
+    *, url: str, org_name: str, org_address: str, support_contact: str, expires_at: datetime | None
+) -> Context:
     """Return the context of a staff invitation: organisation, link, validity in hours."""
-    return {**_base(url=url, org_name=org_name, org_address=org_address,
-                    support_contact=support_contact), "valid_hours": INVITE_VALID_HOURS}
+    return {
+        **_base(
+            url=url, org_name=org_name, org_address=org_address, support_contact=support_contact
+        ),
+        "valid_hours": INVITE_VALID_HOURS,
+    }
 
 
-def reset_context(*, url: str, org_name: str, org_address: str, support_contact: str,
-                  expires_at: datetime | None) -> Context:
+def reset_context(
+    *, url: str, org_name: str, org_address: str, support_contact: str, expires_at: datetime | None
+) -> Context:
     """Return the context of a password reset: organisation, link, validity in minutes."""
-    return {**_base(url=url, org_name=org_name, org_address=org_address,
-                    support_contact=support_contact), "valid_minutes": RESET_VALID_MINUTES}
+    return {
+        **_base(
+            url=url, org_name=org_name, org_address=org_address, support_contact=support_contact
+        ),
+        "valid_minutes": RESET_VALID_MINUTES,
+    }
 
 
-def reply_context(*, url: str, org_name: str, org_address: str, support_contact: str,
-                  expires_at: datetime | None) -> Context:
+def reply_context(
+    *, url: str, org_name: str, org_address: str, support_contact: str, expires_at: datetime | None
+) -> Context:
     """Return the context of a reply notice to staff: organisation and portal link only."""
     return {"url": url, "org_name": org_name}
 
 
-def credential_changed_context(*, url: str, org_name: str, org_address: str,
-                               support_contact: str, expires_at: datetime | None) -> Context:
+def credential_changed_context(
+    *, url: str, org_name: str, org_address: str, support_contact: str, expires_at: datetime | None
+) -> Context:
     """Return the context of a "your password / sign-in settings changed" notice.
 
     Organisation, whom to contact, and the portal's address: no name, no time,
     nothing about the account beyond the fact of the change (ASVS 2.2.3).
     """
-    return _base(url=url, org_name=org_name, org_address=org_address,
-                 support_contact=support_contact)
+    return _base(
+        url=url, org_name=org_name, org_address=org_address, support_contact=support_contact
+    )
 
 
-def account_locked_context(*, url: str, org_name: str, org_address: str,
-                           support_contact: str, expires_at: datetime | None) -> Context:
+def account_locked_context(
+    *, url: str, org_name: str, org_address: str, support_contact: str, expires_at: datetime | None
+) -> Context:
     """Return the context of a "your account was locked" notice.
 
     Organisation, whom to contact to unlock it, and the portal's address: no
     name, no time, no count of attempts, no address they came from.
     """
-    return _base(url=url, org_name=org_name, org_address=org_address,
-                 support_contact=support_contact)
+    return _base(
+        url=url, org_name=org_name, org_address=org_address, support_contact=support_contact
+    )
 
 
 CONTEXTS: dict[str, Callable[..., Context]] = {
@@ -137,10 +167,19 @@ def render_parts(kind: str, context: Context) -> tuple[str, str, str]:
     return " ".join(subject.split()), text, html
 
 
-def render(notification: Notification, *, url: str, org_name: str, org_address: str,
-           support_contact: str, expires_at: datetime | None, mail_from: str,
-           to_address: str, message_id_domain: str,
-           now: datetime | None = None) -> EmailMessage:
+def render(
+    notification: Notification,
+    *,
+    url: str,
+    org_name: str,
+    org_address: str,
+    support_contact: str,
+    expires_at: datetime | None,
+    mail_from: str,
+    to_address: str,
+    message_id_domain: str,
+    now: datetime | None = None,
+) -> EmailMessage:
     """Return the notice email: plain text with an HTML alternative, and its headers.
 
     The Message-ID is derived from the notice's public id, so a retried notice
@@ -148,8 +187,12 @@ def render(notification: Notification, *, url: str, org_name: str, org_address: 
     an unknown kind or a domain unusable in a Message-ID.
     """
     context = CONTEXTS[NoticeKind(notification.kind)](
-        url=url, org_name=org_name, org_address=org_address,
-        support_contact=support_contact, expires_at=expires_at)
+        url=url,
+        org_name=org_name,
+        org_address=org_address,
+        support_contact=support_contact,
+        expires_at=expires_at,
+    )
     subject, text, html = render_parts(notification.kind, context)
     msg = EmailMessage()
     msg["Subject"] = subject
@@ -168,5 +211,5 @@ def readable_texts(msg: EmailMessage) -> list[str]:
     texts = [str(msg.get("Subject", "")), str(msg.get("From", ""))]
     for part in msg.walk():
         if part.get_content_maintype() == "text":
-            texts.append(part.get_content())  # type: ignore[attr-defined]
+            texts.append(part.get_content())
     return texts

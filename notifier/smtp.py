@@ -191,7 +191,7 @@ def dkim_sign(msg_bytes: bytes, selector: str, domain: str, private_key_pem: byt
     2048 recommended). Raises ``ValueError`` when the key or message is unusable.
     """
     try:
-        signature = dkim.sign(
+        signature: bytes = dkim.sign(  # dkimpy is unannotated
             msg_bytes,
             selector.encode("ascii"),
             domain.encode("ascii"),

@@ -11,6 +11,7 @@ from portal import config as settings
 from portal import logs
 from portal.extensions import csrf, db, limiter, login_manager
 from portal.paths import asset_dir
+from portal.web.transaction import TransactionalFlask
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -18,9 +19,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     Raises portal.config.ConfigError naming the first malformed setting.
     """
-    app = Flask("portal", template_folder=str(asset_dir("templates")),
-                static_folder=str(asset_dir("static")))
+    app = TransactionalFlask(
+        "portal",
+        template_folder=str(asset_dir("templates")),
+        static_folder=str(asset_dir("static")),
+    )
     app.config.update(settings.load(overrides=config))
+    app.extensions["password_hasher"] = settings.password_hasher(app.config)
     _harden(app)
     logs.configure(app.config["LOG_LEVEL"])
     db.init_app(app)
@@ -51,7 +56,7 @@ def _harden(app: Flask) -> None:
 
 
 def _register(app: Flask) -> None:
-    from portal import web
+    from portal import commands, web
     from portal.auth import onboarding, views  # noqa: F401 - onboarding adds routes to auth
     from portal.auth.sessions import DatabaseSessionInterface
 
@@ -65,6 +70,7 @@ def _register(app: Flask) -> None:
     from portal.staff import views as staff_views
 
     web.init_app(app)
+    commands.init_app(app)  # the `portal` command's groups, on app.cli
     app.register_blueprint(views.bp)
     app.register_blueprint(admin_views.bp)
     app.register_blueprint(staff_views.bp)

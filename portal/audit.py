@@ -17,12 +17,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from portal.database import utcnow
-from portal.models import AuditEvent, AuditHead
+from portal.models import AuditEvent, AuditHead, User
 
 GENESIS_HASH = "0" * 64
 MAX_DETAIL_TEXT = 200
@@ -105,6 +106,11 @@ class Actor:
 SYSTEM = Actor(None, "system")
 
 
+def actor_of(user: User) -> Actor:
+    """Return the audit actor for ``user`` (the one place a user becomes an Actor)."""
+    return Actor(user.id, user.role)
+
+
 @dataclass(frozen=True)
 class RequestMeta:
     """Where a request came from; the CLI and workers pass :data:`NO_REQUEST`."""
@@ -149,26 +155,66 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 def event_hash(event: AuditEvent) -> str:
     """Return the SHA-256 (hex) of the event's canonical encoding, ``prev_hash`` included."""
     return _hash_fields(
-        event.seq, event.occurred_at, event.actor_id, event.actor_role, event.action,
-        event.target_type, event.target_id, event.patient_id, event.message_id, event.outcome,
-        event.client_ip, event.user_agent, event.request_id, event.details, event.prev_hash)
+        event.seq,
+        event.occurred_at,
+        event.actor_id,
+        event.actor_role,
+        event.action,
+        event.target_type,
+        event.target_id,
+        event.patient_id,
+        event.message_id,
+        event.outcome,
+        event.client_ip,
+        event.user_agent,
+        event.request_id,
+        event.details,
+        event.prev_hash,
+    )
 
 
-def _hash_fields(seq: object, occurred_at: object, actor_id: object, actor_role: object,
-                 action: object, target_type: object, target_id: object, patient_id: object,
-                 message_id: object, outcome: object, client_ip: object, user_agent: object,
-                 request_id: object, details: object, prev_hash: object) -> str:
+def _hash_fields(
+    seq: object,
+    occurred_at: object,
+    actor_id: object,
+    actor_role: object,
+    action: object,
+    target_type: object,
+    target_id: object,
+    patient_id: object,
+    message_id: object,
+    outcome: object,
+    client_ip: object,
+    user_agent: object,
+    request_id: object,
+    details: object,
+    prev_hash: object,
+) -> str:
     if isinstance(occurred_at, datetime):
         occurred_at = _timestamp(occurred_at)
     # Keys written in sorted order: the same bytes as _canonical() of this dict (the chain's
     # encoding), without sorting on every call; verify() runs this once per event.
-    return hashlib.sha256(_ENCODER.encode({
-        "action": action, "actor_id": actor_id, "actor_role": actor_role,
-        "client_ip": client_ip, "details": details, "message_id": message_id,
-        "occurred_at": occurred_at, "outcome": outcome, "patient_id": patient_id,
-        "prev_hash": prev_hash, "request_id": request_id, "seq": seq,
-        "target_id": target_id, "target_type": target_type, "user_agent": user_agent,
-    }).encode()).hexdigest()
+    return hashlib.sha256(
+        _ENCODER.encode(
+            {
+                "action": action,
+                "actor_id": actor_id,
+                "actor_role": actor_role,
+                "client_ip": client_ip,
+                "details": details,
+                "message_id": message_id,
+                "occurred_at": occurred_at,
+                "outcome": outcome,
+                "patient_id": patient_id,
+                "prev_hash": prev_hash,
+                "request_id": request_id,
+                "seq": seq,
+                "target_id": target_id,
+                "target_type": target_type,
+                "user_agent": user_agent,
+            }
+        ).encode()
+    ).hexdigest()
 
 
 def record(
@@ -191,15 +237,28 @@ def record(
     """
     detail_text = _check_details(details or {})
     seq, prev_hash = session.execute(
-        update(AuditHead).where(AuditHead.id == 1).values(seq=AuditHead.seq + 1)
+        update(AuditHead)
+        .where(AuditHead.id == 1)
+        .values(seq=AuditHead.seq + 1)
         .returning(AuditHead.seq, AuditHead.hash)
     ).one()
     event = AuditEvent(
-        seq=seq, occurred_at=utcnow(), actor_id=actor.id, actor_role=actor.role,
-        action=Action(action).value, target_type=target_type, target_id=target_id,
-        patient_id=patient_id, message_id=message_id, outcome=Outcome(outcome).value,
-        client_ip=meta.client_ip, user_agent=(meta.user_agent or "")[:256] or None,
-        request_id=meta.request_id, details=detail_text, prev_hash=prev_hash)
+        seq=seq,
+        occurred_at=utcnow(),
+        actor_id=actor.id,
+        actor_role=actor.role,
+        action=Action(action).value,
+        target_type=target_type,
+        target_id=target_id,
+        patient_id=patient_id,
+        message_id=message_id,
+        outcome=Outcome(outcome).value,
+        client_ip=meta.client_ip,
+        user_agent=(meta.user_agent or "")[:256] or None,
+        request_id=meta.request_id,
+        details=detail_text,
+        prev_hash=prev_hash,
+    )
     event.hash = event_hash(event)
     session.add(event)
     session.execute(update(AuditHead).where(AuditHead.id == 1).values(hash=event.hash))
@@ -220,10 +279,22 @@ class Verification:
 
 
 VERIFY_COLUMNS = (
-    AuditEvent.seq, AuditEvent.occurred_at, AuditEvent.actor_id, AuditEvent.actor_role,
-    AuditEvent.action, AuditEvent.target_type, AuditEvent.target_id, AuditEvent.patient_id,
-    AuditEvent.message_id, AuditEvent.outcome, AuditEvent.client_ip, AuditEvent.user_agent,
-    AuditEvent.request_id, AuditEvent.details, AuditEvent.prev_hash, AuditEvent.hash,
+    AuditEvent.seq,
+    AuditEvent.occurred_at,
+    AuditEvent.actor_id,
+    AuditEvent.actor_role,
+    AuditEvent.action,
+    AuditEvent.target_type,
+    AuditEvent.target_id,
+    AuditEvent.patient_id,
+    AuditEvent.message_id,
+    AuditEvent.outcome,
+    AuditEvent.client_ip,
+    AuditEvent.user_agent,
+    AuditEvent.request_id,
+    AuditEvent.details,
+    AuditEvent.prev_hash,
+    AuditEvent.hash,
 )
 
 
@@ -237,8 +308,9 @@ def read_head(session: Session) -> tuple[int, str] | None:
     return (int(row[0]), str(row[1])) if row is not None else None
 
 
-def _rows(session: Session, upto: int | None,
-          batch: int = 5000) -> Iterator[tuple[object, ...]]:
+def _rows(
+    session: Session, upto: int | None, batch: int = 5000
+) -> Iterator[tuple[Any, ...]]:  # raw rows of VERIFY_COLUMNS
     connection = session.connection()
     stmt = select(*VERIFY_COLUMNS).order_by(AuditEvent.seq)
     if upto is not None:
@@ -246,9 +318,12 @@ def _rows(session: Session, upto: int | None,
     if connection.dialect.name == "postgresql":
         # A plain server-side cursor of the driver: SQLAlchemy's per-row processing costs
         # as much as the hash. timestamptz arrives timezone-aware; _timestamp makes it UTC.
-        sql = str(stmt.compile(dialect=connection.dialect,
-                               compile_kwargs={"literal_binds": True}))  # an int, ours
+        sql = str(
+            stmt.compile(dialect=connection.dialect, compile_kwargs={"literal_binds": True})
+        )  # an int, ours
         driver = connection.connection.driver_connection
+        # mypy: the DBAPI connection is psycopg's here (PostgreSQL only path); SQLAlchemy types
+        #   it Any | None.
         with driver.cursor(name="audit_verify", binary=True) as cursor:  # type: ignore[union-attr]
             cursor.itersize = batch
             cursor.execute(sql)
@@ -268,22 +343,41 @@ def verify(session: Session) -> Verification:
     """
     head = read_head(session)
     if head is None:  # the migration creates the row; without it a cut end would pass
-        return Verification(False, 0, GENESIS_HASH, None, 1,
-                            "the audit head row is missing (deleted outside the chain)")
+        return Verification(
+            False,
+            0,
+            GENESIS_HASH,
+            None,
+            1,
+            "the audit head row is missing (deleted outside the chain)",
+        )
     expected_seq, prev, head_time = 1, GENESIS_HASH, None
     for row in _rows(session, head[0]):
         # The common case inlined (this loop runs once per event); _check_row explains.
         if row[0] != expected_seq or row[14] != prev or _hash_fields(*row[:15]) != row[15]:
             problem = _check_row(row, expected_seq, prev) or "unreadable event"
-            return Verification(False, expected_seq - 1, str(prev), _utc(head_time), int(row[0]),
-                                problem)
+            return Verification(
+                False, expected_seq - 1, str(prev), _utc(head_time), int(row[0]), problem
+            )
         expected_seq, prev, head_time = expected_seq + 1, row[15], row[1]
     if head != (expected_seq - 1, prev):
-        return Verification(False, expected_seq - 1, str(prev), _utc(head_time), expected_seq,
-                            "events are missing after the last one (the head counts further)")
+        return Verification(
+            False,
+            expected_seq - 1,
+            str(prev),
+            _utc(head_time),
+            expected_seq,
+            "events are missing after the last one (the head counts further)",
+        )
     if _past_head(session):
-        return Verification(False, expected_seq - 1, str(prev), _utc(head_time), expected_seq,
-                            "events lie past the head (not appended through the chain)")
+        return Verification(
+            False,
+            expected_seq - 1,
+            str(prev),
+            _utc(head_time),
+            expected_seq,
+            "events lie past the head (not appended through the chain)",
+        )
     return Verification(True, expected_seq - 1, str(prev), _utc(head_time))
 
 
@@ -326,8 +420,12 @@ def _verify_range(job: tuple[str, int, int]) -> tuple[int, str | None, str | Non
     import psycopg
 
     url, first, stop = job
-    sql = str(select(*VERIFY_COLUMNS).where(AuditEvent.seq >= first, AuditEvent.seq < stop)
-              .order_by(AuditEvent.seq).compile(compile_kwargs={"literal_binds": True}))
+    sql = str(
+        select(*VERIFY_COLUMNS)
+        .where(AuditEvent.seq >= first, AuditEvent.seq < stop)
+        .order_by(AuditEvent.seq)
+        .compile(compile_kwargs={"literal_binds": True})
+    )
     count, first_prev, prev, expected = 0, None, None, first
     with psycopg.connect(url) as connection, connection.cursor(name="verify", binary=True) as cur:
         cur.itersize = 5000
@@ -346,9 +444,13 @@ def verify_parallel(session: Session, jobs: int) -> Verification:
     separate processes, then checking the joins (each range must start with the hash the
     range before it ends with). PostgreSQL only; smaller trails and SQLite use verify()."""
     head = read_head(session)  # first: the ranges end there, whatever is appended meanwhile
-    url = session.get_bind().url.render_as_string(hide_password=False)
-    if (jobs < 2 or head is None or head[0] < PARALLEL_MIN_EVENTS
-            or not url.startswith("postgresql")):
+    url = session.get_bind().engine.url.render_as_string(hide_password=False)
+    if (
+        jobs < 2
+        or head is None
+        or head[0] < PARALLEL_MIN_EVENTS
+        or not url.startswith("postgresql")
+    ):
         return verify(session)
     head_seq, head_hash = head
     from concurrent.futures import ProcessPoolExecutor
@@ -366,5 +468,9 @@ def verify_parallel(session: Session, jobs: int) -> Verification:
         prev, total = str(last_hash), total + count
     if head_hash != prev or head_seq != total or _past_head(session):
         return verify(session)
-    return Verification(True, total, prev, _utc(session.scalar(
-        select(AuditEvent.occurred_at).where(AuditEvent.seq == total))))
+    return Verification(
+        True,
+        total,
+        prev,
+        _utc(session.scalar(select(AuditEvent.occurred_at).where(AuditEvent.seq == total))),
+    )

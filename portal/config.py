@@ -12,18 +12,22 @@ import os
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from flask import Flask, current_app
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
+
+from portal.security import passwords
 
 SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 MIB = 1024 * 1024
 MAX_PROXY_HOPS = 10
 ProxyNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+SmtpTls = Literal["starttls", "implicit"]
 
 
 class ConfigError(Exception):
@@ -77,7 +81,8 @@ def _parse_database_url(name: str, raw: str) -> str:
         url = make_url(raw)
     except ArgumentError:
         raise ConfigError(
-            f"{name}: not a database URL (sqlite:///path or postgresql://...)") from None
+            f"{name}: not a database URL (sqlite:///path or postgresql://...)"
+        ) from None
     if url.get_backend_name() not in {"sqlite", "postgresql"}:
         raise ConfigError(f"{name}: only sqlite and postgresql are supported")
     if url.get_backend_name() == "postgresql" and url.drivername == "postgresql":
@@ -98,10 +103,12 @@ def _readable_file(name: str, raw: str) -> str:
     return str(path)
 
 
-def _smtp_tls(name: str, raw: str) -> str:
-    if raw not in {"starttls", "implicit"}:
-        raise ConfigError(f"{name}: expected starttls or implicit")
-    return raw
+def _smtp_tls(name: str, raw: str) -> SmtpTls:
+    if raw == "starttls":
+        return "starttls"
+    if raw == "implicit":
+        return "implicit"
+    raise ConfigError(f"{name}: expected starttls or implicit")
 
 
 def _email(name: str, raw: str) -> str:
@@ -117,23 +124,26 @@ def _text(_name: str, raw: str) -> str:
 def _secret_key(name: str, raw: str) -> str:
     # An empty or blank secret would sign sessions with nothing (ASVS 3.5.2, 6.4.1).
     if not raw.strip():
-        raise ConfigError(f"{name}: is empty; set a long random value, or unset it to use "
-                          "the generated instance/secret_key")
+        raise ConfigError(
+            f"{name}: is empty; set a long random value, or unset it to use "
+            "the generated instance/secret_key"
+        )
     return raw
 
 
 def _trusted_proxies(name: str, raw: str) -> int | tuple[ProxyNetwork, ...]:
     """Return a hop count (``"2"``) or the proxies' networks (``"10.0.0.1, 10.1.0.0/16"``)."""
     value = raw.strip()
-    message = (f"{name}: expected a number of proxy hops (0 to {MAX_PROXY_HOPS}) or proxy "
-               "addresses and networks separated by commas, such as 10.0.0.1, 10.1.0.0/16")
+    message = (
+        f"{name}: expected a number of proxy hops (0 to {MAX_PROXY_HOPS}) or proxy "
+        "addresses and networks separated by commas, such as 10.0.0.1, 10.1.0.0/16"
+    )
     if value.isascii() and value.isdigit():
         if int(value) > MAX_PROXY_HOPS:
             raise ConfigError(message)
         return int(value)
     try:
-        networks = tuple(ipaddress.ip_network(part) for part in re.split(r"[,\s]+", value)
-                         if part)
+        networks = tuple(ipaddress.ip_network(part) for part in re.split(r"[,\s]+", value) if part)
     except ValueError:
         raise ConfigError(message) from None
     if not networks or any(network.prefixlen == 0 for network in networks):
@@ -143,13 +153,13 @@ def _trusted_proxies(name: str, raw: str) -> int | tuple[ProxyNetwork, ...]:
 
 @dataclass(frozen=True)
 class Setting:
-    """One ``PORTAL_*`` environment variable and the Flask config key it fills."""
+    """One ``PORTAL_*`` environment variable and the Flask config key it fills (README.md's
+    settings list says what each means)."""
 
     env: str
     key: str
     parse: Any
     default: Any
-    help: str
     empty_is_unset: bool = True
 
 
@@ -166,60 +176,36 @@ def _bool(name: str, raw: str) -> bool:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("PORTAL_DATABASE_URL", "DATABASE_URL", _parse_database_url, None,
-            "Database URL; default SQLite in the instance folder"),
-    Setting("PORTAL_SECRET_KEY", "SECRET_KEY", _secret_key, None,
-            "Session signing secret; default generated once in instance/secret_key",
-            empty_is_unset=False),
-    Setting("PORTAL_KEYRING", "KEYRING_PATH", _readable_file, None,
-            "Key-encryption keyring file; default generated once in instance/keyring.json"),
-    Setting("PORTAL_BLOB_DIR", "BLOB_DIR", _text, None,
-            "Folder for encrypted blobs; default instance/blobs"),
-    Setting("PORTAL_BASE_URL", "BASE_URL", _parse_base_url, "http://127.0.0.1:5000",
-            "Public URL of the portal, used in links"),
-    Setting("PORTAL_SMTP_HOST", "SMTP_HOST", _text, "127.0.0.1", "SMTP relay host"),
-    Setting("PORTAL_SMTP_PORT", "SMTP_PORT", _port, 8025, "SMTP relay port"),
-    Setting("PORTAL_SMTP_USERNAME", "SMTP_USERNAME", _text, None, "SMTP AUTH user (optional)"),
-    Setting("PORTAL_SMTP_PASSWORD", "SMTP_PASSWORD", _text, None, "SMTP AUTH password"),
-    Setting("PORTAL_SMTP_TLS", "SMTP_TLS", _smtp_tls, "starttls", "starttls or implicit"),
-    Setting("PORTAL_SMTP_CA_FILE", "SMTP_CA_FILE", _readable_file, None,
-            "CA bundle for a private SMTP certificate"),
-    Setting("PORTAL_MAIL_FROM", "MAIL_FROM", _email, "no-reply@pickup.invalid",
-            "From address of notices"),
-    Setting("PORTAL_ORG_NAME", "ORG_NAME", _text, "Pickup Portal Demo Clinic",
-            "Organisation name shown in notices and pages"),
-    Setting("PORTAL_ORG_ADDRESS", "ORG_ADDRESS", _text, "1 Example Street, Exampletown",
-            "Postal address shown in notices"),
-    Setting("PORTAL_SUPPORT_CONTACT", "SUPPORT_CONTACT", _text, "the practice's front desk",
-            "How patients reach support (shown in notices)"),
-    Setting("PORTAL_REDIS_URL", "REDIS_URL", _parse_redis_url, None,
-            "Redis for rate limits across processes; default in-process memory"),
-    Setting("PORTAL_TRUSTED_PROXIES", "TRUSTED_PROXIES", _trusted_proxies, 0,
-            "Reverse proxies whose X-Forwarded-For/-Proto/-Host are believed: a hop count, "
-            "or their addresses/CIDRs; default none"),
-    Setting("PORTAL_LINK_TTL", "LINK_TTL", parse_duration, 7 * 86400,
-            "Default lifetime of a pickup link"),
-    Setting("PORTAL_LINK_MAX_TTL", "LINK_MAX_TTL", parse_duration, 30 * 86400,
-            "Longest expiry staff may choose"),
-    Setting("PORTAL_MAX_UPLOAD", "MAX_UPLOAD", parse_size, 100 * MIB,
-            "Largest accepted upload"),
-    Setting("PORTAL_REMINDER_AFTER", "REMINDER_AFTER", parse_duration, 3 * 86400,
-            "Remind once when a message is not opened after this long"),
-    Setting("PORTAL_SESSION_IDLE", "SESSION_IDLE", parse_duration, 15 * 60,
-            "Idle session timeout"),
-    Setting("PORTAL_SESSION_LIFETIME", "SESSION_LIFETIME", parse_duration, 12 * 3600,
-            "Absolute session lifetime"),
-    Setting("PORTAL_TOTP_DRIFT", "TOTP_DRIFT", _drift, 1,
-            "TOTP steps of clock drift accepted either way"),
-    Setting("PORTAL_PASSWORD_BLOCKLIST", "PASSWORD_BLOCKLIST", _readable_file, None,
-            "Optional file of breached passwords, one a line"),
-    Setting("PORTAL_DKIM_KEY", "DKIM_KEY", _readable_file, None,
-            "PEM private key; notices are DKIM-signed when set"),
-    Setting("PORTAL_DKIM_SELECTOR", "DKIM_SELECTOR", _text, "pickup", "DKIM selector"),
-    Setting("PORTAL_DEMO", "DEMO", _bool, False,
-            "Demo mode: shows the mail sink and demo TOTP codes. Never in production"),
-    Setting("PORTAL_DEMO_MAILDIR", "DEMO_MAILDIR", _text, None, "Maildir the demo sink writes"),
-    Setting("PORTAL_LOG_LEVEL", "LOG_LEVEL", _text, "INFO", "Log level"),
+    Setting("PORTAL_DATABASE_URL", "DATABASE_URL", _parse_database_url, None),
+    Setting("PORTAL_SECRET_KEY", "SECRET_KEY", _secret_key, None, empty_is_unset=False),
+    Setting("PORTAL_KEYRING", "KEYRING_PATH", _readable_file, None),
+    Setting("PORTAL_BLOB_DIR", "BLOB_DIR", _text, None),
+    Setting("PORTAL_BASE_URL", "BASE_URL", _parse_base_url, "http://127.0.0.1:5000"),
+    Setting("PORTAL_SMTP_HOST", "SMTP_HOST", _text, "127.0.0.1"),
+    Setting("PORTAL_SMTP_PORT", "SMTP_PORT", _port, 8025),
+    Setting("PORTAL_SMTP_USERNAME", "SMTP_USERNAME", _text, None),
+    Setting("PORTAL_SMTP_PASSWORD", "SMTP_PASSWORD", _text, None),
+    Setting("PORTAL_SMTP_TLS", "SMTP_TLS", _smtp_tls, "starttls"),
+    Setting("PORTAL_SMTP_CA_FILE", "SMTP_CA_FILE", _readable_file, None),
+    Setting("PORTAL_MAIL_FROM", "MAIL_FROM", _email, "no-reply@pickup.invalid"),
+    Setting("PORTAL_ORG_NAME", "ORG_NAME", _text, "Pickup Portal Demo Clinic"),
+    Setting("PORTAL_ORG_ADDRESS", "ORG_ADDRESS", _text, "1 Example Street, Exampletown"),
+    Setting("PORTAL_SUPPORT_CONTACT", "SUPPORT_CONTACT", _text, "the practice's front desk"),
+    Setting("PORTAL_REDIS_URL", "REDIS_URL", _parse_redis_url, None),
+    Setting("PORTAL_TRUSTED_PROXIES", "TRUSTED_PROXIES", _trusted_proxies, 0),
+    Setting("PORTAL_LINK_TTL", "LINK_TTL", parse_duration, 7 * 86400),
+    Setting("PORTAL_LINK_MAX_TTL", "LINK_MAX_TTL", parse_duration, 30 * 86400),
+    Setting("PORTAL_MAX_UPLOAD", "MAX_UPLOAD", parse_size, 100 * MIB),
+    Setting("PORTAL_REMINDER_AFTER", "REMINDER_AFTER", parse_duration, 3 * 86400),
+    Setting("PORTAL_SESSION_IDLE", "SESSION_IDLE", parse_duration, 15 * 60),
+    Setting("PORTAL_SESSION_LIFETIME", "SESSION_LIFETIME", parse_duration, 12 * 3600),
+    Setting("PORTAL_TOTP_DRIFT", "TOTP_DRIFT", _drift, 1),
+    Setting("PORTAL_PASSWORD_BLOCKLIST", "PASSWORD_BLOCKLIST", _readable_file, None),
+    Setting("PORTAL_DKIM_KEY", "DKIM_KEY", _readable_file, None),
+    Setting("PORTAL_DKIM_SELECTOR", "DKIM_SELECTOR", _text, "pickup"),
+    Setting("PORTAL_DEMO", "DEMO", _bool, False),
+    Setting("PORTAL_DEMO_MAILDIR", "DEMO_MAILDIR", _text, None),
+    Setting("PORTAL_LOG_LEVEL", "LOG_LEVEL", _text, "INFO"),
 )
 
 
@@ -245,8 +231,10 @@ def secret_file(path: Path, nbytes: int = 32) -> str:
     except OSError as error:
         raise ConfigError(f"PORTAL_SECRET_KEY: cannot read {path}: {error.strerror}") from None
     if not value:
-        raise ConfigError(f"PORTAL_SECRET_KEY: {path} is empty; delete it to generate a new "
-                          "secret (signs everyone out) or set PORTAL_SECRET_KEY")
+        raise ConfigError(
+            f"PORTAL_SECRET_KEY: {path} is empty; delete it to generate a new "
+            "secret (signs everyone out) or set PORTAL_SECRET_KEY"
+        )
     return value
 
 
@@ -264,8 +252,66 @@ def _publish_secret(path: Path, value: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load(environ: Mapping[str, str] | None = None,
-         overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Settings:
+    """The typed settings services and the notifier read, built once per app from its config.
+
+    Services get it from :func:`current_settings` (views call them with no settings
+    argument); the notifier's worker passes it down explicitly. Durations are seconds,
+    sizes bytes.
+    """
+
+    base_url: str
+    org_name: str
+    org_address: str
+    support_contact: str
+    mail_from: str
+    link_ttl: int
+    link_max_ttl: int
+    max_upload: int
+    reminder_after: int
+    totp_drift: int
+    keyring_path: str
+    blob_dir: str
+    password_blocklist: str | None
+    smtp_host: str
+    smtp_port: int
+    smtp_tls: SmtpTls
+    smtp_ca_file: str | None
+    smtp_username: str | None
+    smtp_password: str | None = field(repr=False)  # never in a log line or traceback
+    dkim_key: str | None
+    dkim_selector: str
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Settings:
+        """Return the settings in ``config`` (a Flask config filled by :func:`load`).
+
+        Whole-number settings are coerced with ``int`` (a test override may pass "8025").
+        """
+        values: dict[str, Any] = {f.name: config.get(f.name.upper()) for f in fields(cls)}
+        for f in fields(cls):
+            if f.type == "int":
+                values[f.name] = int(values[f.name])
+        return cls(**values)
+
+
+def settings_of(app: Flask) -> Settings:
+    """Return ``app``'s :class:`Settings`, built from ``app.config`` on first use."""
+    found = app.extensions.get("settings")
+    if not isinstance(found, Settings):
+        found = app.extensions["settings"] = Settings.from_config(app.config)
+    return found
+
+
+def current_settings() -> Settings:
+    """Return the current app's :class:`Settings`; RuntimeError outside an app context."""
+    return settings_of(current_app)
+
+
+def load(
+    environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Return the Flask config: defaults, then environment, then ``overrides``.
 
     Raises ConfigError naming the first malformed setting.
@@ -283,6 +329,22 @@ def load(environ: Mapping[str, str] | None = None,
     if not isinstance(secret, str | bytes) or not secret.strip():
         raise ConfigError("SECRET_KEY: is empty; the portal will not sign sessions without one")
     return config
+
+
+def password_hasher(config: Mapping[str, Any]) -> passwords.PasswordHasher:
+    """Return the app's argon2id hasher: the production parameters, or in tests the cheap
+    ``PASSWORD_HASH_PARAMS`` (a dict of time_cost, memory_cost, parallelism).
+
+    Raises ConfigError when PASSWORD_HASH_PARAMS is set without TESTING: an app that
+    serves real users never hashes below the OWASP floor. The key has no environment
+    variable; only create_app's overrides can set it.
+    """
+    params = config.get("PASSWORD_HASH_PARAMS")
+    if params is None:
+        return passwords.default_hasher()
+    if not config.get("TESTING"):
+        raise ConfigError("PASSWORD_HASH_PARAMS: is a test-only setting and needs TESTING")
+    return passwords.insecure_hasher_for_tests(**params)
 
 
 def _fill_embedded_defaults(config: dict[str, Any], folder: Path) -> None:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from flask import current_app
+from flask.ctx import AppContext
 from flask.globals import app_ctx
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
-from sqlalchemy.orm import DeclarativeBase, Session, scoped_session
+from sqlalchemy import CursorResult, DateTime, Engine, MetaData, Result, create_engine, event
+from sqlalchemy.orm import DeclarativeBase, Session, scoped_session, sessionmaker
 from sqlalchemy.types import TypeDecorator
+from werkzeug.local import LocalProxy
 
 # Alembic autogenerate compares constraint names; a convention keeps them stable
-# across SQLite and PostgreSQL (STYLE.md: migrations).
+# across SQLite and PostgreSQL.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -78,6 +80,25 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def rowcount(result: Result[Any]) -> int:
+    """Return how many rows the UPDATE or DELETE that produced ``result`` matched.
+
+    ``Session.execute`` is typed to return ``Result``; for DML it returns the
+    ``CursorResult`` that carries ``rowcount``. Raises TypeError for any other result.
+    """
+    if not isinstance(result, CursorResult):
+        raise TypeError("rowcount needs the result of an UPDATE or DELETE")
+    return result.rowcount
+
+
+class _AppSessionMaker(sessionmaker[Session]):
+    """Make Sessions bound to the current app's engine (chosen per call, not at import)."""
+
+    def __call__(self, **local_kw: Any) -> Session:
+        local_kw.setdefault("bind", current_app.extensions["engine"])
+        return super().__call__(**local_kw)
+
+
 class Database:
     """Per-app engine and a session scoped to the current app context.
 
@@ -86,12 +107,31 @@ class Database:
     """
 
     def __init__(self) -> None:
-        self.session: scoped_session[Session] = scoped_session(
-            self._new_session, scopefunc=_app_context_id)
+        self._scoped: scoped_session[Session] = scoped_session(
+            _AppSessionMaker(expire_on_commit=False), scopefunc=_app_context_id
+        )
 
-    @staticmethod
-    def _new_session() -> Session:
-        return Session(bind=current_app.extensions["engine"], expire_on_commit=False)
+    @property
+    def session(self) -> Session:
+        """Return the proxy to the current app context's Session (one per context).
+
+        Typed as ``Session``, which services take: ``scoped_session`` proxies the whole
+        public interface of ``Session``. It stays the proxy, not ``self._scoped()``: a
+        streamed body's generator outlives its app context (``stream_with_context``
+        pushes a new one), and must reach that context's session, which teardown closes.
+        The proxy lacks a few Session members (in_transaction, get_transaction,
+        in_nested_transaction, get_nested_transaction, invalidate, prepare, bind_mapper,
+        bind_table, enable_relationship_loading): use the methods below, never those.
+        """
+        return cast(Session, self._scoped)
+
+    def has_session(self) -> bool:
+        """Return whether the current app context has begun a Session (without starting one)."""
+        return self._scoped.registry.has()
+
+    def in_transaction(self) -> bool:
+        """Return whether the current app context's Session has a transaction open."""
+        return self.has_session() and self._scoped().in_transaction()
 
     @property
     def engine(self) -> Engine:
@@ -107,10 +147,11 @@ class Database:
     def _remove(self, _exc: BaseException | None) -> None:
         # Blobs written by a request that died before its commit: an explicit rollback
         # (close alone does not run after_soft_rollback listeners) deletes them.
-        if self.session.registry.has() and self.session.info.get("new_blobs"):
-            self.session.rollback()
-        self.session.remove()
+        if self._scoped.registry.has() and self._scoped.info.get("new_blobs"):
+            self._scoped.rollback()
+        self._scoped.remove()
 
 
 def _app_context_id() -> int:
-    return id(app_ctx._get_current_object())
+    # Flask types ``app_ctx`` as the AppContext it proxies; it is a werkzeug LocalProxy.
+    return id(cast("LocalProxy[AppContext]", app_ctx)._get_current_object())

@@ -31,8 +31,9 @@ class OutputExists(OutputError):
 
 
 @contextlib.contextmanager
-def open_output(path: PathLike, *, replace: bool = False, mode: int = PRIVATE_MODE,
-                encoding: str | None = None) -> Iterator[IO[Any]]:
+def open_output(
+    path: PathLike, *, replace: bool = False, mode: int = PRIVATE_MODE, encoding: str | None = None
+) -> Iterator[IO[Any]]:
     """Yield a handle writing to ``path``: binary, or text in ``encoding`` (newlines as written).
 
     A FIFO or character device owned by this user or root is written as it is,
@@ -84,8 +85,7 @@ def _open_stream(target: Path, encoding: str | None) -> Iterator[IO[Any]]:
 
 
 @contextlib.contextmanager
-def _new_file(target: Path, replace: bool, mode: int,
-              encoding: str | None) -> Iterator[IO[Any]]:
+def _new_file(target: Path, replace: bool, mode: int, encoding: str | None) -> Iterator[IO[Any]]:
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:

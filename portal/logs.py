@@ -11,6 +11,7 @@ import logging
 import sys
 import traceback
 from datetime import UTC, datetime
+from typing import TextIO
 
 from flask import g, has_request_context
 
@@ -33,20 +34,22 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             # The exception type only: messages and tracebacks can hold data.
             entry["exception"] = record.exc_info[0].__name__ if record.exc_info[0] else None
-            entry["stack"] = [f"{f.filename}:{f.lineno} in {f.name}"
-                              for f in traceback.extract_tb(record.exc_info[2])]
+            entry["stack"] = [
+                f"{f.filename}:{f.lineno} in {f.name}"
+                for f in traceback.extract_tb(record.exc_info[2])
+            ]
         return json.dumps(entry, default=str)
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StderrHandler(logging.StreamHandler[TextIO]):
     """Writes to whatever ``sys.stderr`` is at the time (servers and test runners swap it)."""
 
-    @property  # type: ignore[override]
-    def stream(self) -> object:
+    @property
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter
-    def stream(self, _value: object) -> None:
+    def stream(self, _value: TextIO) -> None:
         pass
 
 
@@ -74,6 +77,7 @@ def configure(level: str = "INFO") -> None:
             return
     handler = _StderrHandler()
     handler.setFormatter(JsonFormatter())
+    # mypy: a marker attribute on our own handler, so configure() stays idempotent.
     handler._portal_json = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
-
-def _migrations_dir() -> Path:
-    import migrations
-
-    return Path(migrations.__file__).resolve().parent
+from portal.paths import asset_dir
 
 
 def alembic_config(engine: Engine) -> Config:
     """Return an Alembic config that runs on ``engine`` (no alembic.ini needed)."""
     cfg = Config()
-    cfg.set_main_option("script_location", str(_migrations_dir()))
+    cfg.set_main_option("script_location", str(asset_dir("migrations")))
     cfg.attributes["engine"] = engine
     return cfg
 

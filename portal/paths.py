@@ -1,4 +1,5 @@
-"""Where templates/ and static/ are: inside the installed package, or at the checkout's top."""
+"""Where templates/, static/ and migrations/ are: inside the installed package (setup.py
+puts them there), or at the checkout's top."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def asset_dir(name: str) -> Path:
-    """Return the folder ``name`` ("templates" or "static") of an installed wheel or a checkout.
+    """Return the folder ``name`` ("templates", "static", "migrations") of a wheel or a checkout.
 
     Raises FileNotFoundError when neither exists (a broken install).
     """

@@ -10,7 +10,7 @@ from gunicorn.app.base import BaseApplication
 from portal.config import ProxyNetwork
 
 
-class _Gunicorn(BaseApplication):  # type: ignore[misc]
+class _Gunicorn(BaseApplication):
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = options
         super().__init__()
@@ -25,23 +25,26 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         return app
 
 
-def run_gunicorn(host: str, port: int, workers: int = 2, threads: int = 4,
-                 forwarded_allow_ips: str = "") -> None:
+def run_gunicorn(
+    host: str, port: int, workers: int = 2, threads: int = 4, forwarded_allow_ips: str = ""
+) -> None:
     """Serve ``portal.wsgi:app`` on host:port until interrupted.
 
     ``forwarded_allow_ips`` (see :func:`gunicorn_trusted`) are the peers whose
     X-Forwarded-Proto gunicorn itself believes; default none.
     """
-    _Gunicorn({
-        "bind": f"{host}:{port}",
-        "workers": workers,
-        "threads": threads,
-        "worker_class": "gthread",
-        "accesslog": None,
-        "errorlog": "-",
-        "timeout": 120,
-        "forwarded_allow_ips": forwarded_allow_ips,
-    }).run()
+    _Gunicorn(
+        {
+            "bind": f"{host}:{port}",
+            "workers": workers,
+            "threads": threads,
+            "worker_class": "gthread",
+            "accesslog": None,
+            "errorlog": "-",
+            "timeout": 120,
+            "forwarded_allow_ips": forwarded_allow_ips,
+        }
+    ).run()
 
 
 def gunicorn_trusted(trusted: int | Sequence[ProxyNetwork]) -> str:

@@ -9,6 +9,8 @@ storage) can replace it by implementing ``BlobStore``.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import re
 import secrets
@@ -26,17 +28,30 @@ _TMP_SUFFIX = ".part"
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 WRITE_BUFFER = 1024 * 1024  # bytes; one write(2) per MiB, not per segment (64 KiB puts +35%)
+# A temporary file is created and then locked: one younger than this may not be locked yet.
+TEMP_GRACE_SECONDS = 60
+_PROBE_NAME = "writable-probe"
 
 
 class BlobNotFound(KeyError):
     """No blob has this id (never stored, or deleted)."""
 
 
+class StorageUnavailable(OSError):
+    """The store cannot take a blob now (disk full, quota, read-only, I/O error); nothing kept.
+
+    The message names only the errno, never a path or content.
+    """
+
+
 class BlobStore(Protocol):
     """Where ciphertext blobs live. Ids are random and opaque."""
 
     def put(self, chunks: Iterable[bytes]) -> str:
-        """Store the concatenated ``chunks`` durably; return the new blob's random id."""
+        """Store the concatenated ``chunks`` durably; return the new blob's random id.
+
+        Raises ``StorageUnavailable`` (and keeps nothing) when the store has no room.
+        """
         ...
 
     def open(self, blob_id: str) -> BinaryIO:
@@ -78,7 +93,8 @@ class FilesystemBlobStore(BlobStore):
 
         Writes a temporary file, fsyncs it, renames it into place and fsyncs the
         folder. If anything fails (``chunks`` raising midway included), the
-        temporary file is removed and the exception re-raised: no partial blob.
+        temporary file is removed and the exception re-raised: no partial blob. A full
+        disk, quota, read-only or I/O error is raised as ``StorageUnavailable``.
         """
         blob_id = secrets.token_hex(BLOB_ID_BYTES)
         self._write(blob_id, chunks)
@@ -101,9 +117,13 @@ class FilesystemBlobStore(BlobStore):
             self._ensure_fanout(final.parent)
             os.rename(tmp, final)
             _fsync_dir(final.parent)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        except BaseException as error:
+            for leftover in (tmp, final):  # final too: the rename may be done, its fsync not
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+            if isinstance(error, OSError) and error.errno in _FULL_OR_BROKEN:
+                name = errno.errorcode.get(error.errno, "error")
+                raise StorageUnavailable(error.errno, f"blob store: {name}") from None
             raise
 
     def open(self, blob_id: str) -> BinaryIO:
@@ -148,19 +168,32 @@ class FilesystemBlobStore(BlobStore):
         except FileNotFoundError:
             raise BlobNotFound(blob_id) from None
 
-    def sweep_temp(self, older_than_seconds: float) -> int:
-        """Remove temporary files left by interrupted puts; return how many were removed.
+    def sweep_temp(self, grace_seconds: float = TEMP_GRACE_SECONDS) -> int:
+        """Remove temporary files whose writer is gone; return how many were removed.
 
-        Only files older than ``older_than_seconds`` go, so puts in progress survive.
+        A put holds an exclusive ``flock`` on its temporary file until it ends, so a
+        file nobody holds belongs to a killed process, however recent. Files younger
+        than ``grace_seconds`` are left (created but not yet locked).
         """
-        cutoff = time.time() - older_than_seconds
+        cutoff = time.time() - grace_seconds
         removed = 0
         for entry in self._tmp.iterdir():
             with contextlib.suppress(FileNotFoundError):
-                if entry.stat().st_mtime < cutoff:
-                    entry.unlink()
+                if entry.stat().st_mtime < cutoff and _delete_if_abandoned(entry):
                     removed += 1
         return removed
+
+    def writable(self) -> bool:
+        """Return whether a small file can be written, synced and deleted in the temp folder."""
+        probe = self._tmp / f"{_PROBE_NAME}-{secrets.token_hex(4)}{_TMP_SUFFIX}"
+        try:
+            _write_synced(probe, [b"\0" * 4096])
+        except OSError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+        return True
 
     def _path(self, blob_id: str) -> Path:
         if not isinstance(blob_id, str) or not _BLOB_ID.fullmatch(blob_id):
@@ -222,8 +255,27 @@ class _ClosingIterator(Iterator[bytes]):
         self._handle.close()
 
 
+# Errors that mean "no room or no disk now", as opposed to a bug or bad input.
+_FULL_OR_BROKEN = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG})
+
+
+def _delete_if_abandoned(path: Path) -> bool:
+    """Delete ``path`` if no process holds its lock; return whether it was deleted."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # a live put holds it
+    else:
+        path.unlink()
+        return True
+    finally:
+        os.close(fd)
+
+
 def _write_synced(path: Path, chunks: Iterable[bytes]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held until closed: tells a sweep this writer is alive
     with os.fdopen(fd, "wb", buffering=WRITE_BUFFER) as handle:
         for chunk in chunks:
             handle.write(chunk)

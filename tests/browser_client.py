@@ -36,8 +36,14 @@ class Browser:
         assert match, f"no form on {url} ({page.status_code})"
         return match.group(1)
 
-    def submit(self, url: str, data: dict[str, str] | None = None, *,
-               form_page: str | None = None, **kwargs: Any) -> TestResponse:
+    def submit(
+        self,
+        url: str,
+        data: dict[str, str] | None = None,
+        *,
+        form_page: str | None = None,
+        **kwargs: Any,
+    ) -> TestResponse:
         """POST ``data`` to ``url`` with the CSRF token from ``form_page`` (default ``url``)."""
         fields = {"csrf_token": self.token(form_page or url), **(data or {})}
         return self.client.post(url, data=fields, **kwargs)
@@ -46,8 +52,14 @@ class Browser:
         found = self.client.get_cookie("session")
         return found.value if found else None
 
-    def sign_in(self, email: str, password: str, secret: str | None = None,
-                code: str | None = None, next_url: str = "") -> TestResponse:
+    def sign_in(
+        self,
+        email: str,
+        password: str,
+        secret: str | None = None,
+        code: str | None = None,
+        next_url: str = "",
+    ) -> TestResponse:
         """Both factors; returns the response to the code step (or the password step)."""
         url = "/signin" + (f"?next={next_url}" if next_url else "")
         first = self.submit(url, {"email": email, "password": password})
@@ -67,9 +79,13 @@ def next_code(secret: str) -> str:
     return current_code(secret, 1)
 
 
-def enrolled_user(app: Flask, role: str = "staff", email: str = "sam@example.org",
-                  password: str = "Correct horse battery staple 42",
-                  name: str = "Sam Staffer") -> tuple[User, str, list[str]]:
+def enrolled_user(
+    app: Flask,
+    role: str = "staff",
+    email: str = "sam@example.org",
+    password: str = "Correct horse battery staple 42",
+    name: str = "Sam Staffer",
+) -> tuple[User, str, list[str]]:
     """Create a user with a password and an enrolled authenticator; return (user, secret, codes).
 
     The enrolment code used an older time step, so current codes still work.
@@ -79,12 +95,20 @@ def enrolled_user(app: Flask, role: str = "staff", email: str = "sam@example.org
 
     with app.app_context():
         kwargs = {"dob": utcnow().date() - timedelta(days=365 * 30)} if role == "patient" else {}
-        user = accounts.create_user(db.session, role=role, email=email, name=name,
-                                    password=password, actor=SYSTEM, meta=NO_REQUEST,
-                                    **kwargs).user
+        user = accounts.create_user(
+            db.session,
+            role=role,
+            email=email,
+            name=name,
+            password=password,
+            actor=SYSTEM,
+            meta=NO_REQUEST,
+            **kwargs,
+        ).user
         secret, shown = signin.start_enrolment(db.session, user, None)
-        codes = signin.finish_enrolment(db.session, user, current_code(secret, -1), NO_REQUEST,
-                                        shown)
+        codes = signin.finish_enrolment(
+            db.session, user, current_code(secret, -1), NO_REQUEST, shown
+        )
         db.session.commit()
         return user, secret, codes
 
@@ -92,8 +116,9 @@ def enrolled_user(app: Flask, role: str = "staff", email: str = "sam@example.org
 def outbox_url(app: Flask, kind: str) -> str:
     """The URL in the newest queued notice of ``kind`` (as the notifier would send it)."""
     with app.app_context():
-        row = db.session.scalars(select(Notification).where(Notification.kind == kind)
-                                 .order_by(Notification.id.desc())).first()
+        row = db.session.scalars(
+            select(Notification).where(Notification.kind == kind).order_by(Notification.id.desc())
+        ).first()
         assert row is not None, f"no {kind} notice queued"
         url = notices.open_payload(db.session, row)
         assert url

@@ -19,8 +19,16 @@ PATIENT_DOB = date(1961, 7, 23)
 SUBJECT = "Biopsy result Xylophonoma"
 BODY = "Your Xylophonoma biopsy shows Quasirandomitis; please call Dr Phiseedwell."
 FILENAME = "Quagmire_Xylophonoma_pathology.pdf"
-PHI_STRINGS = (PATIENT_NAME, "Quagmire", "Phiseed", "1961-07-23", "Xylophonoma",
-               "Quasirandomitis", "Phiseedwell", FILENAME)
+PHI_STRINGS = (
+    PATIENT_NAME,
+    "Quagmire",
+    "Phiseed",
+    "1961-07-23",
+    "Xylophonoma",
+    "Quasirandomitis",
+    "Phiseedwell",
+    FILENAME,
+)
 
 MINIMAL_PDF = (
     b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n"
@@ -31,12 +39,18 @@ MINIMAL_PDF = (
 )
 
 
-def make_user(session: Session, role: str = "staff", email: str | None = None,
-              name: str = "Sam Staffer", **kwargs: Any) -> User:
+def make_user(
+    session: Session,
+    role: str = "staff",
+    email: str | None = None,
+    name: str = "Sam Staffer",
+    **kwargs: Any,
+) -> User:
     """Create a user through the accounts service (flushed)."""
     address = email or f"{role}-{utcnow().timestamp()}@example.org".replace(".", "-", 1)
-    return accounts.create_user(session, role=role, email=address, name=name, actor=SYSTEM,
-                                meta=NO_REQUEST, **kwargs).user
+    return accounts.create_user(
+        session, role=role, email=address, name=name, actor=SYSTEM, meta=NO_REQUEST, **kwargs
+    ).user
 
 
 def make_patient(session: Session, email: str = "zq@example.org", **kwargs: Any) -> User:
@@ -45,13 +59,19 @@ def make_patient(session: Session, email: str = "zq@example.org", **kwargs: Any)
     return make_user(session, "patient", email, PATIENT_NAME, **kwargs)
 
 
-def make_message(session: Session, sender: User, recipient: User,
-                 files: list[tuple[str, bytes]] | None = None, **kwargs: Any) -> Message:
+def make_message(
+    session: Session,
+    sender: User,
+    recipient: User,
+    files: list[tuple[str, bytes]] | None = None,
+    **kwargs: Any,
+) -> Message:
     """Store a message with the recognisable PHI through the messages service (flushed)."""
-    uploads = [messages.Upload(name, io.BytesIO(data))
-               for name, data in (files if files is not None else [(FILENAME, MINIMAL_PDF)])]
+    uploads = [
+        messages.Upload(name, io.BytesIO(data))
+        for name, data in (files if files is not None else [(FILENAME, MINIMAL_PDF)])
+    ]
     kwargs.setdefault("subject", SUBJECT)
     kwargs.setdefault("body", BODY)
     kwargs.setdefault("expires_at", utcnow() + timedelta(days=7))
-    return messages.create(session, sender=sender, recipient=recipient, uploads=uploads,
-                           **kwargs)
+    return messages.create(session, sender=sender, recipient=recipient, uploads=uploads, **kwargs)

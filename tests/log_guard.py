@@ -70,5 +70,8 @@ def _no_phi_in_logs() -> Iterator[None]:
     bad = [(line[:300], leaks) for line in _COLLECTOR.lines if (leaks := leaks_in(line))]
     _COLLECTOR.lines.clear()
     if bad:
-        pytest.fail("logged PHI, an email address or a token:\n"
-                    + "\n".join(f"  {leaks}: {line}" for line, leaks in bad[:10]), pytrace=False)
+        pytest.fail(
+            "logged PHI, an email address or a token:\n"
+            + "\n".join(f"  {leaks}: {line}" for line, leaks in bad[:10]),
+            pytrace=False,
+        )

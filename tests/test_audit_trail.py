@@ -22,8 +22,16 @@ META = RequestMeta(client_ip="192.0.2.10", user_agent="pytest", request_id="r-1"
 
 def append(n: int, **kwargs: Any) -> None:
     for i in range(n):
-        audit.record(db.session, Action.MESSAGE_VIEW, actor=STAFF, meta=META,
-                     target_type="message", target_id=f"m{i}", patient_id=3, **kwargs)
+        audit.record(
+            db.session,
+            Action.MESSAGE_VIEW,
+            actor=STAFF,
+            meta=META,
+            target_type="message",
+            target_id=f"m{i}",
+            patient_id=3,
+            **kwargs,
+        )
     db.session.commit()
 
 
@@ -67,11 +75,14 @@ def test_event_is_in_callers_transaction(app: Flask) -> None:
         assert audit.verify(db.session).count == 1
 
 
-@pytest.mark.parametrize("details", [
-    {"note": "x" * 500},
-    {"Free Text": "a"},
-    {"nested": {"a": 1}},
-])
+@pytest.mark.parametrize(
+    "details",
+    [
+        {"note": "x" * 500},
+        {"Free Text": "a"},
+        {"nested": {"a": 1}},
+    ],
+)
 def test_details_refuse_free_text(app: Flask, details: dict[str, Any]) -> None:
     with app.app_context(), pytest.raises(AuditDetailError):
         audit.record(db.session, Action.MESSAGE_SEND, details=details)
@@ -144,8 +155,11 @@ def test_cli_verify_exit_codes(app: Flask, backend: str) -> None:
 def test_trigger_refuses_update_and_delete(app: Flask) -> None:
     with app.app_context():
         append(2)
-        for sql in ("UPDATE audit_events SET outcome = 'denied'", "DELETE FROM audit_events",
-                    "TRUNCATE audit_events"):
+        for sql in (
+            "UPDATE audit_events SET outcome = 'denied'",
+            "DELETE FROM audit_events",
+            "TRUNCATE audit_events",
+        ):
             with pytest.raises(DBAPIError, match="append-only"):
                 db.session.execute(text(sql))
             db.session.rollback()
@@ -162,8 +176,9 @@ def test_concurrent_appends_make_one_chain(app: Flask, backend: str) -> None:
             with app.app_context():
                 barrier.wait()
                 for _ in range(per_thread):
-                    audit.record(db.session, Action.AUTH_SIGNIN, actor=STAFF,
-                                 outcome=Outcome.SUCCESS)
+                    audit.record(
+                        db.session, Action.AUTH_SIGNIN, actor=STAFF, outcome=Outcome.SUCCESS
+                    )
                     db.session.commit()
         except BaseException as error:
             errors.append(error)
@@ -192,12 +207,13 @@ def test_insert_select_only_role_from_readme(app: Flask) -> None:
     url = make_url(app.config["DATABASE_URL"])
     schema = url.query["options"].split("=", 1)[1]
     with app.app_context():
-        for sql in (f"CREATE ROLE {role} LOGIN",
-                    f"GRANT USAGE ON SCHEMA {schema} TO {role}",
-                    f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} "
-                    f"TO {role}",
-                    f"REVOKE UPDATE, DELETE, TRUNCATE ON audit_events FROM {role}",
-                    f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA {schema} TO {role}"):
+        for sql in (
+            f"CREATE ROLE {role} LOGIN",
+            f"GRANT USAGE ON SCHEMA {schema} TO {role}",
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {role}",
+            f"REVOKE UPDATE, DELETE, TRUNCATE ON audit_events FROM {role}",
+            f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA {schema} TO {role}",
+        ):
             db.session.execute(text(sql))
         db.session.commit()
     engine = create_engine(url.set(username=role))
@@ -237,8 +253,9 @@ def test_parallel_verify_agrees_and_falls_back(app: Flask, monkeypatch: pytest.M
         assert broken.bad_seq == 27
 
 
-def _appenders(app: Flask, stop: threading.Event, errors: list[BaseException],
-               threads: int = 3) -> list[threading.Thread]:
+def _appenders(
+    app: Flask, stop: threading.Event, errors: list[BaseException], threads: int = 3
+) -> list[threading.Thread]:
     """Threads that append (and commit) through the audit service until ``stop`` is set."""
 
     def worker() -> None:
@@ -258,8 +275,9 @@ def _appenders(app: Flask, stop: threading.Event, errors: list[BaseException],
 
 @pytest.mark.postgres_only
 @pytest.mark.parametrize("how", ["serial", "parallel"])
-def test_verify_is_intact_while_others_append(app: Flask, monkeypatch: pytest.MonkeyPatch,
-                                              how: str) -> None:
+def test_verify_is_intact_while_others_append(
+    app: Flask, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
     """Issue 10 item 19: the head is read first, so concurrent appends never look missing."""
     monkeypatch.setattr(audit, "PARALLEL_MIN_EVENTS", 10)
     with app.app_context():
@@ -270,8 +288,11 @@ def test_verify_is_intact_while_others_append(app: Flask, monkeypatch: pytest.Mo
         with app.app_context():
             results = []
             for _ in range(8):
-                results.append(audit.verify(db.session) if how == "serial"
-                               else audit.verify_parallel(db.session, 2))
+                results.append(
+                    audit.verify(db.session)
+                    if how == "serial"
+                    else audit.verify_parallel(db.session, 2)
+                )
                 db.session.rollback()
     finally:
         stop.set()
@@ -285,8 +306,11 @@ def test_verify_is_intact_while_others_append(app: Flask, monkeypatch: pytest.Mo
 def test_events_past_the_head_are_found(app: Flask, backend: str) -> None:
     with app.app_context():
         append(3)
-        tamper(db.session, backend, "UPDATE audit_head SET seq = 2, hash = "
-               "(SELECT hash FROM audit_events WHERE seq = 2)")
+        tamper(
+            db.session,
+            backend,
+            "UPDATE audit_head SET seq = 2, hash = (SELECT hash FROM audit_events WHERE seq = 2)",
+        )
         result = audit.verify(db.session)
         assert not result.ok
         assert result.bad_seq == 3

@@ -17,6 +17,7 @@ import pytest
 
 from portal import config
 from portal.config import ConfigError
+from portal.security import passwords
 
 
 def test_embedded_defaults(instance: Path) -> None:
@@ -39,14 +40,16 @@ def test_secret_key_file_is_private_and_reused(instance: Path) -> None:
 
 
 def test_environment_overrides_defaults(instance: Path) -> None:
-    loaded = config.load({
-        "PORTAL_INSTANCE_DIR": str(instance),
-        "PORTAL_DATABASE_URL": "postgresql://u@db.example:5432/portal",
-        "PORTAL_SMTP_TLS": "implicit",
-        "PORTAL_LINK_TTL": "3d",
-        "PORTAL_MAX_UPLOAD": "20M",
-        "PORTAL_BASE_URL": "https://portal.example.org/",
-    })
+    loaded = config.load(
+        {
+            "PORTAL_INSTANCE_DIR": str(instance),
+            "PORTAL_DATABASE_URL": "postgresql://u@db.example:5432/portal",
+            "PORTAL_SMTP_TLS": "implicit",
+            "PORTAL_LINK_TTL": "3d",
+            "PORTAL_MAX_UPLOAD": "20M",
+            "PORTAL_BASE_URL": "https://portal.example.org/",
+        }
+    )
     assert loaded["DATABASE_URL"] == "postgresql+psycopg://u@db.example:5432/portal"
     assert loaded["SMTP_TLS"] == "implicit"
     assert loaded["LINK_TTL"] == 3 * 86400
@@ -54,21 +57,24 @@ def test_environment_overrides_defaults(instance: Path) -> None:
     assert loaded["BASE_URL"] == "https://portal.example.org"
 
 
-@pytest.mark.parametrize(("name", "value"), [
-    ("PORTAL_SMTP_TLS", "ssl3"),
-    ("PORTAL_SMTP_PORT", "99999"),
-    ("PORTAL_BASE_URL", "portal.example.org"),
-    ("PORTAL_BASE_URL", "ftp://portal.example.org"),
-    ("PORTAL_DATABASE_URL", "not a url"),
-    ("PORTAL_DATABASE_URL", "mysql://x@y/z"),
-    ("PORTAL_KEYRING", "/nonexistent/keyring.json"),
-    ("PORTAL_SMTP_CA_FILE", "/nonexistent/ca.pem"),
-    ("PORTAL_LINK_TTL", "soon"),
-    ("PORTAL_MAX_UPLOAD", "lots"),
-    ("PORTAL_REDIS_URL", "http://127.0.0.1:6379"),
-    ("PORTAL_MAIL_FROM", "nobody"),
-    ("PORTAL_DEMO", "maybe"),
-])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PORTAL_SMTP_TLS", "ssl3"),
+        ("PORTAL_SMTP_PORT", "99999"),
+        ("PORTAL_BASE_URL", "portal.example.org"),
+        ("PORTAL_BASE_URL", "ftp://portal.example.org"),
+        ("PORTAL_DATABASE_URL", "not a url"),
+        ("PORTAL_DATABASE_URL", "mysql://x@y/z"),
+        ("PORTAL_KEYRING", "/nonexistent/keyring.json"),
+        ("PORTAL_SMTP_CA_FILE", "/nonexistent/ca.pem"),
+        ("PORTAL_LINK_TTL", "soon"),
+        ("PORTAL_MAX_UPLOAD", "lots"),
+        ("PORTAL_REDIS_URL", "http://127.0.0.1:6379"),
+        ("PORTAL_MAIL_FROM", "nobody"),
+        ("PORTAL_DEMO", "maybe"),
+    ],
+)
 def test_malformed_setting_names_itself(instance: Path, name: str, value: str) -> None:
     with pytest.raises(ConfigError) as raised:
         config.load({"PORTAL_INSTANCE_DIR": str(instance), name: value})
@@ -78,18 +84,29 @@ def test_malformed_setting_names_itself(instance: Path, name: str, value: str) -
 
 def test_secret_values_are_not_echoed(instance: Path) -> None:
     with pytest.raises(ConfigError) as raised:
-        config.load({"PORTAL_INSTANCE_DIR": str(instance),
-                     "PORTAL_DATABASE_URL": "mysql://admin:hunter2secret@y/z"})
+        config.load(
+            {
+                "PORTAL_INSTANCE_DIR": str(instance),
+                "PORTAL_DATABASE_URL": "mysql://admin:hunter2secret@y/z",
+            }
+        )
     assert "hunter2secret" not in str(raised.value)
 
 
 def test_cli_stops_with_one_line(instance: Path) -> None:
     env = {"PORTAL_INSTANCE_DIR": str(instance), "PORTAL_SMTP_TLS": "bogus", "PATH": "/usr/bin"}
-    result = subprocess.run([sys.executable, "-m", "portal", "db", "upgrade"], env=env,
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "portal", "db", "upgrade"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "portal: configuration error: PORTAL_SMTP_TLS: expected starttls or implicit"]
+        "portal: configuration error: PORTAL_SMTP_TLS: expected starttls or implicit"
+    ]
 
 
 def _first_start(folder: str, barrier: Any, results: Any) -> None:
@@ -111,8 +128,10 @@ def _first_start(folder: str, barrier: Any, results: Any) -> None:
 def test_concurrent_first_starts_agree_on_one_secret(instance: Path) -> None:
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(6), context.Queue()
-    workers = [context.Process(target=_first_start, args=(str(instance), barrier, results))
-               for _ in range(6)]
+    workers = [
+        context.Process(target=_first_start, args=(str(instance), barrier, results))
+        for _ in range(6)
+    ]
     for worker in workers:
         worker.start()
     keys = [results.get(timeout=60) for _ in workers]
@@ -153,32 +172,105 @@ def test_app_refuses_an_empty_secret(instance: Path, secret: str | bytes) -> Non
 
 def test_cli_refuses_an_empty_secret_key_with_one_line(instance: Path) -> None:
     env = {"PORTAL_INSTANCE_DIR": str(instance), "PORTAL_SECRET_KEY": "", "PATH": "/usr/bin"}
-    result = subprocess.run([sys.executable, "-m", "portal", "db", "upgrade"], env=env,
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "portal", "db", "upgrade"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("portal: configuration error: PORTAL_SECRET_KEY: is empty")
 
 
-@pytest.mark.parametrize(("raw", "expected"), [
-    ("", 0),
-    ("0", 0),
-    ("2", 2),
-    ("10.0.0.1", (ipaddress.ip_network("10.0.0.1/32"),)),
-    ("10.0.0.1, 10.1.0.0/16 ::1", (ipaddress.ip_network("10.0.0.1/32"),
-                                   ipaddress.ip_network("10.1.0.0/16"),
-                                   ipaddress.ip_network("::1/128"))),
-])
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("", 0),
+        ("0", 0),
+        ("2", 2),
+        ("10.0.0.1", (ipaddress.ip_network("10.0.0.1/32"),)),
+        (
+            "10.0.0.1, 10.1.0.0/16 ::1",
+            (
+                ipaddress.ip_network("10.0.0.1/32"),
+                ipaddress.ip_network("10.1.0.0/16"),
+                ipaddress.ip_network("::1/128"),
+            ),
+        ),
+    ],
+)
 def test_trusted_proxies_parse(instance: Path, raw: str, expected: object) -> None:
     loaded = config.load({"PORTAL_INSTANCE_DIR": str(instance), "PORTAL_TRUSTED_PROXIES": raw})
     assert loaded["TRUSTED_PROXIES"] == expected
 
 
-@pytest.mark.parametrize("raw", ["lots", "11", "-1", "10.0.0.1/8", "10.0.0.1, nope",
-                                 "0.0.0.0/0", "::/0", "300.1.1.1", ",", "\u00b2"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "lots",
+        "11",
+        "-1",
+        "10.0.0.1/8",
+        "10.0.0.1, nope",
+        "0.0.0.0/0",
+        "::/0",
+        "300.1.1.1",
+        ",",
+        "\u00b2",
+    ],
+)
 def test_malformed_trusted_proxies_stop_start_up(instance: Path, raw: str) -> None:
     with pytest.raises(ConfigError) as raised:
         config.load({"PORTAL_INSTANCE_DIR": str(instance), "PORTAL_TRUSTED_PROXIES": raw})
     assert str(raised.value).startswith("PORTAL_TRUSTED_PROXIES: expected a number of proxy hops")
     assert "\n" not in str(raised.value)
+
+
+# --- PASSWORD_HASH_PARAMS: cheap argon2id for the test fixtures only ------------------------
+
+PRODUCTION_HASHING = (passwords.TIME_COST, passwords.MEMORY_COST_KIB, passwords.PARALLELISM)
+STRONG = "Lantern orchard velvet compass 77"
+
+
+@pytest.mark.parametrize("testing", [None, False, 0, ""])
+def test_cheap_hashing_is_refused_outside_testing(instance: Path, testing: object) -> None:
+    from portal import create_app
+
+    overrides: dict[str, Any] = {"PASSWORD_HASH_PARAMS": passwords.INSECURE_TEST_PARAMETERS}
+    if testing is not None:
+        overrides["TESTING"] = testing
+    with pytest.raises(ConfigError, match=r"^PASSWORD_HASH_PARAMS: is a test-only setting"):
+        create_app(overrides)
+
+
+def test_no_environment_variable_turns_on_cheap_hashing(
+    instance: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from portal import create_app
+    from portal.services import accounts
+
+    for name in ("PORTAL_PASSWORD_HASH_PARAMS", "PORTAL_TESTING", "PORTAL_TEST_FAST_HASH"):
+        monkeypatch.setenv(name, "1")
+    app = create_app()
+    assert app.extensions["password_hasher"].parameters == PRODUCTION_HASHING
+    with app.app_context():
+        stored = accounts.hasher().hash_password(STRONG)
+    assert stored.startswith("$argon2id$v=19$m=65536,t=2,p=1$")
+
+
+def test_fixture_apps_hash_with_the_cheap_test_parameters(app: Any) -> None:
+    from portal.services import accounts
+
+    with app.app_context():
+        stored = accounts.hasher().hash_password(STRONG)
+        assert accounts.hasher().verify_password(stored, STRONG)
+    assert stored.startswith("$argon2id$v=19$m=8,t=1,p=1$")
+
+
+@pytest.mark.real_argon2
+def test_real_argon2_mark_gives_fixture_apps_the_production_parameters(app: Any) -> None:
+    assert app.extensions["password_hasher"].parameters == PRODUCTION_HASHING

@@ -32,12 +32,28 @@ def wait_for(url: str, deadline: float) -> bytes:
 
 def test_demo_serves_health_and_sign_in(tmp_path: Path) -> None:
     port = free_port()
-    env = {**os.environ, "PORTAL_INSTANCE_DIR": str(tmp_path / "instance"),
-           "PORTAL_BASE_URL": f"http://127.0.0.1:{port}"}
-    process = subprocess.Popen([sys.executable, "-m", "portal", "demo", "--port", str(port),
-                                "--smtp-port", str(free_port())],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               text=True, start_new_session=True)
+    env = {
+        **os.environ,
+        "PORTAL_INSTANCE_DIR": str(tmp_path / "instance"),
+        "PORTAL_BASE_URL": f"http://127.0.0.1:{port}",
+    }
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "portal",
+            "demo",
+            "--port",
+            str(port),
+            "--smtp-port",
+            str(free_port()),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         assert b'"ok"' in wait_for(f"http://127.0.0.1:{port}/healthz", deadline)
@@ -47,10 +63,27 @@ def test_demo_serves_health_and_sign_in(tmp_path: Path) -> None:
         codes = wait_for(f"http://127.0.0.1:{port}/demo/", deadline).decode()
         assert re.search(r'mono">\d{6}</td>', codes), "demo page shows no current code"
         sent = subprocess.run(
-            [sys.executable, "-m", "portal", "messages", "send", "--from", "staff@demo.example",
-             "--to", "patient@demo.example", "--subject", "Demo Xylophonoma result",
-             "--body", "Demo Quasirandomitis body"], env=env, capture_output=True, text=True,
-            timeout=60, check=False)
+            [
+                sys.executable,
+                "-m",
+                "portal",
+                "messages",
+                "send",
+                "--from",
+                "staff@demo.example",
+                "--to",
+                "patient@demo.example",
+                "--subject",
+                "Demo Xylophonoma result",
+                "--body",
+                "Demo Quasirandomitis body",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert sent.returncode == 0, sent.stderr
         mail = ""
         while "/p/" not in mail and time.monotonic() < deadline:
@@ -58,8 +91,9 @@ def test_demo_serves_health_and_sign_in(tmp_path: Path) -> None:
             mail = wait_for(f"http://127.0.0.1:{port}/demo/mail", deadline).decode()
             key = re.search(r'href="/demo/mail/([^"]+)"', mail)
             if key:
-                mail = wait_for(f"http://127.0.0.1:{port}/demo/mail/{key.group(1)}",
-                                deadline).decode()
+                mail = wait_for(
+                    f"http://127.0.0.1:{port}/demo/mail/{key.group(1)}", deadline
+                ).decode()
         assert f"http://127.0.0.1:{port}/p/" in mail
         assert "Xylophonoma" not in mail
         assert "Quasirandomitis" not in mail

@@ -20,8 +20,10 @@ def test_finds_an_email_address_a_name_and_a_token() -> None:
 
 def test_passes_ids_hashes_and_rule_paths() -> None:
     digest = hashlib.sha256(b"x").hexdigest()
-    line = (f'{{"message": "request", "rule": "/p/<token>", "row": 42, "hash": "{digest}", '
-            f'"request_id": "3f2a9c1e0b7d4e5f", "sent": "<notice-n42@portal.example.org>"}}')
+    line = (
+        f'{{"message": "request", "rule": "/p/<token>", "row": 42, "hash": "{digest}", '
+        f'"request_id": "3f2a9c1e0b7d4e5f", "sent": "<notice-n42@portal.example.org>"}}'
+    )
     assert leaks_in(line) == []
 
 

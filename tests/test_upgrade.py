@@ -49,10 +49,26 @@ T0 = datetime(2026, 1, 5, 9, 30, tzinfo=UTC)
 
 def v010_event_hash(row: dict[str, Any]) -> str:
     """The audit chain's encoding as v0.1.0 wrote it: sorted compact JSON, UTC micro-timestamps."""
-    fields = {name: row[name] for name in (
-        "seq", "occurred_at", "actor_id", "actor_role", "action", "target_type", "target_id",
-        "patient_id", "message_id", "outcome", "client_ip", "user_agent", "request_id",
-        "details", "prev_hash")}
+    fields = {
+        name: row[name]
+        for name in (
+            "seq",
+            "occurred_at",
+            "actor_id",
+            "actor_role",
+            "action",
+            "target_type",
+            "target_id",
+            "patient_id",
+            "message_id",
+            "outcome",
+            "client_ip",
+            "user_agent",
+            "request_id",
+            "details",
+            "prev_hash",
+        )
+    }
     fields["occurred_at"] = row["occurred_at"].astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     encoded = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(encoded.encode()).hexdigest()
@@ -70,7 +86,8 @@ def old_database(app: Flask, backend: str, tmp_path: Path) -> Iterator[str]:
     with admin.connect() as connection:
         connection.execute(text(f'CREATE SCHEMA "{schema}"'))
     yield source.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
-        hide_password=False)
+        hide_password=False
+    )
     with admin.connect() as connection:
         connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
     admin.dispose()
@@ -92,65 +109,123 @@ class Seed:
     def data_key(self, purpose: str) -> tuple[int, bytes]:
         raw = Keyring.new_data_key()
         version, wrapped = self.ring.wrap(raw, WRAP_AAD_V010)
-        return self.insert("data_keys", purpose=purpose, kek_version=version, wrapped=wrapped,
-                           created_at=T0), raw
+        return self.insert(
+            "data_keys", purpose=purpose, kek_version=version, wrapped=wrapped, created_at=T0
+        ), raw
 
-    def user(self, role: str, email: str, name: str,
-             password: str | None) -> tuple[int, str, bytes]:
+    def user(
+        self, role: str, email: str, name: str, password: str | None
+    ) -> tuple[int, str, bytes]:
         key_id, key = self.data_key("user")
         public_id = secrets.token_hex(16)
         user_id = self.insert(
-            "users", public_id=public_id, role=role, email=email, data_key_id=key_id,
+            "users",
+            public_id=public_id,
+            role=role,
+            email=email,
+            data_key_id=key_id,
             name_sealed=seal_text(key, "users", "name", public_id, name),
             password_hash=argon2.PasswordHasher().hash(password) if password else None,
-            disabled=False, failed_signins=0, must_reset=False, created_at=T0)
+            disabled=False,
+            failed_signins=0,
+            must_reset=False,
+            created_at=T0,
+        )
         self.event("user.create", None, "system", "user", public_id)
         return user_id, public_id, key
 
-    def event(self, action: str, actor_id: int | None, role: str, target_type: str,
-              target_id: str, **extra: Any) -> None:
+    def event(
+        self,
+        action: str,
+        actor_id: int | None,
+        role: str,
+        target_type: str,
+        target_id: str,
+        **extra: Any,
+    ) -> None:
         prev = self.events[-1]["hash"] if self.events else "0" * 64
-        row = {"seq": len(self.events) + 1, "occurred_at": T0 + timedelta(seconds=len(self.events)),
-               "actor_id": actor_id, "actor_role": role, "action": action,
-               "target_type": target_type, "target_id": target_id, "patient_id": None,
-               "message_id": None, "outcome": "success", "client_ip": None,
-               "user_agent": None, "request_id": None, "details": "{}", "prev_hash": prev,
-               **extra}
+        row = {
+            "seq": len(self.events) + 1,
+            "occurred_at": T0 + timedelta(seconds=len(self.events)),
+            "actor_id": actor_id,
+            "actor_role": role,
+            "action": action,
+            "target_type": target_type,
+            "target_id": target_id,
+            "patient_id": None,
+            "message_id": None,
+            "outcome": "success",
+            "client_ip": None,
+            "user_agent": None,
+            "request_id": None,
+            "details": "{}",
+            "prev_hash": prev,
+            **extra,
+        }
         row["hash"] = v010_event_hash(row)
         self.insert("audit_events", **row)
         self.events.append(row)
-        self.connection.execute(self.tables.tables["audit_head"].update().values(
-            seq=row["seq"], hash=row["hash"]))
+        self.connection.execute(
+            self.tables.tables["audit_head"].update().values(seq=row["seq"], hash=row["hash"])
+        )
 
 
-def seed_previous_release(connection: Connection, ring: Keyring,
-                          blobs: FilesystemBlobStore) -> tuple[str, int]:
+def seed_previous_release(
+    connection: Connection, ring: Keyring, blobs: FilesystemBlobStore
+) -> tuple[str, int]:
     """Write v0.1.0's data: staff, a patient with a DOB, a message with a PDF, its audit trail.
 
     Returns the message's public id and the number of audit events.
     """
     seed = Seed(connection, ring, blobs)
     staff_id, _, _ = seed.user("staff", STAFF_EMAIL, "Sam Staffer", PASSWORD)
-    patient_id, patient_public, patient_key = seed.user("patient", PATIENT_EMAIL, PATIENT_NAME,
-                                                        None)
-    seed.insert("patient_profiles", user_id=patient_id, dob_sealed=seal_text(
-        patient_key, "patient_profiles", "dob", patient_public, PATIENT_DOB.isoformat()))
+    patient_id, patient_public, patient_key = seed.user(
+        "patient", PATIENT_EMAIL, PATIENT_NAME, None
+    )
+    seed.insert(
+        "patient_profiles",
+        user_id=patient_id,
+        dob_sealed=seal_text(
+            patient_key, "patient_profiles", "dob", patient_public, PATIENT_DOB.isoformat()
+        ),
+    )
     key_id, key = seed.data_key("message")
     public_id, attachment_id = secrets.token_hex(16), secrets.token_hex(16)
     message_id = seed.insert(
-        "messages", public_id=public_id, sender_id=staff_id, recipient_id=patient_id,
+        "messages",
+        public_id=public_id,
+        sender_id=staff_id,
+        recipient_id=patient_id,
         data_key_id=key_id,
         subject_sealed=seal_text(key, "messages", "subject", public_id, SUBJECT),
-        body_sealed=seal_text(key, "messages", "body", public_id, BODY), body_format="text",
-        created_at=T0, expires_at=T0 + timedelta(days=3650))
+        body_sealed=seal_text(key, "messages", "body", public_id, BODY),
+        body_format="text",
+        created_at=T0,
+        expires_at=T0 + timedelta(days=3650),
+    )
     blob_id = put_encrypted(blobs, key, attachment_id, io.BytesIO(MINIMAL_PDF))
-    seed.insert("attachments", public_id=attachment_id, message_id=message_id, position=0,
-                blob_id=blob_id, content_type="application/pdf", size=len(MINIMAL_PDF),
-                sha256=hashlib.sha256(MINIMAL_PDF).hexdigest(), created_at=T0,
-                filename_sealed=seal_text(key, "attachments", "filename", attachment_id,
-                                          "record.pdf"))
-    seed.event("message.send", staff_id, "staff", "message", public_id, patient_id=patient_id,
-               message_id=message_id, details='{"attachments":1,"format":"text"}')
+    seed.insert(
+        "attachments",
+        public_id=attachment_id,
+        message_id=message_id,
+        position=0,
+        blob_id=blob_id,
+        content_type="application/pdf",
+        size=len(MINIMAL_PDF),
+        sha256=hashlib.sha256(MINIMAL_PDF).hexdigest(),
+        created_at=T0,
+        filename_sealed=seal_text(key, "attachments", "filename", attachment_id, "record.pdf"),
+    )
+    seed.event(
+        "message.send",
+        staff_id,
+        "staff",
+        "message",
+        public_id,
+        patient_id=patient_id,
+        message_id=message_id,
+        details='{"attachments":1,"format":"text"}',
+    )
     return public_id, len(seed.events)
 
 
@@ -165,16 +240,28 @@ def upgraded(old_database: str, tmp_path: Path) -> Iterator[tuple[Flask, str, in
     assert schema_state(engine)[0] == PREVIOUS_RELEASE
     ring = Keyring.load_or_create(tmp_path / "keyring.json")
     with engine.begin() as connection:
-        message, events = seed_previous_release(connection, ring,
-                                                FilesystemBlobStore(tmp_path / "blobs"))
+        message, events = seed_previous_release(
+            connection, ring, FilesystemBlobStore(tmp_path / "blobs")
+        )
     engine.dispose()
-    result = CliRunner().invoke(cli.main, ["db", "upgrade"], env={
-        "PORTAL_DATABASE_URL": old_database, "PORTAL_KEYRING": str(tmp_path / "keyring.json"),
-        "PORTAL_BLOB_DIR": str(tmp_path / "blobs")})
+    result = CliRunner().invoke(
+        cli.main,
+        ["db", "upgrade"],
+        env={
+            "PORTAL_DATABASE_URL": old_database,
+            "PORTAL_KEYRING": str(tmp_path / "keyring.json"),
+            "PORTAL_BLOB_DIR": str(tmp_path / "blobs"),
+        },
+    )
     assert result.exit_code == 0, result.output
-    app = create_app({"DATABASE_URL": old_database, "TESTING": True,
-                      "KEYRING_PATH": str(tmp_path / "keyring.json"),
-                      "BLOB_DIR": str(tmp_path / "blobs")})
+    app = create_app(
+        {
+            "DATABASE_URL": old_database,
+            "TESTING": True,
+            "KEYRING_PATH": str(tmp_path / "keyring.json"),
+            "BLOB_DIR": str(tmp_path / "blobs"),
+        }
+    )
     yield app, message, events
     app.extensions["engine"].dispose()
 
@@ -190,8 +277,7 @@ def test_previous_release_names_a_real_revision_before_head(app: Flask) -> None:
         assert PREVIOUS_RELEASE in {r.revision for r in script.walk_revisions()}
 
 
-def test_upgrade_keeps_the_previous_release_data_readable(
-        upgraded: tuple[Flask, str, int]) -> None:
+def test_upgrade_keeps_the_previous_release_data_readable(upgraded: tuple[Flask, str, int]) -> None:
     app, public_id, events = upgraded
     with app.app_context():
         current, head = schema_state(db.engine)
@@ -201,8 +287,7 @@ def test_upgrade_keeps_the_previous_release_data_readable(
         readable = messages.read(db.session, message)
         assert (readable.subject, readable.body) == (SUBJECT, BODY)
         assert list(readable.filenames.values()) == ["record.pdf"]
-        assert b"".join(content.open_attachment(db.session, message.attachments[0])) == \
-            MINIMAL_PDF
+        assert b"".join(content.open_attachment(db.session, message.attachments[0])) == MINIMAL_PDF
         patient = accounts.find_by_email(db.session, PATIENT_EMAIL)
         assert patient is not None
         assert accounts.display_name(db.session, patient) == PATIENT_NAME
@@ -212,7 +297,8 @@ def test_upgrade_keeps_the_previous_release_data_readable(
 
 
 def test_upgraded_database_takes_new_work_on_the_old_chain(
-        upgraded: tuple[Flask, str, int]) -> None:
+    upgraded: tuple[Flask, str, int],
+) -> None:
     app, _, events = upgraded
     with app.app_context():
         # The v0.1.0 password hash still signs in; the new audit event chains onto the old.

@@ -10,13 +10,14 @@ import pytest
 from flask import Flask, abort
 from flask.testing import FlaskClient
 
-from tests.conftest import csrf_token
+from tests.support.forms import csrf_token
 
 PHI_LIKE = "Jane-Doe-1984-03-07-HIV-result"
 
 
-@pytest.mark.parametrize("path", ["/signin", "/healthz", "/readyz", "/nowhere",
-                                  "/static/css/portal.css"])
+@pytest.mark.parametrize(
+    "path", ["/signin", "/healthz", "/readyz", "/nowhere", "/static/css/portal.css"]
+)
 def test_security_headers_on_every_response(client: FlaskClient, path: str) -> None:
     response = client.get(path)
     csp = response.headers["Content-Security-Policy"]
@@ -64,8 +65,9 @@ def test_post_without_csrf_token_is_refused(client: FlaskClient) -> None:
 
 def test_post_with_csrf_token_is_accepted(client: FlaskClient) -> None:
     token = csrf_token(client, "/signin")
-    response = client.post("/signin", data={"csrf_token": token, "email": "a@example.org",
-                                            "password": "x" * 12})
+    response = client.post(
+        "/signin", data={"csrf_token": token, "email": "a@example.org", "password": "x" * 12}
+    )
     assert response.status_code == 401  # the form was accepted; the credentials were not
     assert "not right" in response.get_data(as_text=True)
 
@@ -77,12 +79,16 @@ def test_forms_work_behind_https_without_a_referer(make_app: object) -> None:
     client = app.test_client()
     https = "https://portal.example.org"
     token = csrf_token_at(client, "/signin", https)
-    response = client.post("/signin", base_url=https, headers={"Origin": "null"},
-                           data={"csrf_token": token, "email": "a@example.org",
-                                 "password": "x" * 12})
+    response = client.post(
+        "/signin",
+        base_url=https,
+        headers={"Origin": "null"},
+        data={"csrf_token": token, "email": "a@example.org", "password": "x" * 12},
+    )
     assert response.status_code == 401  # past CSRF; the credentials were not right
-    refused = client.post("/signin", base_url=https, data={"email": "a@example.org",
-                                                           "password": "x" * 12})
+    refused = client.post(
+        "/signin", base_url=https, data={"email": "a@example.org", "password": "x" * 12}
+    )
     assert refused.status_code == 400  # still no form without its token
 
 
@@ -114,15 +120,19 @@ def faulty_app(app: Flask) -> Flask:
     return app
 
 
-@pytest.mark.parametrize(("method", "path", "status"), [
-    ("GET", f"/nowhere/{PHI_LIKE}?dob={PHI_LIKE}", 404),
-    ("GET", f"/boom/{PHI_LIKE}", 500),
-    ("GET", "/teapot-forbidden", 403),
-    ("DELETE", "/signin", 405),
-    ("POST", "/upload-limit", 413),
-])
-def test_error_pages_carry_no_request_data(faulty_app: Flask, method: str, path: str,
-                                           status: int, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", f"/nowhere/{PHI_LIKE}?dob={PHI_LIKE}", 404),
+        ("GET", f"/boom/{PHI_LIKE}", 500),
+        ("GET", "/teapot-forbidden", 403),
+        ("DELETE", "/signin", 405),
+        ("POST", "/upload-limit", 413),
+    ],
+)
+def test_error_pages_carry_no_request_data(
+    faulty_app: Flask, method: str, path: str, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
     faulty_app.config["WTF_CSRF_ENABLED"] = False
     client = faulty_app.test_client()
     with caplog.at_level(logging.INFO):
@@ -175,12 +185,14 @@ def test_readyz_503_when_migrations_pending(make_app: object, tmp_path: object) 
 
 def test_readyz_503_when_database_unreachable(make_app: object) -> None:
     app = make_app(  # type: ignore[operator]
-        DATABASE_URL="postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2")
+        DATABASE_URL="postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2"
+    )
     assert app.test_client().get("/readyz").status_code == 503
 
 
 def test_logs_are_json_lines_with_request_id_and_no_query(
-        client: FlaskClient, capfd: pytest.CaptureFixture[str]) -> None:
+    client: FlaskClient, capfd: pytest.CaptureFixture[str]
+) -> None:
     client.get(f"/signin?email={PHI_LIKE}", headers={"X-Request-ID": "req-12345678"})
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
     entries = [json.loads(line) for line in lines]

@@ -5,9 +5,9 @@ from __future__ import annotations
 from flask import Blueprint, abort, flash, redirect, render_template, url_for
 from flask.typing import ResponseReturnValue
 from flask_login import current_user
-from sqlalchemy import select
 
 from portal.admin.forms import NewAccountForm
+from portal.audit import actor_of
 from portal.auth.forms import ContinueForm
 from portal.auth.policy import fresh_auth, roles
 from portal.extensions import db
@@ -15,14 +15,13 @@ from portal.models import Role, User
 from portal.services import accounts, admin
 from portal.services import keys as key_service
 from portal.services.errors import ServiceError
-from portal.services.signin import actor_of
 from portal.web.security import request_meta
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
 
 def _user(public_id: str) -> User:
-    user = db.session.scalar(select(User).where(User.public_id == public_id))
+    user = accounts.find_by_public_id(db.session, public_id)
     if user is None:
         abort(404)
     return user
@@ -33,11 +32,9 @@ def _user(public_id: str) -> User:
 def users() -> ResponseReturnValue:
     """Every account that is not a patient's, with its state; then every locked account of
     any role (patients included), so an admin can find and unlock it."""
-    rows = db.session.scalars(select(User).where(User.role != Role.PATIENT)
-                              .order_by(User.created_at)).all()
+    rows = admin.staff_accounts(db.session)
     named = [(u, accounts.display_name(db.session, u)) for u in rows]
-    locked = [(u, accounts.display_name(db.session, u))
-              for u in admin.locked_accounts(db.session)]
+    locked = [(u, accounts.display_name(db.session, u)) for u in admin.locked_accounts(db.session)]
     return render_template("admin/users.html", users=named, locked=locked, form=ContinueForm())
 
 
@@ -48,14 +45,18 @@ def new_user() -> ResponseReturnValue:
     form = NewAccountForm()
     if form.validate_on_submit():
         try:
-            admin.invite(db.session, role=form.role.data or "", email=form.email.data or "",
-                         name=form.name.data or "", actor=actor_of(current_user),
-                         meta=request_meta())
+            admin.invite(
+                db.session,
+                role=form.role.data or "",
+                email=form.email.data or "",
+                name=form.name.data or "",
+                actor=actor_of(current_user),
+                meta=request_meta(),
+            )
         except ServiceError as refused:
             db.session.rollback()
             form.email.errors = list(refused.messages)
         else:
-            db.session.commit()
             flash("Invitation sent. The link works for 72 hours.", "success")
             return redirect(url_for("admin.users"))
     return render_template("admin/new_user.html", form=form)
@@ -69,12 +70,16 @@ def toggle(public_id: str, change: str) -> ResponseReturnValue:
     if not ContinueForm().validate_on_submit():
         abort(400)
     try:
-        admin.set_disabled(db.session, _user(public_id), change == "disable",
-                           actor=actor_of(current_user), meta=request_meta())
+        admin.set_disabled(
+            db.session,
+            _user(public_id),
+            change == "disable",
+            actor=actor_of(current_user),
+            meta=request_meta(),
+        )
     except ServiceError as refused:
         flash(str(refused), "error")
         return redirect(url_for("admin.users"))
-    db.session.commit()
     flash(f"Account {change}d.", "success")
     return redirect(url_for("admin.users"))
 
@@ -86,11 +91,10 @@ def reset_mfa(public_id: str) -> ResponseReturnValue:
     """Reset someone who lost both phone and recovery codes: they get a new invite."""
     if not ContinueForm().validate_on_submit():
         abort(400)
-    admin.reset_mfa(db.session, _user(public_id), actor=actor_of(current_user),
-                    meta=request_meta())
-    db.session.commit()
-    flash("Sign-in reset. They have been emailed a link to set a password and enrol again.",
-          "success")
+    admin.reset_mfa(db.session, _user(public_id), actor=actor_of(current_user), meta=request_meta())
+    flash(
+        "Sign-in reset. They have been emailed a link to set a password and enrol again.", "success"
+    )
     return redirect(url_for("admin.users"))
 
 
@@ -106,7 +110,6 @@ def unlock(public_id: str) -> ResponseReturnValue:
     except ServiceError as refused:
         flash(str(refused), "error")
         return redirect(url_for("admin.users"))
-    db.session.commit()
     flash("Account unlocked. They can sign in with their password and code.", "success")
     return redirect(url_for("admin.users"))
 
@@ -117,5 +120,9 @@ def unlock(public_id: str) -> ResponseReturnValue:
 def keys() -> ResponseReturnValue:
     """Key-encryption keys and how many data keys each wraps (rotate with `portal keys`)."""
     ring = key_service.keyring()
-    return render_template("admin/keys.html", counts=key_service.status(db.session),
-                           versions=ring.versions(), active=ring.active_version)
+    return render_template(
+        "admin/keys.html",
+        counts=key_service.status(db.session),
+        versions=ring.versions(),
+        active=ring.active_version,
+    )

@@ -22,10 +22,19 @@ class SearchForm(FlaskForm):
     actor = EmailField("Actor email", validators=[Optional(), Length(max=254)])
     patient_id = HiddenField(validators=[Optional(), Length(max=32)])
     actor_id = HiddenField(validators=[Optional(), Length(max=32)])
-    action = SelectField("Action", choices=[SelectChoice("", "Any"), *(
-        SelectChoice(a.value, a.value) for a in Action)], validators=[Optional()])
-    outcome = SelectField("Outcome", choices=[SelectChoice("", "Any"), *(
-        SelectChoice(o.value, o.value.capitalize()) for o in Outcome)], validators=[Optional()])
+    action = SelectField(
+        "Action",
+        choices=[SelectChoice("", "Any"), *(SelectChoice(a.value, a.value) for a in Action)],
+        validators=[Optional()],
+    )
+    outcome = SelectField(
+        "Outcome",
+        choices=[
+            SelectChoice("", "Any"),
+            *(SelectChoice(o.value, o.value.capitalize()) for o in Outcome),
+        ],
+        validators=[Optional()],
+    )
     message = StringField("Message id", validators=[Optional(), Length(max=32)])
     client_ip = StringField("Client address", validators=[Optional(), Length(max=45)])
     since = DayField("From (UTC)", validators=[Optional()])
@@ -35,8 +44,9 @@ class SearchForm(FlaskForm):
 class DisclosureForm(FlaskForm):
     """One patient and a period."""
 
-    patient = EmailField("Patient email", validators=[DataRequired("Enter the patient's email."),
-                                                      Length(max=254)])
+    patient = EmailField(
+        "Patient email", validators=[DataRequired("Enter the patient's email."), Length(max=254)]
+    )
     since = DayField("From", validators=[DayRequired("Enter the first day.")])
     until = DayField("To (inclusive)", validators=[DayRequired("Enter the last day.")])
 

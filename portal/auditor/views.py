@@ -15,40 +15,49 @@ from flask import (
 )
 from flask.typing import ResponseReturnValue
 from flask_login import current_user
-from sqlalchemy import select
 
-from portal import audit
-from portal.audit import Action
+from portal.audit import actor_of
 from portal.auditor import forms
 from portal.auth.policy import fresh_auth, roles
 from portal.database import utcnow
 from portal.extensions import db
-from portal.models import Message, Role, User
-from portal.services import accounts, audit_export, audit_query, disclosures
+from portal.models import Role
+from portal.services import accounts, audit_export, audit_query, disclosures, messaging
 from portal.services.errors import ServiceError
-from portal.services.signin import actor_of
 from portal.web.security import request_meta
+from portal.web.transaction import commit_now
 
 bp = Blueprint("auditor", __name__, url_prefix="/audit")
-EXPORT_TYPES = {"csv": ("text/csv", "csv"), "json": ("application/x-ndjson", "jsonl"),
-                "fhir": ("application/fhir+json", "json")}
+EXPORT_TYPES = {
+    "csv": ("text/csv", "csv"),
+    "json": ("application/x-ndjson", "jsonl"),
+    "fhir": ("application/fhir+json", "json"),
+}
 
 
 # Filters a results URL may carry: opaque public ids, never an email address (ASVS V8.3.1:
 # no sensitive data in query strings, which browser history and proxy logs keep).
-URL_FILTERS = ("patient_id", "actor_id", "action", "outcome", "message", "client_ip", "since",
-               "until")
+URL_FILTERS = (
+    "patient_id",
+    "actor_id",
+    "action",
+    "outcome",
+    "message",
+    "client_ip",
+    "since",
+    "until",
+)
 EMAIL_FILTERS = {"patient": "patient_id", "actor": "actor_id"}
-NO_EMAIL_IN_URL = ("Search by email with the form: addresses are never accepted in a link.")
+NO_EMAIL_IN_URL = "Search by email with the form: addresses are never accepted in a link."
 
 
 def _user_id(public_id: str | None, label: str) -> int | None:
     if not public_id:
         return None
-    found = db.session.scalar(select(User.id).where(User.public_id == public_id.strip()))
+    found = accounts.find_by_public_id(db.session, public_id)
     if found is None:
         raise ServiceError(f"No account has that {label} id.")
-    return int(found)
+    return found.id
 
 
 def _public_id(email: str, label: str) -> str:
@@ -67,10 +76,10 @@ def _refuse_emails_in_url() -> None:
 def _message_id(public_id: str | None) -> int | None:
     if not public_id:
         return None
-    found = db.session.scalar(select(Message.id).where(Message.public_id == public_id.strip()))
+    found = messaging.find_by_public_id(db.session, public_id)
     if found is None:
         raise ServiceError("No message has that id.")
-    return int(found)
+    return found.id
 
 
 def build_filter(form: forms.SearchForm) -> audit_query.AuditFilter:
@@ -83,11 +92,14 @@ def build_filter(form: forms.SearchForm) -> audit_query.AuditFilter:
         raise ServiceError(*[e for field in form.errors.values() for e in field])
     return audit_query.from_args(
         patient_id=_user_id(form.patient_id.data, "patient"),
-        actor_id=_user_id(form.actor_id.data, "actor"), action=form.action.data,
-        outcome=form.outcome.data, message_id=_message_id(form.message.data),
+        actor_id=_user_id(form.actor_id.data, "actor"),
+        action=form.action.data,
+        outcome=form.outcome.data,
+        message_id=_message_id(form.message.data),
         client_ip=form.client_ip.data,
         since=form.since.data.isoformat() if form.since.data else None,
-        until=form.until.data.isoformat() if form.until.data else None)
+        until=form.until.data.isoformat() if form.until.data else None,
+    )
 
 
 @bp.get("/")
@@ -103,12 +115,12 @@ def search() -> ResponseReturnValue:
         before = audit_query.parse_seq(request.args.get("before"), "Older than event")
         page = audit_query.search(db.session, flt, before_seq=before)
         audit_query.record_search(db.session, flt, actor_of(current_user), request_meta())
-        db.session.commit()
     except ServiceError as refused:
         db.session.rollback()
         errors = refused.messages
-    return render_template("auditor/search.html", form=form, page=page, errors=errors,
-                           args=_args_without("before")), 400 if errors else 200
+    return render_template(
+        "auditor/search.html", form=form, page=page, errors=errors, args=_args_without("before")
+    ), 400 if errors else 200
 
 
 def _args_without(name: str) -> dict[str, Any]:
@@ -119,8 +131,7 @@ def _show_people(form: forms.SearchForm) -> None:
     """Fill the email boxes from the URL's public ids (in the page body, never in a link)."""
     for email_field, id_field in EMAIL_FILTERS.items():
         public_id = form[id_field].data
-        user = db.session.scalar(select(User).where(User.public_id == public_id)) \
-            if public_id else None
+        user = accounts.find_by_public_id(db.session, public_id) if public_id else None
         form[email_field].data = user.email if user is not None else None
 
 
@@ -133,13 +144,16 @@ def search_post() -> ResponseReturnValue:
     try:
         if not form.validate():
             raise ServiceError(*[e for field in form.errors.values() for e in field])
-        args = {name: request.form[name] for name in URL_FILTERS if request.form.get(name)}
+        args: dict[str, Any] = {
+            name: request.form[name] for name in URL_FILTERS if request.form.get(name)
+        }
         for email_field, id_field in EMAIL_FILTERS.items():
             if form[email_field].data:
                 args[id_field] = _public_id(form[email_field].data, email_field)
     except ServiceError as refused:
-        return render_template("auditor/search.html", form=form, page=None,
-                               errors=refused.messages, args={}), 400
+        return render_template(
+            "auditor/search.html", form=form, page=None, errors=refused.messages, args={}
+        ), 400
     return redirect(url_for("auditor.search", **args), code=303)
 
 
@@ -153,15 +167,21 @@ def export(fmt: str) -> ResponseReturnValue:
         _refuse_emails_in_url()
         flt = build_filter(form)
     except ServiceError as refused:
-        return render_template("auditor/search.html", form=form, page=None,
-                               errors=refused.messages, args={}), 400
+        return render_template(
+            "auditor/search.html", form=form, page=None, errors=refused.messages, args={}
+        ), 400
     audit_export.record_export(db.session, flt, fmt, actor_of(current_user), request_meta())
-    db.session.commit()  # releases the trail's head before the (long) stream starts
+    commit_now()  # streamed: recorded first, and the trail's head is released before it starts
     mime, ext = EXPORT_TYPES[fmt]
     name = f"audit-{utcnow():%Y%m%dT%H%M%SZ}.{ext}"
-    return Response(stream_with_context(audit_export.export(db.session, flt, fmt)),
-                    mimetype=mime, headers={"Content-Disposition": f'attachment; filename="{name}"',
-                                            "Cache-Control": "no-store"})
+    return Response(
+        stream_with_context(audit_export.export(db.session, flt, fmt)),
+        mimetype=mime,
+        headers={
+            "Content-Disposition": f'attachment; filename="{name}"',
+            "Cache-Control": "no-store",
+        },
+    )
 
 
 @bp.route("/disclosures", methods=["GET", "POST"])
@@ -173,21 +193,35 @@ def disclosures_report() -> ResponseReturnValue:
         patient = accounts.find_by_email(db.session, form.patient.data or "")
         if patient is None or patient.role != Role.PATIENT:
             form.patient.errors = ["No patient has that email address."]
+        # mypy: DayField data is a date once validate() passed (checked above); WTForms types it
+        #   Any | None.
         elif form.until.data < form.since.data:  # type: ignore[operator]
             form.until.errors = ["The last day is before the first."]
         else:
+            # mypy: DayField data is a date once validate() passed (checked above); WTForms
+            #   types it Any | None.
             body = disclosures.report_pdf(
-                db.session, patient, form.since.data, form.until.data,  # type: ignore[arg-type]
-                actor=actor_of(current_user), meta=request_meta())
-            db.session.commit()
+                db.session,
+                patient,
+                form.since.data,  # type: ignore[arg-type]
+                form.until.data,  # type: ignore[arg-type]
+                actor=actor_of(current_user),
+                meta=request_meta(),
+            )
             return pdf_response(body, "accounting-of-disclosures.pdf")
     return render_template("auditor/disclosures.html", form=form), 400 if form.errors else 200
 
 
 def pdf_response(body: bytes, name: str) -> Response:
     """Return ``body`` as a PDF download that no cache keeps."""
-    return Response(body, mimetype="application/pdf", headers={
-        "Content-Disposition": f'attachment; filename="{name}"', "Cache-Control": "no-store"})
+    return Response(
+        body,
+        mimetype="application/pdf",
+        headers={
+            "Content-Disposition": f'attachment; filename="{name}"',
+            "Cache-Control": "no-store",
+        },
+    )
 
 
 @bp.get("/verify")
@@ -197,14 +231,11 @@ def verify() -> ResponseReturnValue:
     form = forms.HeadForm(request.args)
     error, result = None, None
     try:
-        result = (audit_query.verify_from_head(db.session, form.head.data)
-                  if form.head.data else audit.verify(db.session))
+        result = audit_query.verify_and_record(
+            db.session, form.head.data, actor_of(current_user), request_meta()
+        )
     except ServiceError as refused:
         error = str(refused)
-    if result is not None:
-        audit.record(db.session, Action.AUDIT_VERIFY, actor=actor_of(current_user),
-                     meta=request_meta(), outcome="success" if result.ok else "failure",
-                     details={"count": result.count, "from_head": bool(form.head.data)})
-        db.session.commit()
-    return render_template("auditor/verify.html", form=form, result=result, error=error,
-                           anchored=bool(form.head.data)), 400 if error else 200
+    return render_template(
+        "auditor/verify.html", form=form, result=result, error=error, anchored=bool(form.head.data)
+    ), 400 if error else 200

@@ -7,7 +7,6 @@ from flask.typing import ResponseReturnValue
 from flask_login import current_user
 from markupsafe import Markup
 
-from portal import audit
 from portal.audit import Action
 from portal.auth import forms
 from portal.auth.policy import fresh_auth, signed_in
@@ -38,7 +37,8 @@ def first_enrolment_user() -> User | None:
 def changing_user() -> User | None:
     """Return the signed-in user when this session started a change of authenticator app."""
     if current_user.is_authenticated and session.get("mfa_change"):
-        return current_user._get_current_object()  # type: ignore[no-any-return]
+        user: User = current_user._get_current_object()  # flask_login is untyped
+        return user
     return None
 
 
@@ -53,15 +53,15 @@ def enrol() -> ResponseReturnValue:
     if user is None:
         return redirect(url_for("auth.signin"))
     secret, session["enrol_issue"] = auth_service.start_enrolment(
-        db.session, user, session.get("enrol_issue"))
-    db.session.commit()
+        db.session, user, session.get("enrol_issue")
+    )
     form, error = forms.CodeForm(), None
     if form.validate_on_submit():
         try:
-            codes = auth_service.finish_enrolment(db.session, user, form.code.data or "",
-                                                  request_meta(), session.get("enrol_issue"))
-        except ServiceError as wrong:
-            db.session.commit()
+            codes = auth_service.finish_enrolment(
+                db.session, user, form.code.data or "", request_meta(), session.get("enrol_issue")
+            )
+        except ServiceError as wrong:  # the wrong code counts: committed with the page
             error = str(wrong)
         else:
             return _enrolled(user, codes)
@@ -74,8 +74,9 @@ def _change(user: User) -> ResponseReturnValue:
     form, error = forms.CodeForm(), None
     if secret is not None and form.validate_on_submit():
         try:
-            codes = credentials.finish_mfa_change(db.session, user, form.code.data or "",
-                                                  request_meta())
+            codes = credentials.finish_mfa_change(
+                db.session, user, form.code.data or "", request_meta()
+            )
         except credentials.ChangeExpired:
             secret = None
         except ServiceError as wrong:  # nothing was written: the old app still works
@@ -89,12 +90,18 @@ def _change(user: User) -> ResponseReturnValue:
     return _enrol_page(user, secret, form, error, changing=True)
 
 
-def _enrol_page(user: User, secret: str, form: forms.CodeForm, error: str | None,
-                changing: bool = False) -> ResponseReturnValue:
+def _enrol_page(
+    user: User, secret: str, form: forms.CodeForm, error: str | None, changing: bool = False
+) -> ResponseReturnValue:
     uri = otp.provisioning_uri(secret, user.email, _issuer())
-    return render_template("auth/enrol.html", form=form, error=error, secret=secret,
-                           changing=changing,
-                           qr=Markup(qr.qr_svg(uri)))  # noqa: S704 - SVG made by segno
+    return render_template(
+        "auth/enrol.html",
+        form=form,
+        error=error,
+        secret=secret,
+        changing=changing,
+        qr=Markup(qr.qr_svg(uri)),  # noqa: S704 - SVG made by segno
+    )
 
 
 def _issuer() -> str:
@@ -106,10 +113,15 @@ def _issuer() -> str:
 def _enrolled(user: User, codes: list[str]) -> ResponseReturnValue:
     session.pop("mfa_change", None)
     session.pop("enrol_uid", None)
-    done = complete_signin(user)  # logs in on a fresh session id, commits; honours "next"
+    done = complete_signin(user)  # logs in on a fresh session id; honours "next"
     flash("Your authenticator app is set up.", "success")
-    return render_template("auth/recovery_codes.html", codes=codes,
-                           next_url=done.location)  # type: ignore[union-attr]
+    return render_template(
+        "auth/recovery_codes.html",
+        codes=codes,
+        # mypy: complete_signin() returned a redirect here (checked by the
+        #   branch), which has a location.
+        next_url=done.location,  # type: ignore[union-attr]
+    )
 
 
 @bp.post("/account/mfa")
@@ -120,12 +132,10 @@ def change_mfa() -> ResponseReturnValue:
     """Start setting up a new authenticator app; the enrolled one works until the new one is
     proved, so walking away changes nothing."""
     try:
-        credentials.start_mfa_change(db.session, current_user._get_current_object(),
-                                     request_meta())
+        credentials.start_mfa_change(db.session, current_user._get_current_object(), request_meta())
     except ServiceError as refused:
         flash(str(refused), "error")
         return redirect(url_for("auth.account"))
-    db.session.commit()
     session["mfa_change"] = True
     return redirect(url_for("auth.enrol"))
 
@@ -146,6 +156,8 @@ def _link_landing(token: str, purpose: str, then: str, template: str) -> Respons
         return render_template("auth/link_invalid.html"), 404
     if form.validate_on_submit():
         session.clear()
+        # mypy: Flask types `session` as SessionMixin; ours is the server-side session
+        #   (portal.auth.sessions) that has regenerate() and end().
         session.regenerate()  # type: ignore[attr-defined]
         session[f"{purpose}_tid"] = row.id
         return redirect(url_for(then))
@@ -167,17 +179,22 @@ def welcome() -> ResponseReturnValue:
             form.password.errors = list(refused.messages)
         else:
             return _accept_invite(row, user)
-    return render_template("auth/new_password.html", form=form, hint=forms.CHOICE_HINT,
-                           title="Choose your password", back=None)
+    return render_template(
+        "auth/new_password.html",
+        form=form,
+        hint=forms.CHOICE_HINT,
+        title="Choose your password",
+        back=None,
+    )
 
 
 def _accept_invite(row: object, user: User) -> ResponseReturnValue:
+    # mypy: row is the AccountToken that account_links.landing() returned; the view keeps it as
+    #   object.
     if not account_links.consume(db.session, row):  # type: ignore[arg-type]
         db.session.rollback()
         return render_template("auth/link_invalid.html"), 404
-    audit.record(db.session, Action.AUTH_INVITE_ACCEPT, actor=auth_service.actor_of(user),
-                 meta=request_meta(), target_type="user", target_id=user.public_id)
-    db.session.commit()
+    account_links.record_invite_accepted(db.session, user, request_meta())
     session.pop("invite_tid", None)
     session["enrol_uid"] = user.id
     return redirect(url_for("auth.enrol"))
@@ -190,7 +207,6 @@ def reset_request() -> ResponseReturnValue:
     form = forms.ResetRequestForm()
     if form.validate_on_submit():
         account_links.request_reset(db.session, form.email.data or "", request_meta())
-        db.session.commit()
         return render_template("auth/reset_sent.html")
     return render_template("auth/reset_request.html", form=form)
 
@@ -220,10 +236,10 @@ def reset_new() -> ResponseReturnValue:
 
 def _try_reset(row: object, user: User, form: forms.ResetForm) -> ResponseReturnValue | None:
     try:  # the same pause and 100-failure lock as sign-in; audits auth.reset
-        auth_service.verify_code(db.session, user, form.code.data or "", request_meta(),
-                                 action=Action.AUTH_RESET)
-    except auth_service.SignInFailed as failed:
-        db.session.commit()
+        auth_service.verify_code(
+            db.session, user, form.code.data or "", request_meta(), action=Action.AUTH_RESET
+        )
+    except auth_service.SignInFailed as failed:  # counted: committed with the page
         form.code.errors = [str(failed)]
         return None
     try:
@@ -232,12 +248,13 @@ def _try_reset(row: object, user: User, form: forms.ResetForm) -> ResponseReturn
         db.session.rollback()
         form.password.errors = list(refused.messages)
         return None
+    # mypy: row is the AccountToken that account_links.landing() returned; the view keeps it as
+    #   object.
     if not account_links.consume(db.session, row):  # type: ignore[arg-type]
         db.session.rollback()  # a concurrent reset used this link first: change nothing
         return render_template("auth/link_invalid.html"), 404
     # ASVS 2.2.3: tell the account holder, with no personal details, that it changed.
     notices.enqueue(db.session, kind=NoticeKind.PASSWORD_CHANGED, recipient=user, url=None)
-    db.session.commit()
     session.clear()
     flash("Your password is changed. Sign in with it now.", "success")
     return redirect(url_for("auth.signin"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 from urllib.parse import urlsplit
 
 from flask import abort, redirect, request, session, url_for
@@ -22,7 +22,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 REAUTH_SECONDS = 5 * 60  # sensitive actions need a password or code this recent
 
 
-def is_internal_path(target: str | None) -> bool:
+def is_internal_path(target: str | None) -> TypeGuard[str]:
     """Return True for a same-site path such as ``/inbox?page=2`` (no scheme, host or ``//``)."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return False
@@ -31,9 +31,12 @@ def is_internal_path(target: str | None) -> bool:
 
 
 # Each role's landing page; blueprints that are not installed yet fall back to the account.
-HOMES: dict[Role, str] = {Role.ADMIN: "admin.users", Role.STAFF: "staff.index",
-                          Role.AUDITOR: "auditor.search",
-                          Role.PATIENT: "pickup.inbox"}
+HOMES: dict[Role, str] = {
+    Role.ADMIN: "admin.users",
+    Role.STAFF: "staff.index",
+    Role.AUDITOR: "auditor.search",
+    Role.PATIENT: "pickup.inbox",
+}
 
 
 def home_for(role: str) -> str:
@@ -56,6 +59,8 @@ def roles(*allowed: Role) -> Callable[[F], F]:
                 abort(403)
             return view(*args, **kwargs)
 
+        # mypy: functools.wraps keeps the view's signature at run time but not its ParamSpec for
+        #   mypy.
         return wrapper  # type: ignore[return-value]
 
     return decorate
@@ -82,12 +87,17 @@ def fresh_auth(view: F) -> F:
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if not recently_authenticated():
-            back = (request.full_path.rstrip("?") if request.method == "GET"
-                    else request.form.get("back"))
+            back = (
+                request.full_path.rstrip("?")
+                if request.method == "GET"
+                else request.form.get("back")
+            )
             target = back if is_internal_path(back) else None
             return redirect(url_for("auth.reauth", next=target))
         return view(*args, **kwargs)
 
+    # mypy: functools.wraps keeps the view's signature at run time but not its ParamSpec for
+    #   mypy.
     return wrapper  # type: ignore[return-value]
 
 
@@ -95,8 +105,11 @@ def fresh_auth(view: F) -> F:
 NAV: dict[Role, list[tuple[str, str]]] = {
     Role.ADMIN: [("admin.users", "Accounts"), ("admin.keys", "Keys")],
     Role.STAFF: [("staff.index", "Sent messages"), ("staff.patients", "Patients")],
-    Role.AUDITOR: [("auditor.search", "Audit trail"),
-                   ("auditor.disclosures_report", "Disclosures"), ("auditor.verify", "Verify")],
+    Role.AUDITOR: [
+        ("auditor.search", "Audit trail"),
+        ("auditor.disclosures_report", "Disclosures"),
+        ("auditor.verify", "Verify"),
+    ],
     Role.PATIENT: [("pickup.inbox", "Messages"), ("pickup.history", "Access history")],
 }
 

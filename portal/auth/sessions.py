@@ -15,14 +15,15 @@ import secrets
 from datetime import datetime, timedelta
 from typing import Any
 
-from flask import Flask, Request, Response
+from flask import Flask, Request, Response, g
 from flask.sessions import SessionInterface, SessionMixin
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, insert, select, update
 from werkzeug.datastructures import CallbackDict
 
 from portal.database import utcnow
 from portal.extensions import db
 from portal.models import WebSession
+from portal.web.outage import DATABASE_DOWN
 
 TOUCH_EVERY = timedelta(seconds=30)  # last_seen_at is written at most this often
 
@@ -30,9 +31,15 @@ TOUCH_EVERY = timedelta(seconds=30)  # last_seen_at is written at most this ofte
 class ServerSession(CallbackDict[str, Any], SessionMixin):
     """Session data plus what the store needs to know about the row behind it."""
 
-    def __init__(self, initial: dict[str, Any] | None = None, *, row_id: int | None = None,
-                 created_at: datetime | None = None, last_seen_at: datetime | None = None,
-                 expired: bool = False) -> None:
+    def __init__(
+        self,
+        initial: dict[str, Any] | None = None,
+        *,
+        row_id: int | None = None,
+        created_at: datetime | None = None,
+        last_seen_at: datetime | None = None,
+        expired: bool = False,
+    ) -> None:
         def on_update(_self: Any) -> None:
             self.modified = True
 
@@ -67,9 +74,19 @@ class DatabaseSessionInterface(SessionInterface):
         token = request.cookies.get(self.get_cookie_name(app), "")
         if not token or len(token) > 100:
             return ServerSession()
+        try:
+            return self._load(app, token)
+        except DATABASE_DOWN as error:
+            # Raised again by a before_request hook (portal.web.errors), so the outage gets
+            # the 503 page there instead of Flask's bare 500 from outside the request.
+            g.session_error = error
+            return ServerSession()
+
+    def _load(self, app: Flask, token: str) -> ServerSession:
         with db.engine.begin() as connection:
-            row = connection.execute(select(WebSession).where(
-                WebSession.token_hash == _hash(token))).first()
+            row = connection.execute(
+                select(WebSession).where(WebSession.token_hash == _hash(token))
+            ).first()
         if row is None:
             return ServerSession(expired=True)
         now = utcnow()
@@ -78,13 +95,29 @@ class DatabaseSessionInterface(SessionInterface):
         if row.last_seen_at + idle < now or row.created_at + lifetime < now:
             self._delete(row.id)
             return ServerSession(expired=True)
-        return ServerSession(json.loads(row.data), row_id=row.id, created_at=row.created_at,
-                             last_seen_at=row.last_seen_at)
+        return ServerSession(
+            json.loads(row.data),
+            row_id=row.id,
+            created_at=row.created_at,
+            last_seen_at=row.last_seen_at,
+        )
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
-        assert isinstance(session, ServerSession)
-        name, domain, path = (self.get_cookie_name(app), self.get_cookie_domain(app),
-                              self.get_cookie_path(app))
+        if g.get("database_down") or not isinstance(session, ServerSession):
+            return  # the request met a database outage (portal.web.errors): keep the row as is
+        try:
+            self._save(app, session, response)
+        except DATABASE_DOWN as error:
+            from portal.web.errors import database_down_response
+
+            database_down_response(response, error)
+
+    def _save(self, app: Flask, session: ServerSession, response: Response) -> None:
+        name, domain, path = (
+            self.get_cookie_name(app),
+            self.get_cookie_domain(app),
+            self.get_cookie_path(app),
+        )
         if session.ended or (not session and session.row_id is not None):
             self._delete(session.row_id)
             response.delete_cookie(name, domain=domain, path=path)
@@ -108,20 +141,37 @@ class DatabaseSessionInterface(SessionInterface):
         now = utcnow()
         created = now if session.renew or session.row_id is None else session.created_at
         with db.engine.begin() as connection:
-            connection.execute(WebSession.__table__.insert().values(
-                token_hash=_hash(token), user_id=session.get("uid"), data=json.dumps(dict(session)),
-                created_at=created, last_seen_at=now))
+            connection.execute(
+                insert(WebSession).values(
+                    token_hash=_hash(token),
+                    user_id=session.get("uid"),
+                    data=json.dumps(dict(session)),
+                    created_at=created,
+                    last_seen_at=now,
+                )
+            )
         response.set_cookie(
-            self.get_cookie_name(app), token, httponly=True, secure=self.get_cookie_secure(app),
-            samesite=self.get_cookie_samesite(app), domain=self.get_cookie_domain(app),
-            path=self.get_cookie_path(app))  # no expiry: gone when the browser closes
+            self.get_cookie_name(app),
+            token,
+            httponly=True,
+            secure=self.get_cookie_secure(app),
+            samesite=self.get_cookie_samesite(app),
+            domain=self.get_cookie_domain(app),
+            path=self.get_cookie_path(app),
+        )  # no expiry: gone when the browser closes
 
     @staticmethod
     def _update(session: ServerSession) -> None:
         with db.engine.begin() as connection:
-            connection.execute(update(WebSession).where(WebSession.id == session.row_id).values(
-                data=json.dumps(dict(session)), user_id=session.get("uid"),
-                last_seen_at=utcnow()))
+            connection.execute(
+                update(WebSession)
+                .where(WebSession.id == session.row_id)
+                .values(
+                    data=json.dumps(dict(session)),
+                    user_id=session.get("uid"),
+                    last_seen_at=utcnow(),
+                )
+            )
 
     @staticmethod
     def _delete(row_id: int | None) -> None:

@@ -14,9 +14,7 @@ from flask import (
 )
 from flask.typing import ResponseReturnValue
 from flask_login import current_user, login_user, logout_user
-from sqlalchemy import func, select
 
-from portal import audit
 from portal.audit import Action
 from portal.auth import forms
 from portal.auth.policy import (
@@ -28,7 +26,7 @@ from portal.auth.policy import (
 )
 from portal.database import utcnow
 from portal.extensions import db, limiter, login_manager
-from portal.models import RecoveryCode, User
+from portal.models import User
 from portal.security import keyed
 from portal.services import accounts, credentials
 from portal.services import signin as auth_service
@@ -54,7 +52,7 @@ def _account_key() -> str:
 @login_manager.user_loader
 def load_user(user_id: str) -> User | None:
     """Return the signed-in user, or None when the account is unknown or disabled."""
-    user = db.session.scalar(select(User).where(User.public_id == user_id))
+    user = accounts.find_by_public_id(db.session, user_id)
     return user if user is not None and not user.disabled else None
 
 
@@ -76,11 +74,11 @@ def signin() -> ResponseReturnValue:
     form, error = forms.SignInForm(), None
     if form.validate_on_submit():
         try:
-            first = auth_service.check_password(db.session, form.email.data or "",
-                                          form.password.data or "", request_meta())
+            first = auth_service.check_password(
+                db.session, form.email.data or "", form.password.data or "", request_meta()
+            )
         except auth_service.SignInFailed as failed:
-            db.session.commit()
-            error = str(failed)
+            error = str(failed)  # the 401 commits its count and event (web.transaction)
         else:
             return _after_password(first)
     status = 401 if error else 200
@@ -91,15 +89,15 @@ def _after_password(first: auth_service.FirstFactor) -> ResponseReturnValue:
     return begin_second_factor(first, request.args.get("next"))
 
 
-def begin_second_factor(first: auth_service.FirstFactor,
-                        target: str | None) -> ResponseReturnValue:
+def begin_second_factor(first: auth_service.FirstFactor, target: str | None) -> ResponseReturnValue:
     """After a right password: a fresh session id, then the code (or enrolment) step, and
     afterwards ``target`` when it is an internal path."""
     session.clear()
+    # mypy: Flask types `session` as SessionMixin; ours is the server-side session
+    #   (portal.auth.sessions) that has regenerate() and end().
     session.regenerate()  # type: ignore[attr-defined]
     if is_internal_path(target):
         session["next"] = target
-    db.session.commit()
     if not first.enrolled:
         session["enrol_uid"] = first.user.id
         return redirect(url_for("auth.enrol"))
@@ -128,10 +126,10 @@ def code() -> ResponseReturnValue:
     form, error = forms.CodeForm(), None
     if form.validate_on_submit():
         try:
-            remaining = auth_service.second_factor(db.session, user, form.code.data or "",
-                                             request_meta())
+            remaining = auth_service.second_factor(
+                db.session, user, form.code.data or "", request_meta()
+            )
         except auth_service.SignInFailed as failed:
-            db.session.commit()
             error = str(failed)
         else:
             return complete_signin(user, remaining)
@@ -142,14 +140,18 @@ def complete_signin(user: User, recovery_left: int | None = None) -> ResponseRet
     """Log ``user`` in on a fresh session id and send them on (to ``next`` if internal)."""
     target = session.get("next")
     session.clear()
+    # mypy: Flask types `session` as SessionMixin; ours is the server-side session
+    #   (portal.auth.sessions) that has regenerate() and end().
     session.regenerate()  # type: ignore[attr-defined]
     login_user(user)
     session["uid"] = user.id
     mark_reauthenticated()
-    db.session.commit()
     if recovery_left is not None:
-        flash(f"You used a recovery code. {recovery_left} remain; create new ones on your "
-              "account page if you are running low.", "info")
+        flash(
+            f"You used a recovery code. {recovery_left} remain; create new ones on your "
+            "account page if you are running low.",
+            "info",
+        )
     return redirect(target if is_internal_path(target) else url_for(home_for(user.role)))
 
 
@@ -157,10 +159,10 @@ def complete_signin(user: User, recovery_left: int | None = None) -> ResponseRet
 @signed_in
 def signout() -> ResponseReturnValue:
     """End the session on the server, so a copied cookie stops working too."""
-    audit.record(db.session, Action.AUTH_SIGNOUT, actor=auth_service.actor_of(current_user),
-                 meta=request_meta(), target_type="user", target_id=current_user.public_id)
-    db.session.commit()
+    credentials.record_signout(db.session, current_user, request_meta())
     logout_user()
+    # mypy: Flask types `session` as SessionMixin; ours is the server-side session
+    #   (portal.auth.sessions) that has regenerate() and end().
     session.end()  # type: ignore[attr-defined]
     flash("You are signed out.", "success")
     return redirect(url_for("auth.signin"))
@@ -174,14 +176,16 @@ def reauth() -> ResponseReturnValue:
     form, error = forms.ReauthForm(back=request.args.get("next")), None
     if form.validate_on_submit():
         try:  # wrong codes count and pause the account as at sign-in; audits auth.reauth
-            auth_service.verify_code(db.session, current_user._get_current_object(),
-                                     form.code.data or "", request_meta(),
-                                     action=Action.AUTH_REAUTH)
+            auth_service.verify_code(
+                db.session,
+                current_user._get_current_object(),
+                form.code.data or "",
+                request_meta(),
+                action=Action.AUTH_REAUTH,
+            )
         except auth_service.SignInFailed as failed:
-            db.session.commit()
             error = str(failed)
         else:
-            db.session.commit()
             mark_reauthenticated()
             back = form.back.data
             return redirect(back if is_internal_path(back) else url_for("auth.account"))
@@ -192,10 +196,13 @@ def reauth() -> ResponseReturnValue:
 @signed_in
 def account() -> ResponseReturnValue:
     """The user's own account: name, role, recovery codes left, security actions."""
-    left = db.session.scalar(select(func.count()).where(
-        RecoveryCode.user_id == current_user.id, RecoveryCode.used_at.is_(None)))
-    return render_template("auth/account.html", name=accounts.display_name(db.session,
-                           current_user), recovery_left=left, form=forms.ContinueForm())
+    left = credentials.recovery_codes_left(db.session, current_user)
+    return render_template(
+        "auth/account.html",
+        name=accounts.display_name(db.session, current_user),
+        recovery_left=left,
+        form=forms.ContinueForm(),
+    )
 
 
 @bp.post("/account/recovery-codes")
@@ -203,13 +210,10 @@ def account() -> ResponseReturnValue:
 @fresh_auth
 def regenerate_codes() -> ResponseReturnValue:
     """Replace the recovery codes and show the new ones once."""
-    codes = auth_service.new_recovery_codes(db.session, current_user)
-    audit.record(db.session, Action.AUTH_RECOVERY_REGENERATED,
-                 actor=auth_service.actor_of(current_user), meta=request_meta(),
-                 target_type="user", target_id=current_user.public_id)
-    db.session.commit()
-    return render_template("auth/recovery_codes.html", codes=codes,
-                           next_url=url_for("auth.account"))
+    codes = credentials.regenerate_recovery_codes(db.session, current_user, request_meta())
+    return render_template(
+        "auth/recovery_codes.html", codes=codes, next_url=url_for("auth.account")
+    )
 
 
 @bp.route("/account/password", methods=["GET", "POST"])
@@ -222,27 +226,36 @@ def change_password() -> ResponseReturnValue:
     if form.validate_on_submit():
         refused = _try_password_change(form)
         if refused is None:
+            # mypy: Flask types `session` as SessionMixin; ours is the server-side session
+            #   (portal.auth.sessions) that has regenerate() and end().
             session.regenerate()  # type: ignore[attr-defined]
             flash("Your password is changed. Other sessions were signed out.", "success")
             return redirect(url_for("auth.account"))
         status = refused
-    return render_template("auth/new_password.html", form=form, hint=forms.CHOICE_HINT,
-                           title="Change your password", back=request.path), status
+    return render_template(
+        "auth/new_password.html",
+        form=form,
+        hint=forms.CHOICE_HINT,
+        title="Change your password",
+        back=request.path,
+    ), status
 
 
 def _try_password_change(form: forms.ChangePasswordForm) -> int | None:
     """Change the password as the form asks; return None when done, else the page's status."""
     try:
-        credentials.change_password(db.session, current_user._get_current_object(),
-                                    form.current_password.data or "",
-                                    form.password.data or "", request_meta())
-    except auth_service.SignInFailed as failed:
-        db.session.commit()  # the failed attempt counts (ASVS 2.2.1)
+        credentials.change_password(
+            db.session,
+            current_user._get_current_object(),
+            form.current_password.data or "",
+            form.password.data or "",
+            request_meta(),
+        )
+    except auth_service.SignInFailed as failed:  # the 401 commits the count (ASVS 2.2.1)
         form.current_password.errors = [str(failed)]
         return 401
     except ServiceError as refused:
         db.session.rollback()
         form.password.errors = list(refused.messages)
         return 200
-    db.session.commit()
     return None

@@ -7,38 +7,57 @@ from collections.abc import Iterable
 from typing import IO, Any
 
 import click
-from flask import Flask
 from sqlalchemy.orm import Session
 
 from portal.audit import NO_REQUEST, SYSTEM
-from portal.cli import audit as audit_group
-from portal.cli import with_app
+from portal.commands.base import command
+from portal.extensions import db
 from portal.files import OutputError, OutputExists, open_output
+from portal.models import Role
+from portal.services import accounts, audit_query
+from portal.services import audit_export as exporter
 from portal.services.errors import ServiceError
 
 FILE_MODE = 0o600  # an export names patients: readable by its owner only
 
 
-@audit_group.command("export")
-@click.option("--format", "fmt", required=True, type=click.Choice(["csv", "json", "fhir"]),
-              help="csv, json (JSON Lines, one event a line) or fhir (R4 Bundle of AuditEvents).")
+@command("export")
+@click.option(
+    "--format",
+    "fmt",
+    required=True,
+    type=click.Choice(["csv", "json", "fhir"]),
+    help="csv, json (JSON Lines, one event a line) or fhir (R4 Bundle of AuditEvents).",
+)
 @click.option("--since", default=None, metavar="YYYY-MM-DD", help="From this day (UTC).")
-@click.option("--until", default=None, metavar="YYYY-MM-DD",
-              help="Before this day (UTC, exclusive).")
-@click.option("--patient", "patient_email", default=None, metavar="EMAIL",
-              help="Only events about this patient.")
-@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
-              help="Write to FILE (created mode 0600) instead of standard output; "
-                   "a FIFO or device is written as it is.")
+@click.option(
+    "--until", default=None, metavar="YYYY-MM-DD", help="Before this day (UTC, exclusive)."
+)
+@click.option(
+    "--patient",
+    "patient_email",
+    default=None,
+    metavar="EMAIL",
+    help="Only events about this patient.",
+)
+@click.option(
+    "-o",
+    "--output",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write to FILE (created mode 0600) instead of standard output; "
+    "a FIFO or device is written as it is.",
+)
 @click.option("--force", is_flag=True, help="Replace FILE if it already exists.")
-@with_app
-def audit_export(app: Flask, fmt: str, since: str | None, until: str | None,
-                 patient_email: str | None, output: str | None, force: bool) -> None:
+def audit_export(
+    fmt: str,
+    since: str | None,
+    until: str | None,
+    patient_email: str | None,
+    output: str | None,
+    force: bool,
+) -> None:
     """Export audit events, oldest first, streaming (memory stays flat)."""
-    from portal.extensions import db
-    from portal.services import audit_export as exporter
-    from portal.services import audit_query
-
     try:
         patient_id = _patient_id(db.session, patient_email)
         flt = audit_query.from_args(patient_id=patient_id, since=since, until=until)
@@ -56,9 +75,6 @@ def audit_export(app: Flask, fmt: str, since: str | None, until: str | None,
 
 def _patient_id(session: Session, email: str | None) -> int | None:
     """Return the id of the patient with ``email``; ServiceError (not echoing it) when none."""
-    from portal.models import Role
-    from portal.services import accounts
-
     if email is None:
         return None
     user = accounts.find_by_email(session, email)

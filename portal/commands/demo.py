@@ -12,10 +12,17 @@ from datetime import date
 from pathlib import Path
 
 import click
-from flask import Flask
+from flask import Flask, current_app
+from flask.cli import ScriptInfo, pass_script_info
 
 from portal.audit import NO_REQUEST, SYSTEM
-from portal.cli import main, make_app
+from portal.commands.base import one_transaction
+from portal.database import utcnow
+from portal.extensions import db
+from portal.migrate import upgrade
+from portal.models import User
+from portal.security import otp
+from portal.services import accounts, signin
 
 DEMO_PORT = 5000
 DEMO_SMTP_PORT = 8025
@@ -34,80 +41,89 @@ class DemoAccount:
 
 ACCOUNTS = (
     DemoAccount("staff", "staff@demo.example", "Sam Staffer", "Lantern-Ocelot-Ripple-41"),
-    DemoAccount("patient", "patient@demo.example", "Pat Demo", "Harbour-Quince-Velvet-73",
-                date(1980, 1, 31)),
+    DemoAccount(
+        "patient", "patient@demo.example", "Pat Demo", "Harbour-Quince-Velvet-73", date(1980, 1, 31)
+    ),
     DemoAccount("auditor", "auditor@demo.example", "Ada Auditor", "Meadow-Cobalt-Thistle-58"),
     DemoAccount("admin", "admin@demo.example", "Al Admin", "Granite-Willow-Saffron-26"),
 )
 
 
-def seed(app: Flask) -> None:
-    """Create the demo accounts that do not exist yet (idempotent)."""
-    from portal.extensions import db
-    from portal.services import accounts
+@one_transaction
+def seed() -> None:
+    """Create the demo accounts that do not exist yet (idempotent), in one transaction."""
+    for account in ACCOUNTS:
+        if accounts.find_by_email(db.session, account.email) is None:
+            user = accounts.create_user(
+                db.session,
+                role=account.role,
+                email=account.email,
+                name=account.name,
+                dob=account.dob,
+                password=account.password,
+                actor=SYSTEM,
+                meta=NO_REQUEST,
+            ).user
+            _enrol(user)
 
-    with app.app_context():
-        for account in ACCOUNTS:
-            if accounts.find_by_email(db.session, account.email) is None:
-                user = accounts.create_user(db.session, role=account.role, email=account.email,
-                                            name=account.name, dob=account.dob,
-                                            password=account.password, actor=SYSTEM,
-                                            meta=NO_REQUEST).user
-                _enrol(user)
-        db.session.commit()
 
-
-def _enrol(user: object) -> None:
+def _enrol(user: User) -> None:
     """Enrol a demo account's authenticator with a code from the step before, so every
     code the demo page shows from now on is still unused."""
-    from portal.database import utcnow
-    from portal.extensions import db
-    from portal.security import otp
-    from portal.services import signin
-
-    secret, shown = signin.start_enrolment(db.session, user, None)  # type: ignore[arg-type]
+    secret, shown = signin.start_enrolment(db.session, user, None)
     step = int(utcnow().timestamp() // otp.STEP_SECONDS) - 1
-    signin.finish_enrolment(db.session, user, otp.code_at(secret, step),  # type: ignore[arg-type]
-                            NO_REQUEST, shown)
+    signin.finish_enrolment(db.session, user, otp.code_at(secret, step), NO_REQUEST, shown)
 
 
 def _banner(app: Flask, port: int, maildir: Path) -> str:
     base = f"http://127.0.0.1:{port}"
-    lines = ["", "Pickup Portal demo is running (test data only).", "",
-             f"  Portal:        {base}/signin",
-             f"  Mail sink:     {base}/demo/mail  (emails land in {maildir})",
-             f"  Demo codes:    {base}/demo/  (current authenticator codes of the demo logins)",
-             f"  Health:        {base}/healthz", "",
-             "  Demo logins (email / password):"]
+    lines = [
+        "",
+        "Pickup Portal demo is running (test data only).",
+        "",
+        f"  Portal:        {base}/signin",
+        f"  Mail sink:     {base}/demo/mail  (emails land in {maildir})",
+        f"  Demo codes:    {base}/demo/  (current authenticator codes of the demo logins)",
+        f"  Health:        {base}/healthz",
+        "",
+        "  Demo logins (email / password):",
+    ]
     lines += [f"    {a.role:<8} {a.email:<24} {a.password}" for a in ACCOUNTS]
     lines += ["", f"  Instance folder: {app.config['INSTANCE_DIR']}", "  Stop with Ctrl-C.", ""]
     return "\n".join(lines)
 
 
-@main.command("demo")
+@click.command("demo")
 @click.option("--port", default=DEMO_PORT, show_default=True, type=int)
 @click.option("--smtp-port", default=DEMO_SMTP_PORT, show_default=True, type=int)
-def demo(port: int, smtp_port: int) -> None:
+@pass_script_info
+def demo(info: ScriptInfo, port: int, smtp_port: int) -> None:
     """Migrate, seed demo accounts, start the mail sink, the notifier and the portal."""
-    os.environ["PORTAL_DEMO"] = "1"
-    os.environ.setdefault("PORTAL_BASE_URL", f"http://127.0.0.1:{port}")
-    app = make_app()
-    folder = Path(app.config["INSTANCE_DIR"])
-    maildir, cert = Path(app.config["DEMO_MAILDIR"]), folder / "sink-cert.pem"
+    # The app `portal` loaded knows the instance folder; the demo's own app is built after
+    # the environment below is set (demo mode, the sink as SMTP server), through the same
+    # factory hook, so a malformed setting still stops it with the one-line error.
+    folder = Path(current_app.config["INSTANCE_DIR"])
+    maildir, cert = Path(current_app.config["DEMO_MAILDIR"]), folder / "sink-cert.pem"
     processes = [_start_sink(smtp_port, maildir, cert)]
-    os.environ.update(PORTAL_SMTP_HOST="127.0.0.1", PORTAL_SMTP_PORT=str(smtp_port),
-                      PORTAL_SMTP_TLS="starttls", PORTAL_SMTP_CA_FILE=str(cert),
-                      PORTAL_MAIL_FROM="notices@demo.example")
-    app = make_app()
-    from portal.extensions import db
-    from portal.migrate import upgrade
-
+    os.environ.setdefault("PORTAL_BASE_URL", f"http://127.0.0.1:{port}")
+    os.environ.update(
+        PORTAL_DEMO="1",
+        PORTAL_SMTP_HOST="127.0.0.1",
+        PORTAL_SMTP_PORT=str(smtp_port),
+        PORTAL_SMTP_TLS="starttls",
+        PORTAL_SMTP_CA_FILE=str(cert),
+        PORTAL_MAIL_FROM="notices@demo.example",
+    )
+    if info.create_app is None:  # portal.cli.main always passes its factory hook
+        raise click.UsageError("run the demo as `portal demo`")
+    app = info.create_app()
     with app.app_context():
         upgrade(db.engine)
-    seed(app)
+        seed()
     processes.append(subprocess.Popen([sys.executable, "-m", "notifier", "run"]))
-    processes.append(subprocess.Popen([sys.executable, "-m", "portal", "serve", "--port",
-                                       str(port)]))
+    processes.append(
+        subprocess.Popen([sys.executable, "-m", "portal", "serve", "--port", str(port)])
+    )
     click.echo(_banner(app, port, maildir))
     _wait(processes)
 
@@ -115,8 +131,20 @@ def demo(port: int, smtp_port: int) -> None:
 def _start_sink(port: int, maildir: Path, cert: Path) -> subprocess.Popen[bytes]:
     """Start the TLS mail sink and wait until its certificate is written."""
     cert.unlink(missing_ok=True)
-    sink = subprocess.Popen([sys.executable, "-m", "notifier", "sink", "--port", str(port),
-                             "--maildir", str(maildir), "--cert", str(cert)])
+    sink = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "notifier",
+            "sink",
+            "--port",
+            str(port),
+            "--maildir",
+            str(maildir),
+            "--cert",
+            str(cert),
+        ]
+    )
     deadline = time.monotonic() + 30
     while not cert.exists():
         if sink.poll() is not None or time.monotonic() > deadline:

@@ -9,11 +9,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import click
-from flask import Flask
 
 from portal.audit import NO_REQUEST
-from portal.cli import main, with_app
+from portal.commands.base import CommandGroup
+from portal.extensions import db
+from portal.services import accounts, messaging
 from portal.services.errors import ServiceError
+from portal.services.messages import Upload
 
 
 def parse_expiry(raw: str | None) -> timedelta | None:
@@ -27,9 +29,7 @@ def parse_expiry(raw: str | None) -> timedelta | None:
     return timedelta(**{unit: int(match.group(1))})
 
 
-@main.group()
-def messages() -> None:
-    """Messages."""
+messages = CommandGroup("messages", help="Messages.")
 
 
 @messages.command("send")
@@ -39,20 +39,24 @@ def messages() -> None:
 @click.option("--body", default=None)
 @click.option("--body-file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--markdown", is_flag=True, help="The body is Markdown (rendered sanitised).")
-@click.option("--attach", multiple=True, type=click.Path(exists=True, dir_okay=False,
-                                                         path_type=Path))
+@click.option(
+    "--attach", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
 @click.option("--expires-in", default=None, help="7d (default: PORTAL_LINK_TTL), 36h, 90m.")
-@with_app
-def send(app: Flask, sender_email: str, recipient_email: str, subject: str, body: str | None,
-         body_file: Path | None, markdown: bool, attach: tuple[Path, ...],
-         expires_in: str | None) -> None:
+def send(
+    sender_email: str,
+    recipient_email: str,
+    subject: str,
+    body: str | None,
+    body_file: Path | None,
+    markdown: bool,
+    attach: tuple[Path, ...],
+    expires_in: str | None,
+) -> None:
     """Send a message; the patient gets a PHI-free notice with a pickup link."""
-    from portal.extensions import db
-    from portal.services import accounts, messaging
-    from portal.services.messages import Upload
-
     if (body is None) == (body_file is None):
         raise click.UsageError("give exactly one of --body or --body-file")
+    # mypy: click enforces --body or --body-file; body_file is a Path when body is None.
     text = body if body is not None else body_file.read_text(encoding="utf-8")  # type: ignore[union-attr]
     sender = accounts.find_by_email(db.session, sender_email)
     with ExitStack() as files:
@@ -61,12 +65,17 @@ def send(app: Flask, sender_email: str, recipient_email: str, subject: str, body
             if sender is None:
                 raise ServiceError("No staff account has that --from address.")
             sent = messaging.send(
-                db.session, sender=sender,
-                recipient=messaging.recipient_for(db.session, recipient_email), subject=subject,
-                body=text, body_format="markdown" if markdown else "text", uploads=uploads,
-                expires_in=parse_expiry(expires_in), meta=NO_REQUEST)
+                db.session,
+                sender=sender,
+                recipient=messaging.recipient_for(db.session, recipient_email),
+                subject=subject,
+                body=text,
+                body_format="markdown" if markdown else "text",
+                uploads=uploads,
+                expires_in=parse_expiry(expires_in),
+                meta=NO_REQUEST,
+            )
         except ServiceError as refused:
-            db.session.rollback()
             click.echo(f"portal: {refused}", err=True)
             sys.exit(1)
     click.echo(f"sent message {sent.message.public_id}; the notice is queued for the notifier")

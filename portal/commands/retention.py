@@ -3,29 +3,38 @@
 from __future__ import annotations
 
 import click
-from flask import Flask
+from flask import current_app
 
 from portal import audit
 from portal.audit import NO_REQUEST, SYSTEM, Action
-from portal.cli import main, with_app
+from portal.commands.base import CommandGroup
+from portal.extensions import db
+from portal.services import content, signin
 
-
-@main.group()
-def retention() -> None:
-    """Retention and clean-up."""
+retention = CommandGroup("retention", help="Retention and clean-up.")
 
 
 @retention.command("run")
-@with_app
-def retention_run(app: Flask) -> None:
-    """Delete orphan blobs (written by transactions that never committed), stale temp files
-    and expired sessions."""
-    from portal.extensions import db
-    from portal.services import content, signin
-
+def retention_run() -> None:
+    """Delete orphan blobs (written by transactions that never committed), partial uploads
+    of killed writers and expired sessions."""
+    partial = content.sweep_partial_uploads()
     removed = content.sweep_orphans(db.session)
-    sessions = signin.purge_expired_sessions(db.session, app.config["SESSION_IDLE"],
-                                             app.config["SESSION_LIFETIME"])
-    audit.record(db.session, Action.RETENTION_RUN, actor=SYSTEM, meta=NO_REQUEST,
-                 details={"orphan_blobs_removed": removed, "sessions_removed": sessions})
-    click.echo(f"retention: {removed} orphan blobs removed, {sessions} expired sessions removed")
+    sessions = signin.purge_expired_sessions(
+        db.session, current_app.config["SESSION_IDLE"], current_app.config["SESSION_LIFETIME"]
+    )
+    audit.record(
+        db.session,
+        Action.RETENTION_RUN,
+        actor=SYSTEM,
+        meta=NO_REQUEST,
+        details={
+            "orphan_blobs_removed": removed,
+            "sessions_removed": sessions,
+            "partial_uploads_removed": partial,
+        },
+    )
+    click.echo(
+        f"retention: {removed} orphan blobs removed, {partial} partial uploads removed, "
+        f"{sessions} expired sessions removed"
+    )

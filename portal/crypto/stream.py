@@ -193,7 +193,7 @@ def _plaintext_segments(src: BinaryIO | Iterable[bytes], size: int) -> Iterator[
             yield piece
         return
     buffer = bytearray()
-    for chunk in cast(Iterable[bytes], src):
+    for chunk in src:  # a BinaryIO is an Iterable[bytes] too; the read path returned
         buffer += chunk
         while len(buffer) >= size:
             with memoryview(buffer) as view:

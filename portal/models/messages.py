@@ -3,12 +3,40 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 
 from sqlalchemy import BigInteger, ForeignKey, Integer, LargeBinary, String
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from portal.database import Base, UTCDateTime, utcnow
 from portal.models.types import BigId, new_public_id, sealed_column
+
+
+class MessageState(StrEnum):
+    """Whether a message can still be read; derived from its timestamps, never stored as a column.
+
+    The values appear in audit details (``access.denied``'s ``reason``) and pages, so they
+    never change once released.
+    """
+
+    AVAILABLE = "available"
+    REVOKED = "revoked"  # staff withdrew it (revoked_at)
+    EXPIRED = "expired"  # expires_at has passed
+    DELETED = "deleted"  # its data key was destroyed (crypto-shredded) or it cannot be read
+
+
+class LinkState(StrEnum):
+    """What a pickup link's landing page may do; derived, recorded in ``link.*`` audit details.
+
+    ``UNKNOWN`` and ``UNAVAILABLE`` describe a request rather than a link: no link has
+    the token, or the link expired together with its message (no new link can help).
+    """
+
+    USABLE = "usable"
+    REVOKED = "revoked"  # the link, its message or its recipient was withdrawn or disabled
+    EXPIRED = "expired"
+    UNKNOWN = "unknown"
+    UNAVAILABLE = "unavailable"
 
 
 class Message(Base):
@@ -33,7 +61,8 @@ class Message(Base):
     destroyed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     attachments: Mapped[list[Attachment]] = relationship(
-        back_populates="message", order_by="Attachment.position")
+        back_populates="message", order_by="Attachment.position"
+    )
 
 
 class Attachment(Base):

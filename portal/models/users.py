@@ -88,7 +88,11 @@ class PatientProfile(Base):
 
 
 class Consent(Base):
-    """A patient's consent (for example to email notices), versioned and withdrawable."""
+    """A patient's consent (for example to email notices), versioned and withdrawable.
+
+    No code reads or writes it yet: the model stays because its table exists (migration
+    0001); dropping it takes a migration.
+    """
 
     __tablename__ = "consents"
 
@@ -101,7 +105,11 @@ class Consent(Base):
 
 
 class ApiClient(Base):
-    """A program (an EHR) that sends through the API; only its key's hash is stored."""
+    """A program (an EHR) that sends through the API; only its key's hash is stored.
+
+    No code reads or writes it yet (there is no API blueprint): the model stays because its
+    table exists (migration 0001); dropping it takes a migration.
+    """
 
     __tablename__ = "api_clients"
 

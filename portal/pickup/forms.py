@@ -1,4 +1,5 @@
-"""Pickup forms. Labels are the contract in DESIGN.md ("Date of birth", "Access code", ...)."""
+"""Pickup forms. The labels ("Date of birth", "Access code", ...) are a contract users and
+scripts rely on: keep them."""
 
 from __future__ import annotations
 
@@ -23,12 +24,13 @@ class ContinueForm(FlaskForm):
 class LinkSignInForm(FlaskForm):
     """A returning recipient's password, typed on the link's own page."""
 
-    password = PasswordField("Password", validators=[DataRequired("Enter your password."),
-                                                     Length(max=1024)])
+    password = PasswordField(
+        "Password", validators=[DataRequired("Enter your password."), Length(max=1024)]
+    )
 
 
 class RenewForm(FlaskForm):
-    """"Send me a new link": posted to the link's own URL, so every invalid page is identical."""
+    """ "Send me a new link": posted to the link's own URL, so every invalid page is identical."""
 
     intent = HiddenField(default="renew")
 
@@ -41,23 +43,32 @@ def _dob(_form: FlaskForm, field: StringField) -> None:
 class DobForm(FlaskForm):
     """Identity check by date of birth (a date picker; typed DD/MM/YYYY works too)."""
 
-    answer = StringField("Date of birth", widget=DateInput(), validators=[
-        DataRequired("Enter your date of birth."), Length(max=20), _dob])
+    answer = StringField(
+        "Date of birth",
+        widget=DateInput(),
+        validators=[DataRequired("Enter your date of birth."), Length(max=20), _dob],
+    )
 
 
 class AccessCodeForm(FlaskForm):
     """Identity check by the access code the practice gave the patient."""
 
-    answer = StringField("Access code", validators=[
-        DataRequired("Enter the access code the practice gave you."), Length(max=40)])
+    answer = StringField(
+        "Access code",
+        validators=[DataRequired("Enter the access code the practice gave you."), Length(max=40)],
+    )
 
 
 class ReplyForm(FlaskForm):
     """The patient's answer to a message."""
 
-    body = TextAreaField("Your reply", validators=[
-        DataRequired("Write your reply."),
-        Length(max=MAX_REPLY, message=f"Keep your reply under {MAX_REPLY:,} characters.")])
+    body = TextAreaField(
+        "Your reply",
+        validators=[
+            DataRequired("Write your reply."),
+            Length(max=MAX_REPLY, message=f"Keep your reply under {MAX_REPLY:,} characters."),
+        ],
+    )
 
 
 class DisclosureRangeForm(FlaskForm):

@@ -17,10 +17,12 @@ from flask_login import current_user
 from portal.auth.views import begin_second_factor
 from portal.extensions import db, limiter
 from portal.models import Message, PickupLink, User
+from portal.models.messages import LinkState
 from portal.pickup import bp, forms
 from portal.services import pickup
 from portal.services import signin as auth_service
 from portal.services.errors import ServiceError
+from portal.web.errors import page
 from portal.web.security import request_meta
 
 LINK_KEY = "pickup_link"  # session: id of the link being followed
@@ -51,7 +53,6 @@ def link(token: str) -> ResponseReturnValue:
     if request.method == "POST":
         return _renew(token) if request.form.get("intent") == "renew" else _continue(token)
     found = pickup.link_opened(db.session, token, request_meta())
-    db.session.commit()
     if found is None:
         return _invalid()
     return _landing(found)
@@ -61,23 +62,26 @@ def _landing(found: PickupLink, error: str | None = None) -> ResponseReturnValue
     """The link's page. A returning recipient signs in right here (password, then code),
     which saves a screen; anyone else gets Continue. Either way a GET changes nothing."""
     recipient = db.session.get(User, found.recipient_id)
-    if not current_user.is_authenticated and recipient is not None and pickup.is_enrolled(
-            recipient):
-        return render_template("pickup/landing.html", form=forms.LinkSignInForm(),
-                               sign_in=True, error=error), 401 if error else 200
+    if (
+        not current_user.is_authenticated
+        and recipient is not None
+        and pickup.is_enrolled(recipient)
+    ):
+        return render_template(
+            "pickup/landing.html", form=forms.LinkSignInForm(), sign_in=True, error=error
+        ), 401 if error else 200
     return render_template("pickup/landing.html", form=forms.ContinueForm(), sign_in=False)
 
 
 def _renew(token: str) -> ResponseReturnValue:
     if forms.RenewForm().validate_on_submit():
         pickup.renew(db.session, token, request_meta())
-        db.session.commit()
     return _invalid(renewed=True)
 
 
 def _continue(token: str) -> ResponseReturnValue:
     found = pickup.find_link(db.session, token)
-    usable = found is not None and pickup.link_state(db.session, found) == "usable"
+    usable = found is not None and pickup.link_state(db.session, found) == LinkState.USABLE
     if not usable or not forms.ContinueForm().validate_on_submit():
         return _invalid()
     assert found is not None
@@ -85,6 +89,8 @@ def _continue(token: str) -> ResponseReturnValue:
         return _sign_in_from_link(found)
     if not current_user.is_authenticated:
         session.clear()
+        # mypy: Flask types `session` as SessionMixin; ours is the server-side session
+        #   (portal.auth.sessions) that has regenerate() and end().
         session.regenerate()  # type: ignore[attr-defined]
     session[LINK_KEY] = found.id
     return redirect(url_for("pickup.start"))
@@ -97,10 +103,10 @@ def _sign_in_from_link(found: PickupLink) -> ResponseReturnValue:
     if recipient is None or not form.validate_on_submit():
         return _landing(found, "Enter your password.")
     try:
-        first = auth_service.check_password(db.session, recipient.email,
-                                            form.password.data or "", request_meta())
-    except auth_service.SignInFailed as failed:
-        db.session.commit()
+        first = auth_service.check_password(
+            db.session, recipient.email, form.password.data or "", request_meta()
+        )
+    except auth_service.SignInFailed as failed:  # counted: committed with the 401 page
         return _landing(found, str(failed))
     message = db.session.get(Message, found.message_id)
     assert message is not None
@@ -124,10 +130,14 @@ def start() -> ResponseReturnValue:
     if current_user.is_authenticated:
         session.pop(LINK_KEY, None)
         if current_user.id != found.recipient_id:
-            pickup.deny(db.session, message, current_user._get_current_object(),
-                        request_meta(), "not_recipient")
-            db.session.commit()
-            abort(404)
+            pickup.deny(
+                db.session,
+                message,
+                current_user._get_current_object(),
+                request_meta(),
+                "not_recipient",
+            )
+            return page(404)  # returned, not raised: the boundary commits the denial
         return redirect(target)
     recipient = db.session.get(User, found.recipient_id)
     if recipient is not None and pickup.is_enrolled(recipient):
@@ -164,8 +174,10 @@ def verify() -> ResponseReturnValue:
         if found.locked_at is not None:
             return _locked(True)
         left = pickup.MAX_VERIFY_FAILURES - found.verify_failures
-        error = (f"That does not match what {_org()} has on file. "
-                 f"{left} {'try' if left == 1 else 'tries'} left.")
+        error = (
+            f"That does not match what {_org()} has on file. "
+            f"{left} {'try' if left == 1 else 'tries'} left."
+        )
     status = 401 if error else 200
     return render_template("pickup/verify.html", form=form, method=method, error=error), status
 
@@ -177,7 +189,6 @@ def _check(found: PickupLink, user: User, method: str, answer: str) -> bool:
         ok = pickup.verify_identity(db.session, found, user, method, answer, request_meta())
     except pickup.LinkLocked:
         ok = False
-    db.session.commit()
     return ok
 
 
@@ -197,8 +208,7 @@ def password() -> ResponseReturnValue:
     form = forms.PasswordForm()
     if form.validate_on_submit():
         try:
-            auth_service.set_password(db.session, user, form.password.data or "",
-                                      request_meta())
+            auth_service.set_password(db.session, user, form.password.data or "", request_meta())
         except ServiceError as refused:
             db.session.rollback()
             form.password.errors = list(refused.messages)
@@ -210,8 +220,9 @@ def password() -> ResponseReturnValue:
 def _to_enrolment(found: PickupLink, user: User) -> ResponseReturnValue:
     message = db.session.get(Message, found.message_id)
     assert message is not None
-    db.session.commit()
     session.clear()
+    # mypy: Flask types `session` as SessionMixin; ours is the server-side session
+    #   (portal.auth.sessions) that has regenerate() and end().
     session.regenerate()  # type: ignore[attr-defined]
     session["enrol_uid"] = user.id
     # complete_signin (after enrolment) sends the patient on to the message.

@@ -28,8 +28,7 @@ from flask.typing import ResponseReturnValue
 from flask_login import current_user
 from sqlalchemy.exc import SQLAlchemyError
 
-from portal import audit
-from portal.audit import Action, Actor
+from portal.audit import actor_of
 from portal.auth.policy import roles, signed_in
 from portal.crypto.errors import ContentTampered
 from portal.extensions import db, limiter
@@ -40,27 +39,31 @@ from portal.services import disclosures, patient_lists, pdf, pickup
 from portal.services.errors import NotFound, ServiceError
 from portal.web.errors import page, report_tampered
 from portal.web.security import request_meta
+from portal.web.transaction import commit_now
 
 log = logging.getLogger(__name__)
 # Shown inline under a sandbox: no script, no plugins but the PDF itself, never framed.
 VIEW_CSP = "sandbox; default-src 'none'; object-src 'self'; frame-ancestors 'none'"
-UNRECORDED = ("We could not record this access in the audit trail, so nothing was sent. "
-              "Please try again in a few minutes.")
+UNRECORDED = (
+    "We could not record this access in the audit trail, so nothing was sent. "
+    "Please try again in a few minutes."
+)
 
 
 def _user() -> User:
-    return current_user._get_current_object()  # type: ignore[no-any-return]
+    user: User = current_user._get_current_object()  # flask_login is untyped
+    return user
 
 
 @bp.errorhandler(pickup.Unavailable)
 def _unavailable(gone: pickup.Unavailable) -> ResponseReturnValue:
-    db.session.commit()  # the access.denied event
+    commit_now()  # the access.denied event: the exception rolled the rest back
     return render_template("pickup/gone.html", reason=gone.reason), 410
 
 
 @bp.errorhandler(NotFound)
 def _not_theirs(_refused: NotFound) -> ResponseReturnValue:
-    db.session.commit()  # the access.denied event
+    commit_now()  # the access.denied event: the exception rolled the rest back
     return page(404)
 
 
@@ -91,9 +94,7 @@ def inbox() -> ResponseReturnValue:
     """The patient's messages, newest first, unread ones marked (subjects are PHI: audited)."""
     user = _user()
     rows = patient_lists.inbox(db.session, user)
-    audit.record(db.session, Action.MESSAGE_LIST, actor=Actor(user.id, user.role),
-                 meta=request_meta(), patient_id=user.id, details={"count": len(rows)})
-    db.session.commit()
+    patient_lists.record_inbox_view(db.session, user, len(rows), request_meta())
     return render_template("pickup/inbox.html", rows=rows)
 
 
@@ -102,7 +103,6 @@ def inbox() -> ResponseReturnValue:
 def message(message_id: str) -> ResponseReturnValue:
     """One message: sender, date, subject, body, attachments, and the patient's replies."""
     shown = pickup.view_message(db.session, _message(message_id), _user(), request_meta())
-    db.session.commit()
     return _render(shown, forms.ReplyForm())
 
 
@@ -110,8 +110,14 @@ def _render(shown: pickup.Shown, form: forms.ReplyForm, status: int = 200) -> Re
     readable = shown.readable
     files = [(a, readable.filenames[a.id]) for a in shown.message.attachments]
     body = pdf.render_body_html(readable.body, readable.body_format)
-    return render_template("pickup/message.html", shown=shown, body=body, files=files,
-                           form=form, filesize=pdf.format_size), status
+    return render_template(
+        "pickup/message.html",
+        shown=shown,
+        body=body,
+        files=files,
+        form=form,
+        filesize=pdf.format_size,
+    ), status
 
 
 def content_disposition(kind: str, filename: str) -> str:
@@ -123,13 +129,16 @@ def content_disposition(kind: str, filename: str) -> str:
 
 def _stream(attachment: Attachment, *, inline: bool) -> ResponseReturnValue:
     try:
-        name, chunks = pickup.open_attachment(db.session, attachment, _user(), request_meta(),
-                                              inline=inline)
+        name, chunks = pickup.open_attachment(
+            db.session, attachment, _user(), request_meta(), inline=inline
+        )
     except SQLAlchemyError:
         return _unrecorded()
     try:
-        db.session.commit()  # the audit event lands before a byte leaves
+        commit_now()  # streamed: the audit event lands before a byte leaves
     except SQLAlchemyError:
+        # mypy: chunks is typed Iterator; the generator behind it has close(), which releases the
+        #   blob file.
         chunks.close()  # type: ignore[attr-defined]
         return _unrecorded()
     return _pdf_response(_tamper_guarded(chunks), attachment.size, name, inline)
@@ -145,16 +154,18 @@ def _tamper_guarded(chunks: Iterator[bytes]) -> Iterator[bytes]:
         report_tampered("mid_stream")
         raise
     finally:
+        # mypy: chunks is typed Iterator; the generator behind it has close(), which releases the
+        #   blob file.
         chunks.close()  # type: ignore[attr-defined]
 
 
 def _pdf_response(chunks: Iterator[bytes], size: int, name: str, inline: bool) -> Response:
-    response = Response(stream_with_context(chunks), mimetype="application/pdf",
-                        direct_passthrough=True)
+    response = Response(
+        stream_with_context(chunks), mimetype="application/pdf", direct_passthrough=True
+    )
     headers = response.headers
     headers["Content-Length"] = str(size)
-    headers["Content-Disposition"] = content_disposition("inline" if inline else "attachment",
-                                                         name)
+    headers["Content-Disposition"] = content_disposition("inline" if inline else "attachment", name)
     headers["Cache-Control"] = "no-store"
     headers["X-Content-Type-Options"] = "nosniff"
     if inline:
@@ -183,12 +194,13 @@ def message_pdf(message_id: str) -> ResponseReturnValue:
     message = _message(message_id)
     try:
         document = pickup.message_pdf(db.session, message, _user(), request_meta())
-        db.session.commit()
+        commit_now()  # fail closed with our own 503 page if the event cannot be written
     except SQLAlchemyError:
         return _unrecorded()
     response = Response(document, mimetype="application/pdf")
     response.headers["Content-Disposition"] = content_disposition(
-        "attachment", f"message-{message.created_at:%Y-%m-%d}.pdf")
+        "attachment", f"message-{message.created_at:%Y-%m-%d}.pdf"
+    )
     response.headers["Cache-Control"] = "no-store"
     return response
 
@@ -206,11 +218,9 @@ def reply(message_id: str) -> ResponseReturnValue:
             db.session.rollback()
             form.body.errors = list(refused.messages)
         else:
-            db.session.commit()
             flash("Your reply was sent.", "success")
             return redirect(url_for("pickup.message", message_id=message_id) + "#replies")
     shown = pickup.view_message(db.session, original, _user(), request_meta())
-    db.session.commit()
     return _render(shown, form, 400)
 
 
@@ -229,7 +239,7 @@ def _history_page(form: DisclosureRangeForm, status: int = 200) -> ResponseRetur
     rows = patient_lists.history(db.session, user)
     try:
         patient_lists.record_history_view(db.session, user, len(rows), request_meta())
-        db.session.commit()
+        commit_now()  # fail closed with our own 503 page if the event cannot be written
     except SQLAlchemyError:
         return _unrecorded()
     return render_template("pickup/history.html", rows=rows, form=form), status
@@ -239,6 +249,8 @@ def _valid_period(form: DisclosureRangeForm) -> bool:
     """Validate the posted period; a reversed one gets an error under its last day."""
     if not form.validate_on_submit():
         return False
+    # mypy: DayField data is a date once validate() passed (checked above); WTForms types it Any
+    #   | None.
     if form.until.data < form.since.data:  # type: ignore[operator]
         form.until.errors = ["The last day is before the first."]
         return False
@@ -253,10 +265,21 @@ def disclosures_pdf() -> ResponseReturnValue:
     user = _user()
     if not _valid_period(form):
         return _history_page(form, 400)  # the form's own messages, under its fields
-    body = disclosures.report_pdf(db.session, user, form.since.data,  # type: ignore[arg-type]
-                                  form.until.data, actor=Actor(user.id, user.role),  # type: ignore[arg-type]
-                                  meta=request_meta())
-    db.session.commit()
-    return Response(body, mimetype="application/pdf", headers={
-        "Content-Disposition": 'attachment; filename="my-accesses.pdf"',
-        "Cache-Control": "no-store"})
+    # mypy: DayField data is a date once validate() passed (checked above); WTForms types it Any
+    #   | None.
+    body = disclosures.report_pdf(
+        db.session,
+        user,
+        form.since.data,  # type: ignore[arg-type]
+        form.until.data,  # type: ignore[arg-type]
+        actor=actor_of(user),
+        meta=request_meta(),
+    )
+    return Response(
+        body,
+        mimetype="application/pdf",
+        headers={
+            "Content-Disposition": 'attachment; filename="my-accesses.pdf"',
+            "Cache-Control": "no-store",
+        },
+    )

@@ -1,6 +1,6 @@
 """Purpose-specific secrets derived from the app secret, and keyed hashes made with them.
 
-One secret per purpose, each with its own salt (ASVS 6.4.1; STYLE habit 4), so a value
+One secret per purpose, each with its own salt (ASVS 6.4.1), so a value
 hashed for one purpose is useless for any other and the app secret itself never keys
 anything but the derivation. The derivation is HKDF-Extract (RFC 5869 section 2.2):
 HMAC-SHA256 keyed by the purpose's salt over the app secret, a 32-byte key.

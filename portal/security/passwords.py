@@ -16,10 +16,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 import threading
 import unicodedata
 from collections.abc import Iterable
 from difflib import SequenceMatcher
+from functools import cached_property
 
 import argon2
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -33,6 +35,11 @@ PARALLELISM = 1  # lanes
 # OWASP Password Storage Cheat Sheet minimum for argon2id: m=19 MiB, t=2, p=1.
 MIN_TIME_COST = 2
 MIN_MEMORY_COST_KIB = 19_456
+
+# DANGEROUS, tests only: argon2's own minimum (t=1, m=8 KiB, p=1), about 20 microseconds a
+# hash instead of about 110 ms. Only insecure_hasher_for_tests() builds a hasher with them,
+# and create_app refuses PASSWORD_HASH_PARAMS unless TESTING (portal.config).
+INSECURE_TEST_PARAMETERS = {"time_cost": 1, "memory_cost": 8, "parallelism": 1}
 
 # 800-63B 5.1.1.2: at least 8 characters, verifiers SHOULD allow at least 64. We ask for
 # 12 (ASVS 2.1.1) and allow 128 (ASVS 2.1.2), counted as code points after NFKC.
@@ -53,10 +60,14 @@ MIN_PERSONAL_TOKEN = 3
 PRODUCT_NAME = "Pickup Portal"
 MIN_CONTEXT_NAME = 4  # compacted names shorter than this are too common to refuse on
 CLOSE_MATCH_RATIO = 0.85  # difflib ratio from which a stretch of the password copies a name
-_UNLEET = (str.maketrans({"0": "o", "1": "i", "!": "i", "3": "e", "4": "a", "@": "a",
-                          "5": "s", "$": "s", "7": "t"}),
-           str.maketrans({"0": "o", "1": "l", "|": "l", "3": "e", "4": "a", "@": "a",
-                          "5": "s", "$": "s", "7": "t"}))
+_UNLEET = (
+    str.maketrans(
+        {"0": "o", "1": "i", "!": "i", "3": "e", "4": "a", "@": "a", "5": "s", "$": "s", "7": "t"}
+    ),
+    str.maketrans(
+        {"0": "o", "1": "l", "|": "l", "3": "e", "4": "a", "@": "a", "5": "s", "$": "s", "7": "t"}
+    ),
+)
 
 # Unicode categories refused: Cc (controls: tab, newline, NUL...) and Cs (lone surrogates,
 # which cannot be encoded). Cf stays allowed: emoji sequences need the zero-width joiner.
@@ -90,9 +101,14 @@ class PasswordHasher:
         time_cost: int = TIME_COST,
         memory_cost: int = MEMORY_COST_KIB,
         parallelism: int = PARALLELISM,
+        enforce_floor: bool = True,
     ) -> None:
-        """Build a hasher. Raises ValueError for parameters below the OWASP floor."""
-        if time_cost < MIN_TIME_COST or memory_cost < MIN_MEMORY_COST_KIB or parallelism < 1:
+        """Build a hasher. Raises ValueError for parameters below the OWASP floor.
+
+        ``enforce_floor=False`` is for insecure_hasher_for_tests() alone.
+        """
+        below = time_cost < MIN_TIME_COST or memory_cost < MIN_MEMORY_COST_KIB or parallelism < 1
+        if enforce_floor and below:
             raise ValueError(
                 f"argon2id parameters below the floor (t>={MIN_TIME_COST}, "
                 f"m>={MIN_MEMORY_COST_KIB} KiB, p>=1): t={time_cost}, m={memory_cost}, "
@@ -104,6 +120,18 @@ class PasswordHasher:
             parallelism=parallelism,
             type=argon2.Type.ID,
         )
+        self.parameters = (time_cost, memory_cost, parallelism)
+
+    @cached_property
+    def dummy_hash(self) -> str:
+        """Return a hash of a random, discarded password made with this hasher's parameters.
+
+        Verify against it when there is no stored hash, so that check costs what a real one
+        does. DUMMY_HASH for the default parameters; made once otherwise. Raises nothing.
+        """
+        if self.parameters == (TIME_COST, MEMORY_COST_KIB, PARALLELISM):
+            return DUMMY_HASH
+        return self._hasher.hash(secrets.token_urlsafe(16))
 
     def hash_password(self, password: str) -> str:
         """Return the encoded argon2id hash (``$argon2id$v=19$m=...``) of the NFKC password.
@@ -141,6 +169,21 @@ def make_hasher(
 ) -> PasswordHasher:
     """Return a PasswordHasher with these parameters. Raises ValueError below the floor."""
     return PasswordHasher(time_cost=time_cost, memory_cost=memory_cost, parallelism=parallelism)
+
+
+def insecure_hasher_for_tests(**parameters: int) -> PasswordHasher:
+    """DANGEROUS, tests only: return a hasher below the OWASP floor.
+
+    INSECURE_TEST_PARAMETERS, updated with ``parameters``. Fixtures hash with it so that
+    enrolling users costs microseconds; never store a real password with it. Raises
+    nothing (argon2 itself refuses impossible parameters at the first hash).
+    """
+    return PasswordHasher(**{**INSECURE_TEST_PARAMETERS, **parameters}, enforce_floor=False)
+
+
+def default_hasher() -> PasswordHasher:
+    """Return the hasher with the production parameters (TIME_COST, MEMORY_COST_KIB)."""
+    return _default_hasher
 
 
 _default_hasher = PasswordHasher()
@@ -254,9 +297,11 @@ def _copies(password: str, target: str) -> bool:
     matcher = SequenceMatcher(None, b=target)  # difflib caches what it learns of b
     for n in (len(target) - 1, len(target), len(target) + 1):
         for i in range(max(1, len(password) - n + 1)):
-            matcher.set_seq1(password[i:i + n])
-            if (matcher.quick_ratio() >= CLOSE_MATCH_RATIO  # cheap upper bound first
-                    and matcher.ratio() >= CLOSE_MATCH_RATIO):
+            matcher.set_seq1(password[i : i + n])
+            if (
+                matcher.quick_ratio() >= CLOSE_MATCH_RATIO  # cheap upper bound first
+                and matcher.ratio() >= CLOSE_MATCH_RATIO
+            ):
                 return True
     return False
 
@@ -270,8 +315,7 @@ def _context_message(password: str, organisation: str) -> str | None:
     return None
 
 
-def _strength_message(password: str, email: str, name: str,
-                      organisation: str = "") -> str | None:
+def _strength_message(password: str, email: str, name: str, organisation: str = "") -> str | None:
     prefix = password[:ZXCVBN_MAX_CHARS]
     inputs = [email, name, organisation, *ZXCVBN_EXTRA_INPUTS]
     with _ZXCVBN_LOCK:

@@ -12,22 +12,25 @@ from portal.services import account_links, accounts, signin
 from portal.services.errors import ServiceError
 
 
-def invite(session: Session, *, role: str, email: str, name: str, actor: Actor,
-           meta: RequestMeta) -> User:
+def invite(
+    session: Session, *, role: str, email: str, name: str, actor: Actor, meta: RequestMeta
+) -> User:
     """Create a staff, auditor or admin account and email it a one-time invite (72 h).
 
     Raises ServiceError for patients (they arrive by pickup link) and bad input.
     """
     if role == Role.PATIENT:
         raise ServiceError("Patients are registered by staff when a message is sent.")
-    user = accounts.create_user(session, role=role, email=email, name=name, actor=actor,
-                                meta=meta).user
+    user = accounts.create_user(
+        session, role=role, email=email, name=name, actor=actor, meta=meta
+    ).user
     account_links.send_link(session, user, "invite")
     return user
 
 
-def set_disabled(session: Session, user: User, disabled: bool, *, actor: Actor,
-                 meta: RequestMeta) -> None:
+def set_disabled(
+    session: Session, user: User, disabled: bool, *, actor: Actor, meta: RequestMeta
+) -> None:
     """Disable (ending every session at once) or re-enable an account. Audited.
 
     Raises ServiceError when an admin tries to disable themself.
@@ -37,8 +40,14 @@ def set_disabled(session: Session, user: User, disabled: bool, *, actor: Actor,
     user.disabled = disabled
     if disabled:
         signin.end_all_sessions(session, user)
-    audit.record(session, Action.USER_DISABLE if disabled else Action.USER_ENABLE, actor=actor,
-                 meta=meta, target_type="user", target_id=user.public_id)
+    audit.record(
+        session,
+        Action.USER_DISABLE if disabled else Action.USER_ENABLE,
+        actor=actor,
+        meta=meta,
+        target_type="user",
+        target_id=user.public_id,
+    )
 
 
 def reset_mfa(session: Session, user: User, *, actor: Actor, meta: RequestMeta) -> None:
@@ -53,15 +62,31 @@ def reset_mfa(session: Session, user: User, *, actor: Actor, meta: RequestMeta) 
     session.execute(delete(RecoveryCode).where(RecoveryCode.user_id == user.id))
     signin.end_all_sessions(session, user)
     account_links.send_link(session, user, "invite")
-    audit.record(session, Action.USER_MFA_RESET, actor=actor, meta=meta, target_type="user",
-                 target_id=user.public_id)
+    audit.record(
+        session,
+        Action.USER_MFA_RESET,
+        actor=actor,
+        meta=meta,
+        target_type="user",
+        target_id=user.public_id,
+    )
+
+
+def staff_accounts(session: Session) -> list[User]:
+    """Return every account that is not a patient's, oldest first."""
+    return list(
+        session.scalars(select(User).where(User.role != Role.PATIENT).order_by(User.created_at))
+    )
 
 
 def locked_accounts(session: Session) -> list[User]:
     """Return every account of any role locked after MAX_FAILURES failed attempts, oldest
     first (patients included: nobody but an admin can unlock them)."""
-    return list(session.scalars(select(User).where(User.must_reset.is_(True))
-                                .order_by(User.created_at, User.id)))
+    return list(
+        session.scalars(
+            select(User).where(User.must_reset.is_(True)).order_by(User.created_at, User.id)
+        )
+    )
 
 
 def unlock(session: Session, user: User, actor: Actor, meta: RequestMeta) -> None:
@@ -76,5 +101,12 @@ def unlock(session: Session, user: User, actor: Actor, meta: RequestMeta) -> Non
         raise ServiceError("This account is not locked.")
     failures = user.failed_signins
     user.failed_signins, user.locked_until, user.must_reset = 0, None, False
-    audit.record(session, Action.USER_UNLOCK, actor=actor, meta=meta, target_type="user",
-                 target_id=user.public_id, details={"failures": failures})
+    audit.record(
+        session,
+        Action.USER_UNLOCK,
+        actor=actor,
+        meta=meta,
+        target_type="user",
+        target_id=user.public_id,
+        details={"failures": failures},
+    )

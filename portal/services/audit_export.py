@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from portal import audit
-from portal.audit import Action, Actor, RequestMeta
+from portal.audit import Action, Actor, Outcome, RequestMeta
 from portal.models import AuditEvent, Role
 from portal.services.audit_query import AuditFilter, EventRow, Names, select_events, to_rows
 
@@ -33,9 +33,24 @@ FORMATS = ("csv", "json", "fhir")
 BATCH_ROWS = 1000  # rows per server-side fetch and per name lookup
 FLUSH_ROWS = 500  # rows per yielded chunk
 FIELDS = (
-    "seq", "occurred_at", "actor_id", "actor_role", "actor_name", "action", "outcome",
-    "target_type", "target_id", "patient_id", "patient_name", "message_id", "client_ip",
-    "user_agent", "request_id", "details", "prev_hash", "hash",
+    "seq",
+    "occurred_at",
+    "actor_id",
+    "actor_role",
+    "actor_name",
+    "action",
+    "outcome",
+    "target_type",
+    "target_id",
+    "patient_id",
+    "patient_name",
+    "message_id",
+    "client_ip",
+    "user_agent",
+    "request_id",
+    "details",
+    "prev_hash",
+    "hash",
 )
 # A cell starting with one of these runs as a formula in spreadsheet software;
 # a leading apostrophe makes it text (OWASP, "CSV Injection").
@@ -56,20 +71,35 @@ OBSERVER = "Pickup Portal"
 # update, D delete, E execute. Reads of PHI and of the trail are R; sign-in
 # and other procedures are E.
 _FHIR_ACTION: dict[Action, str] = {
-    Action.MESSAGE_VIEW: "R", Action.MESSAGE_LIST: "R", Action.MESSAGE_PDF: "R",
-    Action.ATTACHMENT_DOWNLOAD: "R", Action.PATIENT_HISTORY_VIEW: "R",
-    Action.PATIENT_LOOKUP: "R", Action.PATIENT_VIEW: "R",
-    Action.ATTACHMENT_VIEW: "R", Action.LINK_OPEN: "R", Action.AUDIT_SEARCH: "R",
-    Action.AUDIT_EXPORT: "R", Action.AUDIT_REPORT: "R", Action.AUDIT_VERIFY: "R",
-    Action.MESSAGE_SEND: "C", Action.MESSAGE_REPLY: "C", Action.MESSAGE_RESEND: "C",
-    Action.USER_CREATE: "C", Action.LINK_REISSUE: "C",
-    Action.MESSAGE_REVOKE: "U", Action.KEY_ROTATE: "U", Action.USER_DISABLE: "U",
-    Action.USER_ENABLE: "U", Action.USER_MFA_RESET: "U", Action.USER_UNLOCK: "U",
+    Action.MESSAGE_VIEW: "R",
+    Action.MESSAGE_LIST: "R",
+    Action.MESSAGE_PDF: "R",
+    Action.ATTACHMENT_DOWNLOAD: "R",
+    Action.PATIENT_HISTORY_VIEW: "R",
+    Action.PATIENT_LOOKUP: "R",
+    Action.PATIENT_VIEW: "R",
+    Action.ATTACHMENT_VIEW: "R",
+    Action.LINK_OPEN: "R",
+    Action.AUDIT_SEARCH: "R",
+    Action.AUDIT_EXPORT: "R",
+    Action.AUDIT_REPORT: "R",
+    Action.AUDIT_VERIFY: "R",
+    Action.MESSAGE_SEND: "C",
+    Action.MESSAGE_REPLY: "C",
+    Action.MESSAGE_RESEND: "C",
+    Action.USER_CREATE: "C",
+    Action.LINK_REISSUE: "C",
+    Action.MESSAGE_REVOKE: "U",
+    Action.KEY_ROTATE: "U",
+    Action.USER_DISABLE: "U",
+    Action.USER_ENABLE: "U",
+    Action.USER_MFA_RESET: "U",
+    Action.USER_UNLOCK: "U",
     Action.MESSAGE_SHRED: "D",
 }
 # AuditEvent.outcome (R4 value set audit-event-outcome): a refused access is a
 # serious failure (8), anything else that failed a minor one (4).
-_FHIR_OUTCOME = {"success": "0", "failure": "4", "denied": "8"}
+_FHIR_OUTCOME: dict[str, str] = {Outcome.SUCCESS: "0", Outcome.FAILURE: "4", Outcome.DENIED: "8"}
 _APPLICATION_ACTIONS = {Action.KEY_ROTATE, Action.KEY_REWRAP_FAILED, Action.RETENTION_RUN}
 
 
@@ -97,13 +127,17 @@ def fhir_type(action: str) -> dict[str, str]:
 
 def _batches(session: Session, flt: AuditFilter) -> Iterator[Sequence[Any]]:
     # Core rows through a server-side cursor, in the session's transaction.
-    stmt = select_events(flt).order_by(AuditEvent.seq).execution_options(
-        yield_per=BATCH_ROWS, stream_results=True)
+    stmt = (
+        select_events(flt)
+        .order_by(AuditEvent.seq)
+        .execution_options(yield_per=BATCH_ROWS, stream_results=True)
+    )
     yield from session.connection().execute(stmt).partitions()
 
 
-def stream_rows(session: Session, flt: AuditFilter, *,
-                public_ids: bool = False) -> Iterator[EventRow]:
+def stream_rows(
+    session: Session, flt: AuditFilter, *, public_ids: bool = False
+) -> Iterator[EventRow]:
     """Yield every event matching ``flt`` in ``seq`` order, fetched in batches (flat memory)."""
     names = Names(session)
     for batch in _batches(session, flt):
@@ -118,12 +152,45 @@ def _records(session: Session, flt: AuditFilter) -> Iterator[list[Any]]:
     names = Names(session)
     for batch in _batches(session, flt):
         names.prefetch(id_ for row in batch for id_ in (row[2], row[8]))
-        for (seq, occurred_at, actor_id, role, action, outcome, target_type, target_id,
-             patient_id, message_id, ip, agent, request_id, details, prev, hash_) in batch:
+        for (
+            seq,
+            occurred_at,
+            actor_id,
+            role,
+            action,
+            outcome,
+            target_type,
+            target_id,
+            patient_id,
+            message_id,
+            ip,
+            agent,
+            request_id,
+            details,
+            prev,
+            hash_,
+        ) in batch:
             patient_name = names.user(patient_id)[1] if patient_id else None
-            yield [seq, _timestamp(occurred_at), actor_id, role, names.user(actor_id)[1], action,
-                   outcome, target_type, target_id, patient_id, patient_name, message_id, ip,
-                   agent, request_id, details or "{}", prev, hash_]
+            yield [
+                seq,
+                _timestamp(occurred_at),
+                actor_id,
+                role,
+                names.user(actor_id)[1],
+                action,
+                outcome,
+                target_type,
+                target_id,
+                patient_id,
+                patient_name,
+                message_id,
+                ip,
+                agent,
+                request_id,
+                details or "{}",
+                prev,
+                hash_,
+            ]
 
 
 def _timestamp(moment: datetime) -> str:
@@ -141,13 +208,24 @@ def _canonical(details: dict[str, Any]) -> str:
 def flat(row: EventRow) -> dict[str, Any]:
     """Return the exported fields of ``row`` (:data:`FIELDS`), times as ISO 8601 UTC text."""
     return {
-        "seq": row.seq, "occurred_at": _timestamp(row.occurred_at), "actor_id": row.actor_id,
-        "actor_role": row.actor_role, "actor_name": row.actor_name, "action": row.action,
-        "outcome": row.outcome, "target_type": row.target_type, "target_id": row.target_id,
-        "patient_id": row.patient_id, "patient_name": row.patient_name,
-        "message_id": row.message_id, "client_ip": row.client_ip,
-        "user_agent": row.user_agent, "request_id": row.request_id, "details": row.details,
-        "prev_hash": row.prev_hash, "hash": row.hash,
+        "seq": row.seq,
+        "occurred_at": _timestamp(row.occurred_at),
+        "actor_id": row.actor_id,
+        "actor_role": row.actor_role,
+        "actor_name": row.actor_name,
+        "action": row.action,
+        "outcome": row.outcome,
+        "target_type": row.target_type,
+        "target_id": row.target_id,
+        "patient_id": row.patient_id,
+        "patient_name": row.patient_name,
+        "message_id": row.message_id,
+        "client_ip": row.client_ip,
+        "user_agent": row.user_agent,
+        "request_id": row.request_id,
+        "details": row.details,
+        "prev_hash": row.prev_hash,
+        "hash": row.hash,
     }
 
 
@@ -165,8 +243,12 @@ def export_csv(session: Session, flt: AuditFilter) -> Iterator[str]:
     writer.writerow(FIELDS)
     starts = FORMULA_STARTS
     for n, record in enumerate(_records(session, flt), start=1):
-        writer.writerow([("'" + cell) if cell.__class__ is str and cell.startswith(starts)
-                         else cell for cell in record])  # neutralise(), inlined: hot loop
+        writer.writerow(
+            [
+                ("'" + cell) if cell.__class__ is str and cell.startswith(starts) else cell
+                for cell in record
+            ]
+        )  # neutralise(), inlined: hot loop
         if n % FLUSH_ROWS == 0:
             yield _drain(buffer)
     yield _drain(buffer)
@@ -185,8 +267,7 @@ def export_jsonl(session: Session, flt: AuditFilter) -> Iterator[str]:
     details_at = FIELDS.index("details")
     for record in _records(session, flt):
         record[details_at] = json.loads(record[details_at])
-        lines.append(json.dumps(dict(zip(FIELDS, record, strict=True)), ensure_ascii=False)
-                     + "\n")
+        lines.append(json.dumps(dict(zip(FIELDS, record, strict=True)), ensure_ascii=False) + "\n")
         if len(lines) >= FLUSH_ROWS:
             yield "".join(lines)
             lines.clear()
@@ -201,8 +282,9 @@ def export_fhir(session: Session, flt: AuditFilter) -> Iterator[str]:
     parts: list[str] = []
     first = True
     for row in stream_rows(session, flt, public_ids=True):
-        entry = json.dumps({"resource": fhir_audit_event(row)}, ensure_ascii=False,
-                           separators=(",", ":"))
+        entry = json.dumps(
+            {"resource": fhir_audit_event(row)}, ensure_ascii=False, separators=(",", ":")
+        )
         parts.append(entry if first else "," + entry)
         first = False
         if len(parts) >= FLUSH_ROWS:
@@ -229,11 +311,12 @@ def fhir_audit_event(row: EventRow) -> dict[str, Any]:
         "recorded": _timestamp(row.occurred_at),
         "outcome": _FHIR_OUTCOME.get(row.outcome, "4"),
         "agent": [_agent(row)],
-        "source": {"observer": {"display": OBSERVER},
-                   "type": [{"system": SOURCE_TYPE_SYSTEM, "code": "4",
-                             "display": "Application Server"}]},
+        "source": {
+            "observer": {"display": OBSERVER},
+            "type": [{"system": SOURCE_TYPE_SYSTEM, "code": "4", "display": "Application Server"}],
+        },
     }
-    if row.outcome != "success":
+    if row.outcome != Outcome.SUCCESS:
         resource["outcomeDesc"] = row.outcome
     entities = _entities(row)
     if entities:
@@ -271,15 +354,20 @@ def _who(row: EventRow) -> dict[str, Any]:
     who = row.actor_public_id or ("system" if row.actor_id is None else f"id-{row.actor_id}")
     if row.actor_role == Role.PATIENT:
         return {"reference": f"Patient/{who}"}
-    return {"identifier": {"system": IDENTIFIER_SYSTEM + "user", "value": who},
-            "display": row.actor_name}
+    return {
+        "identifier": {"system": IDENTIFIER_SYSTEM + "user", "value": who},
+        "display": row.actor_name,
+    }
 
 
-def _entity(what: dict[str, Any], type_code: str, type_display: str, role: str,
-            role_display: str) -> dict[str, Any]:
-    return {"what": what,
-            "type": {"system": ENTITY_TYPE_SYSTEM, "code": type_code, "display": type_display},
-            "role": {"system": OBJECT_ROLE_SYSTEM, "code": role, "display": role_display}}
+def _entity(
+    what: dict[str, Any], type_code: str, type_display: str, role: str, role_display: str
+) -> dict[str, Any]:
+    return {
+        "what": what,
+        "type": {"system": ENTITY_TYPE_SYSTEM, "code": type_code, "display": type_display},
+        "role": {"system": OBJECT_ROLE_SYSTEM, "code": role, "display": role_display},
+    }
 
 
 def _entities(row: EventRow) -> list[dict[str, Any]]:
@@ -289,11 +377,18 @@ def _entities(row: EventRow) -> list[dict[str, Any]]:
         out.append(_entity({"reference": f"Patient/{ref}"}, "1", "Person", "1", "Patient"))
     if row.message_id is not None:
         ref = row.message_public_id or f"id-{row.message_id}"
-        out.append(_entity({"reference": f"Communication/{ref}"}, "2", "System Object",
-                           "4", "Domain Resource"))
+        out.append(
+            _entity(
+                {"reference": f"Communication/{ref}"}, "2", "System Object", "4", "Domain Resource"
+            )
+        )
     if row.target_id and row.target_id not in (row.message_public_id, row.patient_public_id):
-        what = {"identifier": {"system": IDENTIFIER_SYSTEM + (row.target_type or "object"),
-                               "value": row.target_id}}
+        what = {
+            "identifier": {
+                "system": IDENTIFIER_SYSTEM + (row.target_type or "object"),
+                "value": row.target_id,
+            }
+        }
         out.append(_entity(what, "2", "System Object", "4", "Domain Resource"))
     return out
 
@@ -306,8 +401,15 @@ def export(session: Session, flt: AuditFilter, fmt: str) -> Iterator[str]:
     return EXPORTERS[fmt](session, flt)
 
 
-def record_export(session: Session, flt: AuditFilter, fmt: str, actor: Actor,
-                  meta: RequestMeta) -> AuditEvent:
+def record_export(
+    session: Session, flt: AuditFilter, fmt: str, actor: Actor, meta: RequestMeta
+) -> AuditEvent:
     """Audit an export (format and filters) in the caller's transaction and return the event."""
-    return audit.record(session, Action.AUDIT_EXPORT, actor=actor, meta=meta,
-                        patient_id=flt.patient_id, details={"format": fmt, **flt.to_details()})
+    return audit.record(
+        session,
+        Action.AUDIT_EXPORT,
+        actor=actor,
+        meta=meta,
+        patient_id=flt.patient_id,
+        details={"format": fmt, **flt.to_details()},
+    )

@@ -43,10 +43,22 @@ DAY_RANGE_HINT = f"between {EARLIEST_DAY.isoformat()} and {LATEST_DAY.isoformat(
 MAX_SEQ = 2**63 - 1  # BIGINT: a larger number would be a database error, not "no events"
 
 EVENT_COLUMNS = (
-    AuditEvent.seq, AuditEvent.occurred_at, AuditEvent.actor_id, AuditEvent.actor_role,
-    AuditEvent.action, AuditEvent.outcome, AuditEvent.target_type, AuditEvent.target_id,
-    AuditEvent.patient_id, AuditEvent.message_id, AuditEvent.client_ip, AuditEvent.user_agent,
-    AuditEvent.request_id, AuditEvent.details, AuditEvent.prev_hash, AuditEvent.hash,
+    AuditEvent.seq,
+    AuditEvent.occurred_at,
+    AuditEvent.actor_id,
+    AuditEvent.actor_role,
+    AuditEvent.action,
+    AuditEvent.outcome,
+    AuditEvent.target_type,
+    AuditEvent.target_id,
+    AuditEvent.patient_id,
+    AuditEvent.message_id,
+    AuditEvent.client_ip,
+    AuditEvent.user_agent,
+    AuditEvent.request_id,
+    AuditEvent.details,
+    AuditEvent.prev_hash,
+    AuditEvent.hash,
 )
 
 
@@ -123,8 +135,7 @@ def parse_seq(raw: str | None, label: str) -> int | None:
 def _opt_int(raw: int | str | None, label: str, problems: list[str]) -> int | None:
     if raw is None or raw == "":
         return None
-    value = int(raw) if isinstance(raw, int) else (
-        int(raw) if _DIGITS.fullmatch(raw) else 0)
+    value = int(raw) if isinstance(raw, int) else (int(raw) if _DIGITS.fullmatch(raw) else 0)
     if not 1 <= value <= MAX_SEQ:
         problems.append(f"{label}: enter a positive whole number.")
         return None
@@ -135,10 +146,17 @@ def _opt_text(raw: str | None) -> str | None:
     return (raw.strip() or None) if raw is not None else None
 
 
-def from_args(*, patient_id: int | str | None = None, actor_id: int | str | None = None,
-              action: str | None = None, outcome: str | None = None,
-              message_id: int | str | None = None, client_ip: str | None = None,
-              since: str | None = None, until: str | None = None) -> AuditFilter:
+def from_args(
+    *,
+    patient_id: int | str | None = None,
+    actor_id: int | str | None = None,
+    action: str | None = None,
+    outcome: str | None = None,
+    message_id: int | str | None = None,
+    client_ip: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+) -> AuditFilter:
     """Return an AuditFilter from form or command-line strings (blank means any).
 
     The caller resolves emails and public ids to user and message ids first.
@@ -153,7 +171,8 @@ def from_args(*, patient_id: int | str | None = None, actor_id: int | str | None
         message_id=_opt_int(message_id, "Message", problems),
         client_ip=_check_ip(_opt_text(client_ip), problems),
         since=_opt_time(_opt_text(since), "Since", problems),
-        until=_opt_time(_opt_text(until), "Until", problems))
+        until=_opt_time(_opt_text(until), "Until", problems),
+    )
     if flt.since and flt.until and flt.since >= flt.until:
         problems.append("Until must be later than since.")
     if problems:
@@ -166,7 +185,8 @@ def _check_action(action: str | None, problems: list[str]) -> str | None:
         return None
     action = action.lower()
     known = action in set(Action) or (
-        action.endswith(".") and any(a.startswith(action) for a in Action))
+        action.endswith(".") and any(a.startswith(action) for a in Action)
+    )
     if not _ACTION_FILTER.fullmatch(action) or not known:
         problems.append("Action: choose one from the list, or a prefix such as auth.")
         return None
@@ -208,8 +228,11 @@ def conditions(flt: AuditFilter) -> list[ColumnElement[bool]]:
         if value is not None:
             out.append(getattr(AuditEvent, name) == value)
     if flt.action is not None:
-        out.append(AuditEvent.action.startswith(flt.action, autoescape=True)
-                   if flt.action.endswith(".") else AuditEvent.action == flt.action)
+        out.append(
+            AuditEvent.action.startswith(flt.action, autoescape=True)
+            if flt.action.endswith(".")
+            else AuditEvent.action == flt.action
+        )
     if flt.since is not None:
         out.append(AuditEvent.occurred_at >= flt.since)
     if flt.until is not None:
@@ -217,7 +240,7 @@ def conditions(flt: AuditFilter) -> list[ColumnElement[bool]]:
     return out
 
 
-def select_events(flt: AuditFilter) -> Select[Any]:
+def select_events(flt: AuditFilter) -> Select[*tuple[Any, ...]]:
     """Return the SELECT of :data:`EVENT_COLUMNS` matching ``flt``, unordered."""
     return select(*EVENT_COLUMNS).where(*conditions(flt))
 
@@ -284,7 +307,8 @@ class Names:
         users = self.session.scalars(select(User).where(User.id.in_(missing))).all()
         # Loaded into the identity map, so accounts.display_name's key lookups hit memory.
         keys_held = self.session.scalars(
-            select(DataKey).where(DataKey.id.in_({u.data_key_id for u in users}))).all()
+            select(DataKey).where(DataKey.id.in_({u.data_key_id for u in users}))
+        ).all()
         for user in users:
             self._remember(user.id, (user.public_id, self._name(user)))
         for user_id in missing - {u.id for u in users}:
@@ -312,8 +336,9 @@ def message_public_ids(session: Session, message_ids: Iterable[int | None]) -> d
     return {int(mid): str(pid) for mid, pid in rows}
 
 
-def to_rows(session: Session, raw: Sequence[Any], names: Names, *,
-            public_ids: bool = True) -> list[EventRow]:
+def to_rows(
+    session: Session, raw: Sequence[Any], names: Names, *, public_ids: bool = True
+) -> list[EventRow]:
     """Return EventRows for rows of :data:`EVENT_COLUMNS`, resolving names in batches.
 
     ``public_ids=False`` skips the message public id lookup (CSV and JSON exports).
@@ -324,23 +349,54 @@ def to_rows(session: Session, raw: Sequence[Any], names: Names, *,
 
 
 def _event_row(row: Any, names: Names, messages: dict[int, str]) -> EventRow:
-    (seq, occurred_at, actor_id, actor_role, action, outcome, target_type, target_id,
-     patient_id, message_id, client_ip, user_agent, request_id, details, prev_hash,
-     hash_) = row
+    (
+        seq,
+        occurred_at,
+        actor_id,
+        actor_role,
+        action,
+        outcome,
+        target_type,
+        target_id,
+        patient_id,
+        message_id,
+        client_ip,
+        user_agent,
+        request_id,
+        details,
+        prev_hash,
+        hash_,
+    ) = row
     actor_public, actor_name = names.user(actor_id)
     patient_public, patient_name = names.user(patient_id) if patient_id else (None, None)
     return EventRow(
-        seq=seq, occurred_at=occurred_at, actor_id=actor_id, actor_role=actor_role,
-        actor_name=actor_name, action=action, outcome=outcome, target_type=target_type,
-        target_id=target_id, patient_id=patient_id, patient_name=patient_name,
-        message_id=message_id, client_ip=client_ip, user_agent=user_agent,
-        request_id=request_id, details=json.loads(details or "{}"), prev_hash=prev_hash,
-        hash=hash_, actor_public_id=actor_public, patient_public_id=patient_public,
-        message_public_id=messages.get(message_id) if message_id else None)
+        seq=seq,
+        occurred_at=occurred_at,
+        actor_id=actor_id,
+        actor_role=actor_role,
+        actor_name=actor_name,
+        action=action,
+        outcome=outcome,
+        target_type=target_type,
+        target_id=target_id,
+        patient_id=patient_id,
+        patient_name=patient_name,
+        message_id=message_id,
+        client_ip=client_ip,
+        user_agent=user_agent,
+        request_id=request_id,
+        details=json.loads(details or "{}"),
+        prev_hash=prev_hash,
+        hash=hash_,
+        actor_public_id=actor_public,
+        patient_public_id=patient_public,
+        message_public_id=messages.get(message_id) if message_id else None,
+    )
 
 
-def search(session: Session, flt: AuditFilter, *, before_seq: int | None = None,
-           limit: int = DEFAULT_LIMIT) -> Page:
+def search(
+    session: Session, flt: AuditFilter, *, before_seq: int | None = None, limit: int = DEFAULT_LIMIT
+) -> Page:
     """Return one page of events matching ``flt``, newest first (``seq`` below ``before_seq``).
 
     Keyset pagination: pass the page's ``next_before`` to get the next one.
@@ -364,15 +420,22 @@ def count(session: Session, flt: AuditFilter) -> int:
     return int(session.scalar(stmt) or 0)
 
 
-def record_search(session: Session, flt: AuditFilter, actor: Actor,
-                  meta: RequestMeta) -> AuditEvent:
+def record_search(
+    session: Session, flt: AuditFilter, actor: Actor, meta: RequestMeta
+) -> AuditEvent:
     """Audit a search (the filters, never the results) in the caller's transaction; return it.
 
     The event carries the filtered patient's id, so "who looked at this
     patient's trail" is itself searchable.
     """
-    return audit.record(session, Action.AUDIT_SEARCH, actor=actor, meta=meta,
-                        patient_id=flt.patient_id, details=flt.to_details())
+    return audit.record(
+        session,
+        Action.AUDIT_SEARCH,
+        actor=actor,
+        meta=meta,
+        patient_id=flt.patient_id,
+        details=flt.to_details(),
+    )
 
 
 def verify_from_head(session: Session, head_hash: str) -> Verification:
@@ -392,7 +455,30 @@ def verify_from_head(session: Session, head_hash: str) -> Verification:
         return result
     found = session.scalar(select(AuditEvent.seq).where(AuditEvent.hash == noted).limit(1))
     if found is None:
-        return Verification(False, result.count, result.head_hash, result.head_time, None,
-                            f"the noted head {noted[:12]} is not in the trail "
-                            "(history rewritten?)")
+        return Verification(
+            False,
+            result.count,
+            result.head_hash,
+            result.head_time,
+            None,
+            f"the noted head {noted[:12]} is not in the trail (history rewritten?)",
+        )
+    return result
+
+
+def verify_and_record(
+    session: Session, head_hash: str | None, actor: Actor, meta: RequestMeta
+) -> Verification:
+    """Verify the chain (against a noted head when given), audit the check (audit.verify,
+    failure when the chain is broken) and return the Verification. Raises ServiceError,
+    auditing nothing, when ``head_hash`` is malformed."""
+    result = verify_from_head(session, head_hash) if head_hash else audit.verify(session)
+    audit.record(
+        session,
+        Action.AUDIT_VERIFY,
+        actor=actor,
+        meta=meta,
+        outcome=Outcome.SUCCESS if result.ok else Outcome.FAILURE,
+        details={"count": result.count, "from_head": bool(head_hash)},
+    )
     return result

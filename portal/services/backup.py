@@ -34,6 +34,7 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -89,13 +90,18 @@ def backup(source: Instance, folder: Path) -> Summary:
     """
     current, head = schema_state(source.engine)
     if current != head:
-        raise ServiceError(f"the database is at revision {current}, this release at {head}: "
-                           "run `portal db upgrade` first")
+        raise ServiceError(
+            f"the database is at revision {current}, this release at {head}: "
+            "run `portal db upgrade` first"
+        )
     _make_dir(folder)
     created: list[Path] = [folder, folder / _DB_FILES[source.kind]]
     try:
-        snap = (dbs.snapshot_sqlite(source.database_url, folder) if source.kind == "sqlite"
-                else dbs.snapshot_postgresql(source.engine, source.database_url, folder))
+        snap = (
+            dbs.snapshot_sqlite(source.database_url, folder)
+            if source.kind == "sqlite"
+            else dbs.snapshot_postgresql(source.engine, source.database_url, folder)
+        )
         files = {snap.file: _digest(folder / snap.file)}
         files.update(_copy_blobs(source.blobs, snap.blob_ids, folder, created))
         created.append(folder / MANIFEST)
@@ -115,15 +121,18 @@ def _make_dir(folder: Path) -> None:
         raise ServiceError(f"the parent of {folder} does not exist") from None
 
 
-def _copy_blobs(store: FilesystemBlobStore, blob_ids: Iterable[str], folder: Path,
-                created: list[Path]) -> dict[str, dict[str, Any]]:
+def _copy_blobs(
+    store: FilesystemBlobStore, blob_ids: Iterable[str], folder: Path, created: list[Path]
+) -> dict[str, dict[str, Any]]:
     entries: dict[str, dict[str, Any]] = {}
     for blob_id in blob_ids:
         try:
             handle = store.open(blob_id)
         except BlobNotFound:
-            raise ServiceError(f"blob {blob_id}, named by the database snapshot, vanished during "
-                               "the backup (a message shredded meanwhile?): run it again") from None
+            raise ServiceError(
+                f"blob {blob_id}, named by the database snapshot, vanished during "
+                "the backup (a message shredded meanwhile?): run it again"
+            ) from None
         relative = f"blobs/{blob_id[:2]}/{blob_id}"
         for directory in (folder / "blobs", folder / "blobs" / blob_id[:2]):
             if not directory.exists():
@@ -158,9 +167,17 @@ def _digest(path: Path) -> dict[str, Any]:
 
 
 def _manifest(kind: str, snap: dbs.Snapshot, files: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return {"format": FORMAT, "kind": KIND, "created_at": utcnow().isoformat(),
-            "database": kind, "schema_revision": snap.revision, "pg_schema": snap.pg_schema,
-            "kek_versions": snap.kek_versions, "keyring_included": False, "files": files}
+    return {
+        "format": FORMAT,
+        "kind": KIND,
+        "created_at": utcnow().isoformat(),
+        "database": kind,
+        "schema_revision": snap.revision,
+        "pg_schema": snap.pg_schema,
+        "kek_versions": snap.kek_versions,
+        "keyring_included": False,
+        "files": files,
+    }
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
@@ -209,12 +226,13 @@ def restore(target: Instance, folder: Path) -> Summary:
     return Summary(manifest["schema_revision"], len(written), list(manifest["kek_versions"]))
 
 
-def _restore_blobs(store: FilesystemBlobStore, folder: Path, files: list[str],
-                   written: list[str]) -> None:
+def _restore_blobs(
+    store: FilesystemBlobStore, folder: Path, files: list[str], written: list[str]
+) -> None:
     for relative in files:
         if (match := _BLOB_PATH.fullmatch(relative)) is not None:
             with (folder / relative).open("rb") as handle:
-                store.put_at(match.group(2), iter(lambda h=handle: h.read(COPY_CHUNK), b""))
+                store.put_at(match.group(2), iter(partial(handle.read, COPY_CHUNK), b""))
             written.append(match.group(2))
 
 
@@ -224,30 +242,37 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ServiceError(
-            f"{folder} holds no {MANIFEST}: not a backup, or an unfinished one") from None
+            f"{folder} holds no {MANIFEST}: not a backup, or an unfinished one"
+        ) from None
     except (OSError, ValueError):
         raise ServiceError(f"{MANIFEST} in {folder} is unreadable or not JSON") from None
     if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
         raise ServiceError(f"{MANIFEST} in {folder} is not a Pickup Portal backup manifest")
     if manifest.get("format") != FORMAT:
-        raise ServiceError(f"backup format {manifest.get('format')!r} is not one this release "
-                           f"reads ({FORMAT})")
+        raise ServiceError(
+            f"backup format {manifest.get('format')!r} is not one this release reads ({FORMAT})"
+        )
     if not isinstance(manifest.get("files"), dict) or not isinstance(
-            manifest.get("kek_versions"), list):
+        manifest.get("kek_versions"), list
+    ):
         raise ServiceError(f"{MANIFEST} in {folder} lacks its file list")
     return manifest
 
 
 def _check_compatible(target: Instance, manifest: dict[str, Any]) -> None:
     if manifest.get("database") != target.kind:
-        raise ServiceError(f"this is a backup of a {manifest.get('database')} database; "
-                           f"the target is {target.kind}")
+        raise ServiceError(
+            f"this is a backup of a {manifest.get('database')} database; "
+            f"the target is {target.kind}"
+        )
     script = ScriptDirectory.from_config(alembic_config(target.engine))
     known = {revision.revision for revision in script.walk_revisions()}
     if manifest.get("schema_revision") not in known:
-        raise ServiceError(f"the backup's schema revision {manifest.get('schema_revision')!r} "
-                           "is unknown to this release (a newer one made it): upgrade the "
-                           "portal first")
+        raise ServiceError(
+            f"the backup's schema revision {manifest.get('schema_revision')!r} "
+            "is unknown to this release (a newer one made it): upgrade the "
+            "portal first"
+        )
 
 
 def _check_empty(target: Instance, manifest: dict[str, Any]) -> None:
@@ -259,15 +284,19 @@ def _check_empty(target: Instance, manifest: dict[str, Any]) -> None:
         if schema is None:
             raise ServiceError("the target's search_path names no existing schema: create it")
         if relations:
-            raise ServiceError(f"the target schema {schema} is not empty: restore only into a "
-                               "new instance")
+            raise ServiceError(
+                f"the target schema {schema} is not empty: restore only into a new instance"
+            )
         if schema != manifest.get("pg_schema"):
-            raise ServiceError(f"this backup holds schema {manifest.get('pg_schema')}, the target "
-                               f"uses {schema}: restore into a database whose schema is "
-                               f"{manifest.get('pg_schema')}")
+            raise ServiceError(
+                f"this backup holds schema {manifest.get('pg_schema')}, the target "
+                f"uses {schema}: restore into a database whose schema is "
+                f"{manifest.get('pg_schema')}"
+            )
     if any(path.is_file() or path.is_symlink() for path in target.blobs.root.rglob("*")):
-        raise ServiceError(f"the blob folder {target.blobs.root} is not empty: restore only "
-                           "into a new instance")
+        raise ServiceError(
+            f"the blob folder {target.blobs.root} is not empty: restore only into a new instance"
+        )
 
 
 def _verify_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
@@ -289,9 +318,13 @@ def _verify_one(folder: Path, relative: str, expected: Any) -> None:
     if not path.is_file() or path.is_symlink():
         raise ServiceError(f"backup file {relative} is missing: nothing restored")
     if not isinstance(expected, dict) or _digest(path) != {
-            "sha256": expected.get("sha256"), "size": expected.get("size")}:
-        raise ServiceError(f"backup file {relative} does not match the manifest (corrupt or "
-                           "altered): nothing restored")
+        "sha256": expected.get("sha256"),
+        "size": expected.get("size"),
+    }:
+        raise ServiceError(
+            f"backup file {relative} does not match the manifest (corrupt or "
+            "altered): nothing restored"
+        )
 
 
 def _restore_database(target: Instance, folder: Path, manifest: dict[str, Any]) -> None:
@@ -307,14 +340,18 @@ def keyring_problem(path: str, needed: Iterable[int]) -> str | None:
     Only reads: a missing keyring is reported, never created.
     """
     if not Path(path).is_file():
-        return (f"no keyring at {path}: restore it from its own backup before starting the "
-                "portal (without it the restored content cannot be read)")
+        return (
+            f"no keyring at {path}: restore it from its own backup before starting the "
+            "portal (without it the restored content cannot be read)"
+        )
     try:
         versions = set(Keyring.load(path).versions())
     except KeyUnavailable as error:
         return str(error)
     missing = sorted(set(needed) - versions)
     if missing:
-        return (f"the keyring at {path} lacks KEK version(s) {', '.join(map(str, missing))} "
-                "that this backup's data keys need: restore the keyring that belongs to it")
+        return (
+            f"the keyring at {path} lacks KEK version(s) {', '.join(map(str, missing))} "
+            "that this backup's data keys need: restore the keyring that belongs to it"
+        )
     return None

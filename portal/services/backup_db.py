@@ -59,10 +59,14 @@ def contents(connection: Connection) -> tuple[str | None, list[str], list[int]]:
     """
     revision = MigrationContext.configure(connection).get_current_revision()
     blob_ids = connection.scalars(
-        select(Attachment.blob_id).join(Message, Message.id == Attachment.message_id)
-        .where(Message.destroyed_at.is_(None)).order_by(Attachment.blob_id))
+        select(Attachment.blob_id)
+        .join(Message, Message.id == Attachment.message_id)
+        .where(Message.destroyed_at.is_(None))
+        .order_by(Attachment.blob_id)
+    )
     versions = connection.scalars(
-        select(DataKey.kek_version).where(DataKey.wrapped.is_not(None)).distinct())
+        select(DataKey.kek_version).where(DataKey.wrapped.is_not(None)).distinct()
+    )
     return revision, list(blob_ids), sorted(int(v) for v in versions)
 
 
@@ -105,7 +109,7 @@ def sqlite_is_empty(url: str) -> bool:
         return True
     connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        return connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+        return int(connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]) == 0
     finally:
         connection.close()
 
@@ -153,8 +157,9 @@ def _run(args: list[str], env: dict[str, str], stdout: int) -> str:
 @contextmanager
 def _exported_snapshot(engine: Engine) -> Iterator[tuple[Connection, str]]:
     """Yield a REPEATABLE READ, READ ONLY connection and the id of its exported snapshot."""
-    with engine.connect().execution_options(isolation_level="REPEATABLE READ",
-                                            postgresql_readonly=True) as connection:
+    with engine.connect().execution_options(
+        isolation_level="REPEATABLE READ", postgresql_readonly=True
+    ) as connection:
         snapshot_id = connection.execute(text("SELECT pg_export_snapshot()")).scalar_one()
         yield connection, str(snapshot_id)
         connection.rollback()
@@ -176,9 +181,18 @@ def snapshot_postgresql(engine: Engine, url: str, folder: Path) -> Snapshot:
         revision, blob_ids, versions = contents(connection)
         fd = create_private(target)
         try:
-            _run(["pg_dump", "--format=custom", f"--schema={_quoted(schema)}",
-                  f"--snapshot={snapshot_id}", "--no-password", f"--dbname={uri}"],
-                 env, fd)
+            _run(
+                [
+                    "pg_dump",
+                    "--format=custom",
+                    f"--schema={_quoted(schema)}",
+                    f"--snapshot={snapshot_id}",
+                    "--no-password",
+                    f"--dbname={uri}",
+                ],
+                env,
+                fd,
+            )
         finally:
             os.close(fd)
     return Snapshot(PG_FILE, revision, blob_ids, versions, pg_schema=schema)
@@ -188,9 +202,12 @@ def pg_target_schema(engine: Engine) -> tuple[str | None, int]:
     """Return the target's current schema (None if its search_path names none) and its relations."""
     with engine.connect() as connection:
         schema = connection.execute(text("SELECT current_schema()")).scalar()
-        count = connection.execute(text(
-            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname = current_schema()")).scalar_one()
+        count = connection.execute(
+            text(
+                "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = current_schema()"
+            )
+        ).scalar_one()
     return schema, int(count)
 
 
@@ -204,11 +221,26 @@ def restore_postgresql(url: str, dump: Path, schema: str) -> None:
     listing = _run(["pg_restore", "--list", str(dump)], env, subprocess.PIPE)
     # The schema exists already (the target's, possibly owned by someone else): skip its
     # CREATE SCHEMA and COMMENT ON SCHEMA entries.
-    kept = [line for line in listing.splitlines()
-            if (m := _SCHEMA_ENTRY.match(line)) is None or m.group(1) != schema]
+    kept = [
+        line
+        for line in listing.splitlines()
+        if (m := _SCHEMA_ENTRY.match(line)) is None or m.group(1) != schema
+    ]
     with tempfile.NamedTemporaryFile("w", suffix=".list", encoding="utf-8") as toc:
         toc.write("\n".join(kept) + "\n")
         toc.flush()
-        _run(["pg_restore", "--no-owner", "--no-privileges", "--exit-on-error",
-              "--single-transaction", "--no-password", f"--use-list={toc.name}",
-              f"--dbname={uri}", str(dump)], env, subprocess.DEVNULL)
+        _run(
+            [
+                "pg_restore",
+                "--no-owner",
+                "--no-privileges",
+                "--exit-on-error",
+                "--single-transaction",
+                "--no-password",
+                f"--use-list={toc.name}",
+                f"--dbname={uri}",
+                str(dump),
+            ],
+            env,
+            subprocess.DEVNULL,
+        )

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import IO
 
 from flask import current_app
 from sqlalchemy import event, select
@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from portal import audit
 from portal.audit import Action, Actor, Outcome, RequestMeta
+from portal.config import current_settings
 from portal.database import utcnow
 from portal.models import Attachment, AuditEvent, Message
 from portal.services import keys
@@ -37,7 +38,8 @@ def blob_store() -> FilesystemBlobStore:
     store = current_app.extensions.get("blob_store")
     if store is None:
         store = current_app.extensions["blob_store"] = FilesystemBlobStore(
-            current_app.config["BLOB_DIR"])
+            current_settings().blob_dir
+        )
     return store
 
 
@@ -49,7 +51,7 @@ class Digest:
     sha256: str = ""
 
 
-def measured(src: BinaryIO, digest: Digest, limit: int | None = None) -> Iterator[bytes]:
+def measured(src: IO[bytes], digest: Digest, limit: int | None = None) -> Iterator[bytes]:
     """Yield ``src`` in chunks, filling ``digest``; raise ValueError past ``limit`` bytes."""
     hasher = hashlib.sha256()
     while chunk := src.read(READ_CHUNK):
@@ -105,9 +107,15 @@ def open_attachment(session: Session, attachment: Attachment) -> Iterator[bytes]
     return read_decrypted(blob_store(), key, attachment.blob_id, attachment.public_id)
 
 
-def record_tampered(session: Session, *, actor: Actor, meta: RequestMeta, stage: str,
-                    message_public_id: str | None = None,
-                    attachment_public_id: str | None = None) -> AuditEvent:
+def record_tampered(
+    session: Session,
+    *,
+    actor: Actor,
+    meta: RequestMeta,
+    stage: str,
+    message_public_id: str | None = None,
+    attachment_public_id: str | None = None,
+) -> AuditEvent:
     """Audit content that failed authentication (content.tampered, high severity); return it.
 
     Ids name the message and attachment only when they exist (a URL can say
@@ -115,20 +123,41 @@ def record_tampered(session: Session, *, actor: Actor, meta: RequestMeta, stage:
     Logs at CRITICAL with ids only, for alerting (ASVS 7.2.2, 6.4.2: integrity
     failures of protected data are security events). Raises nothing of ours.
     """
-    message = (session.scalar(select(Message).where(Message.public_id == message_public_id))
-               if message_public_id else None)
-    attachment = next((a for a in message.attachments
-                       if a.public_id == attachment_public_id), None) if message else None
+    message = (
+        session.scalar(select(Message).where(Message.public_id == message_public_id))
+        if message_public_id
+        else None
+    )
+    attachment = (
+        next((a for a in message.attachments if a.public_id == attachment_public_id), None)
+        if message
+        else None
+    )
     target_type, target = ("attachment", attachment) if attachment else ("message", message)
     event = audit.record(
-        session, Action.CONTENT_TAMPERED, actor=actor, meta=meta, outcome=Outcome.FAILURE,
-        target_type=target_type if target else None, target_id=target.public_id if target else None,
+        session,
+        Action.CONTENT_TAMPERED,
+        actor=actor,
+        meta=meta,
+        outcome=Outcome.FAILURE,
+        target_type=target_type if target else None,
+        target_id=target.public_id if target else None,
         patient_id=message.recipient_id if message else None,
-        message_id=message.id if message else None, details={"severity": "high", "stage": stage})
-    log.critical("content failed its integrity check", extra={
-        "event": "content_tampered", "audit_seq": event.seq, "stage": stage,
-        "target_type": event.target_type, "target_id": event.target_id,
-        "message_id": event.message_id, "actor_id": actor.id})
+        message_id=message.id if message else None,
+        details={"severity": "high", "stage": stage},
+    )
+    log.critical(
+        "content failed its integrity check",
+        extra={
+            "event": "content_tampered",
+            "audit_seq": event.seq,
+            "stage": stage,
+            "target_type": event.target_type,
+            "target_id": event.target_id,
+            "message_id": event.message_id,
+            "actor_id": actor.id,
+        },
+    )
     return event
 
 
@@ -142,18 +171,34 @@ def shred(session: Session, message: Message, *, actor: Actor, meta: RequestMeta
         return
     keys.destroy(session, message.data_key_id)
     message.destroyed_at = utcnow()
-    audit.record(session, Action.MESSAGE_SHRED, actor=actor, meta=meta, target_type="message",
-                 target_id=message.public_id, patient_id=message.recipient_id,
-                 message_id=message.id)
+    audit.record(
+        session,
+        Action.MESSAGE_SHRED,
+        actor=actor,
+        meta=meta,
+        target_type="message",
+        target_id=message.public_id,
+        patient_id=message.recipient_id,
+        message_id=message.id,
+    )
     session.flush()
     # Deleted once the shredding commits; a rollback keeps key and blobs together.
     session.info.setdefault("delete_blobs", []).extend(a.blob_id for a in message.attachments)
 
 
-def sweep_orphans(session: Session, grace_seconds: int = ORPHAN_GRACE_SECONDS) -> int:
-    """Delete blobs no attachment names (older than ``grace_seconds``) and stale temp files.
+def sweep_partial_uploads() -> int:
+    """Delete the temporary files of uploads whose writer died; return how many.
 
-    Returns how many blobs were deleted.
+    Safe while uploads run: a live writer holds a lock on its file
+    (``FilesystemBlobStore.sweep_temp``). Raises OSError when the folder is unreadable.
+    """
+    return blob_store().sweep_temp()
+
+
+def sweep_orphans(session: Session, grace_seconds: int = ORPHAN_GRACE_SECONDS) -> int:
+    """Delete blobs no attachment names (older than ``grace_seconds``).
+
+    Returns how many blobs were deleted. Temporary files: :func:`sweep_partial_uploads`.
     """
     store = blob_store()
     known = set(session.scalars(select(Attachment.blob_id)))
@@ -162,5 +207,4 @@ def sweep_orphans(session: Session, grace_seconds: int = ORPHAN_GRACE_SECONDS) -
         if blob_id not in known and store.mtime(blob_id) < cutoff:
             store.delete(blob_id)
             removed += 1
-    store.sweep_temp(grace_seconds)
     return removed

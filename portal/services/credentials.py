@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from flask import current_app
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from portal import audit
-from portal.audit import Action, RequestMeta
-from portal.database import utcnow
-from portal.models import User
+from portal.audit import Action, RequestMeta, actor_of
+from portal.config import current_settings
+from portal.database import rowcount, utcnow
+from portal.models import RecoveryCode, User
 from portal.models.notifications import NoticeKind
 from portal.security import otp
 from portal.services import keys, notices, signin
@@ -30,8 +30,10 @@ PENDING_FIELD = ("users", "totp_pending")
 ACTIVE_FIELD = ("users", "totp_secret")
 NOT_ENROLLED = "There is no authenticator app to change yet."
 CHANGE_EXPIRED = "The change of authenticator app timed out. Please start again."
-WRONG_NEW_CODE = ("That code is not right. Check that it comes from the new entry in your "
-                  "app, wait for the next code and enter it.")
+WRONG_NEW_CODE = (
+    "That code is not right. Check that it comes from the new entry in your "
+    "app, wait for the next code and enter it."
+)
 
 
 class ChangeExpired(ServiceError):
@@ -52,8 +54,14 @@ def start_mfa_change(session: Session, user: User, meta: RequestMeta) -> str:
     key = keys.unwrap(session, user.data_key_id)
     user.totp_pending_sealed = keys.seal_text(key, *PENDING_FIELD, user.public_id, secret)
     user.totp_pending_at = utcnow()
-    audit.record(session, Action.AUTH_MFA_CHANGE_START, actor=signin.actor_of(user), meta=meta,
-                 target_type="user", target_id=user.public_id)
+    audit.record(
+        session,
+        Action.AUTH_MFA_CHANGE_START,
+        actor=actor_of(user),
+        meta=meta,
+        target_type="user",
+        target_id=user.public_id,
+    )
     session.flush()
     return secret
 
@@ -84,14 +92,21 @@ def finish_mfa_change(session: Session, user: User, code: str, meta: RequestMeta
         raise ChangeExpired(CHANGE_EXPIRED)
     step = None
     if otp.is_well_formed(code):
-        step = otp.matching_step(secret, code, now=utcnow().timestamp(),
-                                 drift_steps=current_app.config["TOTP_DRIFT"])
+        step = otp.matching_step(
+            secret, code, now=utcnow().timestamp(), drift_steps=current_settings().totp_drift
+        )
     if step is None or not _swap_in(session, user, secret, step):
         raise ServiceError(WRONG_NEW_CODE)
     codes = signin.new_recovery_codes(session, user)
     signin.end_all_sessions(session, user)
-    audit.record(session, Action.AUTH_MFA_CHANGE, actor=signin.actor_of(user), meta=meta,
-                 target_type="user", target_id=user.public_id)
+    audit.record(
+        session,
+        Action.AUTH_MFA_CHANGE,
+        actor=actor_of(user),
+        meta=meta,
+        target_type="user",
+        target_id=user.public_id,
+    )
     notices.enqueue(session, kind=NoticeKind.MFA_CHANGED, recipient=user, url=None)
     return codes
 
@@ -101,19 +116,26 @@ def _swap_in(session: Session, user: User, secret: str, step: int) -> bool:
     key = keys.unwrap(session, user.data_key_id)
     sealed = keys.seal_text(key, *ACTIVE_FIELD, user.public_id, secret)
     swapped = session.execute(
-        update(User).where(User.id == user.id,
-                           User.totp_pending_sealed == user.totp_pending_sealed)
-        .values(totp_secret_sealed=sealed, totp_enabled_at=utcnow(), totp_last_step=step,
-                totp_pending_sealed=None, totp_pending_at=None)
-        .execution_options(synchronize_session=False))
-    if swapped.rowcount != 1:
+        update(User)
+        .where(User.id == user.id, User.totp_pending_sealed == user.totp_pending_sealed)
+        .values(
+            totp_secret_sealed=sealed,
+            totp_enabled_at=utcnow(),
+            totp_last_step=step,
+            totp_pending_sealed=None,
+            totp_pending_at=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if rowcount(swapped) != 1:
         return False
     session.refresh(user)
     return True
 
 
-def change_password(session: Session, user: User, current: str, new: str,
-                    meta: RequestMeta) -> None:
+def change_password(
+    session: Session, user: User, current: str, new: str, meta: RequestMeta
+) -> None:
     """Set ``new`` once ``current`` is proved; end the other sessions, audit, notify (flushed).
 
     Raises SignInFailed (counted as a failed attempt, which may pause the
@@ -123,3 +145,42 @@ def change_password(session: Session, user: User, current: str, new: str,
     signin.check_current_password(session, user, current, meta)
     signin.set_password(session, user, new, meta, action=Action.AUTH_PASSWORD_CHANGE)
     notices.enqueue(session, kind=NoticeKind.PASSWORD_CHANGED, recipient=user, url=None)
+
+
+def regenerate_recovery_codes(session: Session, user: User, meta: RequestMeta) -> list[str]:
+    """Replace ``user``'s recovery codes with ten new ones and audit it; return them (shown
+    once, only their hashes are kept: NIST SP 800-63B 5.1.2). Flushed; raises nothing of ours."""
+    codes = signin.new_recovery_codes(session, user)
+    audit.record(
+        session,
+        Action.AUTH_RECOVERY_REGENERATED,
+        actor=actor_of(user),
+        meta=meta,
+        target_type="user",
+        target_id=user.public_id,
+    )
+    return codes
+
+
+def recovery_codes_left(session: Session, user: User) -> int:
+    """Return how many of ``user``'s recovery codes are still unused."""
+    return int(
+        session.scalar(
+            select(func.count()).where(
+                RecoveryCode.user_id == user.id, RecoveryCode.used_at.is_(None)
+            )
+        )
+        or 0
+    )
+
+
+def record_signout(session: Session, user: User, meta: RequestMeta) -> None:
+    """Audit ``user`` signing out (auth.signout); the caller ends the session. Flushed."""
+    audit.record(
+        session,
+        Action.AUTH_SIGNOUT,
+        actor=actor_of(user),
+        meta=meta,
+        target_type="user",
+        target_id=user.public_id,
+    )

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, time, timedelta
 
-from flask import current_app
 from sqlalchemy.orm import Session
 
 from portal import audit
 from portal.audit import Action, Actor, RequestMeta
+from portal.config import current_settings
 from portal.models import AuditEvent, User
 from portal.services import accounts, pdf
 from portal.services.audit_query import (
@@ -39,8 +39,12 @@ HOW = {
     Action.AUDIT_EXPORT: "audit trail exported",
     Action.AUDIT_REPORT: "accounting of disclosures produced",
 }
-ITEMS = {"message": "Message", "attachment": "Record (PDF)", "link": "Pickup link",
-         "notification": "Email notice"}
+ITEMS = {
+    "message": "Message",
+    "attachment": "Record (PDF)",
+    "link": "Pickup link",
+    "notification": "Email notice",
+}
 
 
 def period(since: date, until: date) -> tuple[datetime, datetime]:
@@ -57,35 +61,57 @@ def period(since: date, until: date) -> tuple[datetime, datetime]:
 def rows(session: Session, patient: User, since: date, until: date) -> list[dict[str, object]]:
     """Return the accesses to ``patient``'s messages and records in the period, oldest first."""
     start, end = period(since, until)
-    stmt = select_events(AuditFilter(patient_id=patient.id, since=start, until=end)).where(
-        AuditEvent.action.in_([a.value for a in HOW])).order_by(AuditEvent.seq)
+    stmt = (
+        select_events(AuditFilter(patient_id=patient.id, since=start, until=end))
+        .where(AuditEvent.action.in_([a.value for a in HOW]))
+        .order_by(AuditEvent.seq)
+    )
     events = audit_rows(session, session.execute(stmt).all(), Names(session))
     return [_row(e, patient) for e in events]
 
 
 def _row(event: EventRow, patient: User) -> dict[str, object]:
-    """One line of the record: another patient is never named nor located (DESIGN)."""
+    """One line of the record: another patient is never named nor located."""
     other = is_other_patient(patient, event.actor_id, event.actor_role)
-    who = ("the patient" if event.actor_id == patient.id
-           else OTHER_PATIENT if other else event.actor_name)
-    return {"when": event.occurred_at, "who": who, "role": "" if other else event.actor_role or "",
-            "action": HOW[Action(event.action)],
-            "item": f"{ITEMS.get(event.target_type or '', 'Account')} "
-                    f"{(event.target_id or '')[:8]}",
-            "how": "portal" if event.client_ip else "system",
-            "from_address": "-" if other else event.client_ip or "-"}
+    who = (
+        "the patient"
+        if event.actor_id == patient.id
+        else OTHER_PATIENT
+        if other
+        else event.actor_name
+    )
+    return {
+        "when": event.occurred_at,
+        "who": who,
+        "role": "" if other else event.actor_role or "",
+        "action": HOW[Action(event.action)],
+        "item": f"{ITEMS.get(event.target_type or '', 'Account')} {(event.target_id or '')[:8]}",
+        "how": "portal" if event.client_ip else "system",
+        "from_address": "-" if other else event.client_ip or "-",
+    }
 
 
-def report_pdf(session: Session, patient: User, since: date, until: date, *, actor: Actor,
-               meta: RequestMeta) -> bytes:
+def report_pdf(
+    session: Session, patient: User, since: date, until: date, *, actor: Actor, meta: RequestMeta
+) -> bytes:
     """Render the accounting of disclosures as a PDF and audit it (in the caller's
     transaction). Raises ValueError for a reversed period."""
     listed = rows(session, patient, since, until)
-    audit.record(session, Action.AUDIT_REPORT, actor=actor, meta=meta, target_type="user",
-                 target_id=patient.public_id, patient_id=patient.id,
-                 details={"since": since.isoformat(), "until": until.isoformat(),
-                          "rows": len(listed)})
+    audit.record(
+        session,
+        Action.AUDIT_REPORT,
+        actor=actor,
+        meta=meta,
+        target_type="user",
+        target_id=patient.public_id,
+        patient_id=patient.id,
+        details={"since": since.isoformat(), "until": until.isoformat(), "rows": len(listed)},
+    )
     return pdf.render_disclosures_pdf(
-        org_name=current_app.config["ORG_NAME"], org_address=current_app.config["ORG_ADDRESS"],
-        patient_name=accounts.display_name(session, patient), period_start=since,
-        period_end=until, rows=listed)
+        org_name=current_settings().org_name,
+        org_address=current_settings().org_address,
+        patient_name=accounts.display_name(session, patient),
+        period_start=since,
+        period_end=until,
+        rows=listed,
+    )

@@ -8,6 +8,7 @@ unrecoverable (crypto-shredding).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,11 +19,12 @@ from sqlalchemy.orm import Session
 
 from portal import audit
 from portal.audit import Action, Actor, Outcome, RequestMeta
+from portal.config import current_settings
 from portal.crypto.errors import ContentDestroyed, ContentTampered
 from portal.crypto.fields import field_aad, open_sealed, seal
 from portal.crypto.keyring import Keyring
 from portal.database import utcnow
-from portal.models import DataKey
+from portal.models import AuditEvent, DataKey
 from portal.services.errors import ServiceError
 
 WRAP_AAD = b"pickup-portal/data-key/v1"
@@ -52,7 +54,7 @@ def keyring() -> Keyring:
     Re-read when the file changes (another process rotated). Raises
     portal.crypto.errors.KeyUnavailable when the keyring file is unreadable.
     """
-    path = current_app.config["KEYRING_PATH"]
+    path = current_settings().keyring_path
     cached = current_app.extensions.get("keyring")
     stamp = _mtime(path)
     if cached is None or cached[1] != stamp or stamp is None:
@@ -109,41 +111,65 @@ def _forget_keys(session: Session, *_args: object) -> None:
 def status(session: Session) -> dict[int, int]:
     """Return the number of live (not destroyed) data keys per KEK version."""
     rows = session.execute(
-        select(DataKey.kek_version, func.count()).where(DataKey.wrapped.is_not(None))
-        .group_by(DataKey.kek_version))
+        select(DataKey.kek_version, func.count())
+        .where(DataKey.wrapped.is_not(None))
+        .group_by(DataKey.kek_version)
+    )
     return {int(version): int(count) for version, count in rows}
 
 
-def rotate(session: Session, *, actor: Actor, meta: RequestMeta, batch_size: int = 500,
-           after_batch: Callable[[int], None] | None = None) -> RotationResult:
-    """Make a new KEK active and rewrap every live data key under it, committing per batch.
+def rotate(
+    session: Session,
+    *,
+    actor: Actor,
+    meta: RequestMeta,
+    checkpoint: Callable[[], None],
+    batch_size: int = 500,
+    after_batch: Callable[[int], None] | None = None,
+) -> RotationResult:
+    """Make a new KEK active and rewrap every live data key under it, in checkpointed batches.
 
     Resumable: when live keys are still wrapped by older versions (a rotation
     that crashed, or keys that failed before), no new version is made and the
     rewrapping carries on. Content is never re-encrypted. A wrapped key that
     fails authentication is skipped, audited and listed in the result's
-    ``failed``; the others are still rewrapped. Each batch and its audit events
-    commit together; ``after_batch`` (tests) runs after each commit. Raises
-    KeyUnavailable when a key's KEK is missing from the keyring.
+    ``failed``; the others are still rewrapped. A long job commits per batch by
+    design, but services never commit: ``checkpoint`` is the caller's commit (the
+    ``portal keys rotate`` command passes the session's), called after the intent,
+    the start and each batch, so each batch and its audit events land together;
+    ``after_batch`` (tests) runs after each checkpoint. Raises KeyUnavailable when a
+    key's KEK is missing from the keyring.
+
+    A new KEK's ``intent`` event commits before the keyring file changes, so a crash
+    between the two leaves a record of a key the trail would otherwise never name; a
+    rerun after an intent whose KEK exists resumes instead of adding another.
     """
     ring = keyring()
-    resumed = any(version != ring.active_version for version in status(session))
+    resumed = any(version != ring.active_version for version in status(session)) or _intent_pending(
+        session, ring.active_version
+    )
     if not resumed:
+        _audit_rotation(session, actor, meta, max(ring.versions()) + 1, {"stage": "intent"})
+        checkpoint()  # on record before the keyring changes (NIST SP 800-57 Part 1)
         ring.add_version()
     target, total, after = ring.active_version, 0, 0
     failed: list[int] = []
     _audit_rotation(session, actor, meta, target, {"stage": "start", "resumed": resumed})
-    session.commit()
+    checkpoint()
     for _pass in range(ROTATION_PASSES):  # a later pass takes keys another writer had locked
         after = 0
         while batch := _next_batch(session, target, after, batch_size, failed):
             after = batch[-1].id
             bad = _rewrap_batch(session, ring, batch, actor, meta)
             total, failed = total + len(batch) - len(bad), failed + bad
-            _audit_rotation(session, actor, meta, target,
-                            {"stage": "batch", "rewrapped": len(batch) - len(bad),
-                             "failed": len(bad)})
-            session.commit()
+            _audit_rotation(
+                session,
+                actor,
+                meta,
+                target,
+                {"stage": "batch", "rewrapped": len(batch) - len(bad), "failed": len(bad)},
+            )
+            checkpoint()
             if after_batch:
                 after_batch(total)
         left = _left_behind(session, target, failed)
@@ -152,31 +178,74 @@ def rotate(session: Session, *, actor: Actor, meta: RequestMeta, batch_size: int
     return RotationResult(target, total, resumed, tuple(failed), left)
 
 
+def _intent_pending(session: Session, active: int) -> bool:
+    """Whether the newest rotation event is the intent for the active KEK (no start after it)."""
+    last = session.scalars(
+        select(AuditEvent)
+        .where(AuditEvent.action == Action.KEY_ROTATE)
+        .order_by(AuditEvent.seq.desc())
+        .limit(1)
+    ).first()
+    return (
+        last is not None
+        and last.target_id == str(active)
+        and json.loads(last.details or "{}").get("stage") == "intent"
+    )
+
+
 def _left_behind(session: Session, target: int, failed: list[int]) -> int:
     """How many live keys, not known bad, are still under an older KEK."""
-    return int(session.scalar(select(func.count()).select_from(DataKey).where(
-        DataKey.wrapped.is_not(None), DataKey.kek_version != target,
-        DataKey.id.not_in(failed) if failed else true())) or 0)
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(DataKey)
+            .where(
+                DataKey.wrapped.is_not(None),
+                DataKey.kek_version != target,
+                DataKey.id.not_in(failed) if failed else true(),
+            )
+        )
+        or 0
+    )
 
 
-def _audit_rotation(session: Session, actor: Actor, meta: RequestMeta, target: int,
-                    details: dict[str, object]) -> None:
-    audit.record(session, Action.KEY_ROTATE, actor=actor, meta=meta, target_type="keyring",
-                 target_id=str(target), details=details)
+def _audit_rotation(
+    session: Session, actor: Actor, meta: RequestMeta, target: int, details: dict[str, object]
+) -> None:
+    audit.record(
+        session,
+        Action.KEY_ROTATE,
+        actor=actor,
+        meta=meta,
+        target_type="keyring",
+        target_id=str(target),
+        details=details,
+    )
 
 
-def _next_batch(session: Session, target: int, after: int, size: int,
-                failed: list[int]) -> list[DataKey]:
+def _next_batch(
+    session: Session, target: int, after: int, size: int, failed: list[int]
+) -> list[DataKey]:
     # Keyset paging (id > the last one seen); keys that failed are never picked up again.
-    return list(session.scalars(
-        select(DataKey).where(DataKey.wrapped.is_not(None), DataKey.kek_version != target,
-                              DataKey.id > after,
-                              DataKey.id.not_in(failed) if failed else true())
-        .order_by(DataKey.id).limit(size).with_for_update(skip_locked=True)))
+    return list(
+        session.scalars(
+            select(DataKey)
+            .where(
+                DataKey.wrapped.is_not(None),
+                DataKey.kek_version != target,
+                DataKey.id > after,
+                DataKey.id.not_in(failed) if failed else true(),
+            )
+            .order_by(DataKey.id)
+            .limit(size)
+            .with_for_update(skip_locked=True)
+        )
+    )
 
 
-def _rewrap_batch(session: Session, ring: Keyring, rows: list[DataKey], actor: Actor,
-                  meta: RequestMeta) -> list[int]:
+def _rewrap_batch(
+    session: Session, ring: Keyring, rows: list[DataKey], actor: Actor, meta: RequestMeta
+) -> list[int]:
     """Rewrap ``rows`` under the active KEK; return the ids of those that failed (audited)."""
     failed: list[int] = []
     for row in rows:
@@ -185,10 +254,16 @@ def _rewrap_batch(session: Session, ring: Keyring, rows: list[DataKey], actor: A
             row.kek_version, row.wrapped = ring.rewrap(row.kek_version, row.wrapped, WRAP_AAD)
         except ContentTampered:
             failed.append(row.id)
-            audit.record(session, Action.KEY_REWRAP_FAILED, actor=actor, meta=meta,
-                         outcome=Outcome.FAILURE, target_type="data_key",
-                         target_id=str(row.id),
-                         details={"kek_version": row.kek_version, "purpose": row.purpose})
+            audit.record(
+                session,
+                Action.KEY_REWRAP_FAILED,
+                actor=actor,
+                meta=meta,
+                outcome=Outcome.FAILURE,
+                target_type="data_key",
+                target_id=str(row.id),
+                details={"kek_version": row.kek_version, "purpose": row.purpose},
+            )
     session.flush()
     return failed
 
@@ -203,8 +278,9 @@ def remove_kek(session: Session, version: int) -> None:
         raise ServiceError(f"KEK version {version} is the active one; rotate first.")
     still = status(session).get(version, 0)
     if still:
-        raise ServiceError(f"KEK version {version} still wraps {still} data keys; "
-                           "run 'portal keys rotate' first.")
+        raise ServiceError(
+            f"KEK version {version} still wraps {still} data keys; run 'portal keys rotate' first."
+        )
     try:
         keyring().remove_version(version)
     except ValueError as error:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import BinaryIO
+from typing import IO
 
 from sqlalchemy.orm import Session
 
@@ -29,7 +29,7 @@ class Upload:
     """A file to attach: its name as the sender gave it, and a readable (seekable) stream."""
 
     filename: str
-    stream: BinaryIO
+    stream: IO[bytes]  # what Werkzeug's FileStorage.stream is typed as
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,20 @@ def _check_text(subject: str, body: str, body_format: str) -> tuple[str, str]:
     return subject, body.replace("\r\n", "\n")
 
 
-def create(session: Session, *, sender: User, recipient: User, subject: str, body: str,
-           expires_at: datetime, body_format: str = "text", uploads: Iterable[Upload] = (),
-           max_upload: int | None = None, validate: Callable[[Upload], None] | None = None,
-           in_reply_to: Message | None = None) -> Message:
+def create(
+    session: Session,
+    *,
+    sender: User,
+    recipient: User,
+    subject: str,
+    body: str,
+    expires_at: datetime,
+    body_format: str = "text",
+    uploads: Iterable[Upload] = (),
+    max_upload: int | None = None,
+    validate: Callable[[Upload], None] | None = None,
+    in_reply_to: Message | None = None,
+) -> Message:
     """Store a message and its attachments encrypted under a new data key; return it (flushed).
 
     Raises ServiceError for an empty or oversize subject or body, and whatever
@@ -67,11 +77,16 @@ def create(session: Session, *, sender: User, recipient: User, subject: str, bod
     key_row, key = keys.create(session, "message")
     public_id = new_public_id()
     message = Message(
-        public_id=public_id, sender_id=sender.id, recipient_id=recipient.id,
-        data_key_id=key_row.id, body_format=body_format, expires_at=expires_at,
+        public_id=public_id,
+        sender_id=sender.id,
+        recipient_id=recipient.id,
+        data_key_id=key_row.id,
+        body_format=body_format,
+        expires_at=expires_at,
         in_reply_to_id=in_reply_to.id if in_reply_to else None,
         subject_sealed=keys.seal_text(key, "messages", "subject", public_id, subject),
-        body_sealed=keys.seal_text(key, "messages", "body", public_id, body))
+        body_sealed=keys.seal_text(key, "messages", "body", public_id, body),
+    )
     session.add(message)
     session.flush()
     for position, upload in enumerate(uploads):
@@ -81,19 +96,31 @@ def create(session: Session, *, sender: User, recipient: User, subject: str, bod
     return message
 
 
-def _attach(session: Session, message: Message, key: bytes, upload: Upload, position: int,
-            max_upload: int | None) -> Attachment:
+def _attach(
+    session: Session,
+    message: Message,
+    key: bytes,
+    upload: Upload,
+    position: int,
+    max_upload: int | None,
+) -> Attachment:
     name = safe_filename(upload.filename)
     public_id, digest = new_public_id(), content.Digest()
     try:
-        blob_id = content.store_blob(session, key, public_id,
-                                     content.measured(upload.stream, digest, max_upload))
+        blob_id = content.store_blob(
+            session, key, public_id, content.measured(upload.stream, digest, max_upload)
+        )
     except ValueError:
         raise ServiceError(f"{name} is larger than this portal accepts.") from None
     attachment = Attachment(
-        public_id=public_id, message_id=message.id, position=position, blob_id=blob_id,
-        size=digest.size, sha256=digest.sha256,
-        filename_sealed=keys.seal_text(key, "attachments", "filename", public_id, name))
+        public_id=public_id,
+        message_id=message.id,
+        position=position,
+        blob_id=blob_id,
+        size=digest.size,
+        sha256=digest.sha256,
+        filename_sealed=keys.seal_text(key, "attachments", "filename", public_id, name),
+    )
     session.add(attachment)
     session.flush()
     return attachment
@@ -114,9 +141,13 @@ def read(session: Session, message: Message) -> Readable:
     """
     key = keys.unwrap(session, message.data_key_id)
     pid = message.public_id
-    names = {a.id: keys.open_text(key, "attachments", "filename", a.public_id, a.filename_sealed)
-             for a in message.attachments}
+    names = {
+        a.id: keys.open_text(key, "attachments", "filename", a.public_id, a.filename_sealed)
+        for a in message.attachments
+    }
     return Readable(
         subject=keys.open_text(key, "messages", "subject", pid, message.subject_sealed),
         body=keys.open_text(key, "messages", "body", pid, message.body_sealed),
-        body_format=message.body_format, filenames=names)
+        body_format=message.body_format,
+        filenames=names,
+    )

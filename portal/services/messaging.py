@@ -10,15 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from flask import current_app
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from portal import audit
-from portal.audit import Action, Actor, Outcome, RequestMeta
+from portal.audit import SYSTEM, Action, Actor, Outcome, RequestMeta
+from portal.config import current_settings
 from portal.database import utcnow
 from portal.models import AuditEvent, Message, Notification, PickupLink, Role, User
-from portal.models.notifications import NoticeKind
+from portal.models.notifications import NoticeKind, NoticeStatus
 from portal.security import tokens
 from portal.services import messages, notices
 from portal.services.accounts import find_by_email
@@ -37,10 +37,10 @@ class Sent:
 
 def expiry(expires_in: timedelta | None) -> datetime:
     """Return when a message sent now expires; ServiceError past PORTAL_LINK_MAX_TTL."""
-    config = current_app.config
-    seconds = config["LINK_TTL"] if expires_in is None else expires_in.total_seconds()
-    if not 3600 <= seconds <= config["LINK_MAX_TTL"]:
-        days = config["LINK_MAX_TTL"] // 86400
+    settings = current_settings()
+    seconds = settings.link_ttl if expires_in is None else expires_in.total_seconds()
+    if not 3600 <= seconds <= settings.link_max_ttl:
+        days = settings.link_max_ttl // 86400
         raise ServiceError(f"Choose an expiry between 1 hour and {days} days.")
     return utcnow() + timedelta(seconds=seconds)
 
@@ -53,8 +53,7 @@ def recipient_for(session: Session, email: str) -> User:
     return user
 
 
-def lookup_patient(session: Session, email: str, *, actor: Actor, meta: RequestMeta
-                   ) -> User | None:
+def lookup_patient(session: Session, email: str, *, actor: Actor, meta: RequestMeta) -> User | None:
     """Return the patient with this address (disabled ones too), or None. Audited either way.
 
     A staff lookup shows the patient's name: a read of PHI (patient.lookup). The
@@ -62,16 +61,31 @@ def lookup_patient(session: Session, email: str, *, actor: Actor, meta: RequestM
     """
     user = find_by_email(session, email)
     found = user if user is not None and user.role == Role.PATIENT else None
-    audit.record(session, Action.PATIENT_LOOKUP, actor=actor, meta=meta,
-                 target_type="user" if found else None,
-                 target_id=found.public_id if found else None,
-                 patient_id=found.id if found else None, details={"found": found is not None})
+    audit.record(
+        session,
+        Action.PATIENT_LOOKUP,
+        actor=actor,
+        meta=meta,
+        target_type="user" if found else None,
+        target_id=found.public_id if found else None,
+        patient_id=found.id if found else None,
+        details={"found": found is not None},
+    )
     return found
 
 
-def send(session: Session, *, sender: User, recipient: User, subject: str, body: str,
-         body_format: str = "text", uploads: list[Upload] | None = None,
-         expires_in: timedelta | None = None, meta: RequestMeta) -> Sent:
+def send(
+    session: Session,
+    *,
+    sender: User,
+    recipient: User,
+    subject: str,
+    body: str,
+    body_format: str = "text",
+    uploads: list[Upload] | None = None,
+    expires_in: timedelta | None = None,
+    meta: RequestMeta,
+) -> Sent:
     """Store and send a message (flushed, not committed); return it with its pickup URL.
 
     Raises ServiceError for a sender who is not staff, a recipient who is not an
@@ -83,14 +97,29 @@ def send(session: Session, *, sender: User, recipient: User, subject: str, body:
     if recipient.role != Role.PATIENT or recipient.disabled:
         raise ServiceError("Messages go to active patients only.")
     message = messages.create(
-        session, sender=sender, recipient=recipient, subject=subject, body=body,
-        body_format=body_format, expires_at=expiry(expires_in), uploads=uploads or [],
-        max_upload=current_app.config["MAX_UPLOAD"], validate=validate_pdf)
+        session,
+        sender=sender,
+        recipient=recipient,
+        subject=subject,
+        body=body,
+        body_format=body_format,
+        expires_at=expiry(expires_in),
+        uploads=uploads or [],
+        max_upload=current_settings().max_upload,
+        validate=validate_pdf,
+    )
     url = issue_link(session, message, NoticeKind.PICKUP)
-    audit.record(session, Action.MESSAGE_SEND, actor=Actor(sender.id, sender.role), meta=meta,
-                 target_type="message", target_id=message.public_id,
-                 patient_id=recipient.id, message_id=message.id,
-                 details={"attachments": len(message.attachments), "format": body_format})
+    audit.record(
+        session,
+        Action.MESSAGE_SEND,
+        actor=audit.actor_of(sender),
+        meta=meta,
+        target_type="message",
+        target_id=message.public_id,
+        patient_id=recipient.id,
+        message_id=message.id,
+        details={"attachments": len(message.attachments), "format": body_format},
+    )
     return Sent(message, url)
 
 
@@ -100,23 +129,57 @@ def issue_link(session: Session, message: Message, kind: NoticeKind) -> str:
     Returns the URL. The link expires with the message and is bound to it and
     to its recipient.
     """
+    return _issue(session, message, kind, None)[1]
+
+
+def remind(session: Session, message: Message, now: datetime) -> Notification:
+    """Give an unopened ``message`` a fresh link and queue its reminder, due at ``now``.
+
+    Only token hashes are stored, so a reminder cannot resend the first link's
+    URL; the first link stays valid. Audited (link.reissue), flushed. Returns the
+    notice; raises ContentDestroyed when the recipient's data key was shredded.
+    """
+    link, _url, notice = _issue(session, message, NoticeKind.REMINDER, now)
+    audit.record(
+        session,
+        Action.LINK_REISSUE,
+        actor=SYSTEM,
+        target_type="pickup_link",
+        target_id=link.public_id,
+        patient_id=message.recipient_id,
+        message_id=message.id,
+        details={"reason": "reminder"},
+    )
+    return notice
+
+
+def _issue(
+    session: Session, message: Message, kind: NoticeKind, due: datetime | None
+) -> tuple[PickupLink, str, Notification]:
     token = tokens.new_token()
-    link = PickupLink(message_id=message.id, recipient_id=message.recipient_id,
-                      token_hash=tokens.token_hash(token), expires_at=message.expires_at)
+    link = PickupLink(
+        message_id=message.id,
+        recipient_id=message.recipient_id,
+        token_hash=tokens.token_hash(token),
+        expires_at=message.expires_at,
+    )
     session.add(link)
     session.flush()
-    url = f"{current_app.config['BASE_URL']}/p/{token}"
+    url = f"{current_settings().base_url}/p/{token}"
     recipient = session.get(User, message.recipient_id)
-    assert recipient is not None
-    notices.enqueue(session, kind=kind, recipient=recipient, url=url, message=message,
-                    link_id=link.id)
-    return url
+    assert recipient is not None  # a foreign key guarantees it
+    notice = notices.enqueue(
+        session, kind=kind, recipient=recipient, url=url, message=message, link_id=link.id, due=due
+    )
+    return link, url, notice
 
 
 def _revoke_links(session: Session, message: Message) -> None:
-    session.execute(update(PickupLink).where(
-        PickupLink.message_id == message.id, PickupLink.revoked_at.is_(None))
-        .values(revoked_at=utcnow()))
+    session.execute(
+        update(PickupLink)
+        .where(PickupLink.message_id == message.id, PickupLink.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )
 
 
 def revoke(session: Session, message: Message, *, actor: Actor, meta: RequestMeta) -> None:
@@ -129,13 +192,21 @@ def revoke(session: Session, message: Message, *, actor: Actor, meta: RequestMet
     message.revoked_at = utcnow()
     _revoke_links(session, message)
     notices.cancel_for_message(session, message.id)
-    audit.record(session, Action.MESSAGE_REVOKE, actor=actor, meta=meta, target_type="message",
-                 target_id=message.public_id, patient_id=message.recipient_id,
-                 message_id=message.id)
+    audit.record(
+        session,
+        Action.MESSAGE_REVOKE,
+        actor=actor,
+        meta=meta,
+        target_type="message",
+        target_id=message.public_id,
+        patient_id=message.recipient_id,
+        message_id=message.id,
+    )
 
 
-def resend(session: Session, message: Message, *, actor: Actor, meta: RequestMeta,
-           extend: bool = True) -> str:
+def resend(
+    session: Session, message: Message, *, actor: Actor, meta: RequestMeta, extend: bool = True
+) -> str:
     """Send a fresh link (the old ones are revoked). Returns the new URL. Audited.
 
     ``extend`` (staff resending, their own choice): an expired message gets the
@@ -153,9 +224,16 @@ def resend(session: Session, message: Message, *, actor: Actor, meta: RequestMet
     if extend:
         message.expires_at = max(message.expires_at, expiry(None))
     url = issue_link(session, message, NoticeKind.PICKUP)
-    audit.record(session, Action.MESSAGE_RESEND, actor=actor, meta=meta, target_type="message",
-                 target_id=message.public_id, patient_id=message.recipient_id,
-                 message_id=message.id)
+    audit.record(
+        session,
+        Action.MESSAGE_RESEND,
+        actor=actor,
+        meta=meta,
+        target_type="message",
+        target_id=message.public_id,
+        patient_id=message.recipient_id,
+        message_id=message.id,
+    )
     return url
 
 
@@ -169,26 +247,39 @@ COVER_REASONS: dict[str, str] = {
 }
 
 
-def check_staff_access(session: Session, message: Message, staff: User, *, covering: bool,
-                       meta: RequestMeta) -> None:
+def check_staff_access(
+    session: Session, message: Message, staff: User, *, covering: bool, meta: RequestMeta
+) -> None:
     """Let the message's sender, or a colleague covering for them, act on it; return None.
 
     Object-level access for every per-message staff route (ASVS V4.2.1) until
     care teams exist. Anyone else is audited (access.denied, reason not_sender)
     and gets NotFound, so the refusal does not confirm that the message exists.
     """
-    if staff.role == Role.STAFF and not staff.disabled and (
-            message.sender_id == staff.id or covering):
+    if (
+        staff.role == Role.STAFF
+        and not staff.disabled
+        and (message.sender_id == staff.id or covering)
+    ):
         return
-    audit.record(session, Action.ACCESS_DENIED, actor=Actor(staff.id, staff.role), meta=meta,
-                 outcome=Outcome.DENIED, target_type="message", target_id=message.public_id,
-                 patient_id=message.recipient_id, message_id=message.id,
-                 details={"reason": "not_sender"})
+    audit.record(
+        session,
+        Action.ACCESS_DENIED,
+        actor=audit.actor_of(staff),
+        meta=meta,
+        outcome=Outcome.DENIED,
+        target_type="message",
+        target_id=message.public_id,
+        patient_id=message.recipient_id,
+        message_id=message.id,
+        details={"reason": "not_sender"},
+    )
     raise NotFound("There is nothing here.")
 
 
-def cover(session: Session, message: Message, staff: User, *, reason: str,
-          meta: RequestMeta) -> None:
+def cover(
+    session: Session, message: Message, staff: User, *, reason: str, meta: RequestMeta
+) -> None:
     """Audit that ``staff`` acts on ``message`` for its sender (message.cover); return None.
 
     Raises ServiceError for a reason outside COVER_REASONS and for anyone who is
@@ -198,10 +289,17 @@ def cover(session: Session, message: Message, staff: User, *, reason: str,
         raise ServiceError("Choose why you are covering for the sender.")
     if staff.role != Role.STAFF or staff.disabled:
         raise ServiceError("Only staff can cover for a colleague.")
-    audit.record(session, Action.MESSAGE_COVER, actor=Actor(staff.id, staff.role), meta=meta,
-                 target_type="message", target_id=message.public_id,
-                 patient_id=message.recipient_id, message_id=message.id,
-                 details={"reason": reason, "sender_id": message.sender_id})
+    audit.record(
+        session,
+        Action.MESSAGE_COVER,
+        actor=audit.actor_of(staff),
+        meta=meta,
+        target_type="message",
+        target_id=message.public_id,
+        patient_id=message.recipient_id,
+        message_id=message.id,
+        details={"reason": reason, "sender_id": message.sender_id},
+    )
 
 
 @dataclass(frozen=True)
@@ -230,33 +328,102 @@ STATUS_ACTIONS = {
 def status(session: Session, message: Message) -> list[StatusEntry]:
     """Return the message's history: notices (queued, sent, failed with reason) and accesses."""
     entries = [StatusEntry(message.created_at, "Sent")]
-    for notice in session.scalars(select(Notification).where(
-            Notification.message_id == message.id).order_by(Notification.id)):
+    for notice in session.scalars(
+        select(Notification).where(Notification.message_id == message.id).order_by(Notification.id)
+    ):
         entries.append(_notice_entry(notice))
-    for event in session.scalars(select(AuditEvent).where(
+    for event in session.scalars(
+        select(AuditEvent)
+        .where(
             AuditEvent.message_id == message.id,
-            AuditEvent.action.in_([a.value for a in STATUS_ACTIONS])).order_by(AuditEvent.seq)):
+            AuditEvent.action.in_([a.value for a in STATUS_ACTIONS]),
+        )
+        .order_by(AuditEvent.seq)
+    ):
         label = STATUS_ACTIONS[Action(event.action)]
         if event.action == Action.MESSAGE_VIEW and event.actor_id != message.recipient_id:
             label = "Viewed by staff"
-        detail = "" if event.outcome == "success" else event.outcome
+        detail = "" if event.outcome == Outcome.SUCCESS else event.outcome
         entries.append(StatusEntry(event.occurred_at, label, detail))
     return sorted(entries, key=lambda e: e.when)
 
 
 def _notice_entry(notice: Notification) -> StatusEntry:
     kind = "Reminder email" if notice.kind == NoticeKind.REMINDER else "Email notice"
-    if notice.status == "sent" and notice.sent_at:
+    if notice.status == NoticeStatus.SENT and notice.sent_at:
         return StatusEntry(notice.sent_at, f"{kind} delivered to the mail server")
-    if notice.status == "failed":
+    if notice.status == NoticeStatus.FAILED:
         return StatusEntry(notice.created_at, f"{kind} failed", notice.failure_reason or "")
-    if notice.status == "cancelled":
+    if notice.status == NoticeStatus.CANCELLED:
         return StatusEntry(notice.created_at, f"{kind} cancelled")
-    return StatusEntry(notice.created_at, f"{kind} queued",
-                       f"attempt {notice.attempts + 1}" if notice.attempts else "")
+    return StatusEntry(
+        notice.created_at,
+        f"{kind} queued",
+        f"attempt {notice.attempts + 1}" if notice.attempts else "",
+    )
 
 
 def sent_by(session: Session, staff: User, limit: int = 100) -> list[Message]:
     """Return the newest messages ``staff`` sent."""
-    return list(session.scalars(select(Message).where(Message.sender_id == staff.id)
-                                .order_by(Message.created_at.desc()).limit(limit)))
+    return list(
+        session.scalars(
+            select(Message)
+            .where(Message.sender_id == staff.id)
+            .order_by(Message.created_at.desc())
+            .limit(limit)
+        )
+    )
+
+
+def record_sent_list(session: Session, staff: User, rows: int, meta: RequestMeta) -> None:
+    """Audit that ``staff`` read their sent list (message.list: names and subjects are PHI)."""
+    audit.record(
+        session,
+        Action.MESSAGE_LIST,
+        actor=audit.actor_of(staff),
+        meta=meta,
+        details={"page": "staff_index", "count": rows},
+    )
+
+
+def record_patient_view(session: Session, patient: User, actor: Actor, meta: RequestMeta) -> None:
+    """Audit a page naming ``patient`` to staff (patient.view), here the compose page."""
+    audit.record(
+        session,
+        Action.PATIENT_VIEW,
+        actor=actor,
+        meta=meta,
+        target_type="user",
+        target_id=patient.public_id,
+        patient_id=patient.id,
+        details={"page": "staff_compose"},
+    )
+
+
+def record_status_view(session: Session, message: Message, actor: Actor, meta: RequestMeta) -> None:
+    """Audit staff reading ``message``'s status page (message.view: subject and name)."""
+    audit.record(
+        session,
+        Action.MESSAGE_VIEW,
+        actor=actor,
+        meta=meta,
+        target_type="message",
+        target_id=message.public_id,
+        patient_id=message.recipient_id,
+        message_id=message.id,
+        details={"page": "staff_status"},
+    )
+
+
+def locked_at(session: Session, message: Message) -> datetime | None:
+    """Return when a link of ``message`` was locked by failed identity checks, or None."""
+    return session.scalar(
+        select(PickupLink.locked_at)
+        .where(PickupLink.message_id == message.id, PickupLink.locked_at.is_not(None))
+        .limit(1)
+    )
+
+
+def find_by_public_id(session: Session, public_id: str | None) -> Message | None:
+    """Return the message (a sent one or a reply) with this opaque public id, or None."""
+    return session.scalar(select(Message).where(Message.public_id == (public_id or "").strip()))

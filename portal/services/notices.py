@@ -12,7 +12,7 @@ from datetime import datetime
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from portal.database import utcnow
+from portal.database import rowcount, utcnow
 from portal.models import Message, Notification, User
 from portal.models.notifications import NoticeKind, NoticeStatus
 from portal.models.types import new_public_id
@@ -22,9 +22,16 @@ from portal.services.errors import ServiceError
 PAYLOAD_FIELD = ("notifications", "payload")
 
 
-def enqueue(session: Session, *, kind: str, recipient: User, url: str | None,
-            message: Message | None = None, link_id: int | None = None,
-            due: datetime | None = None) -> Notification:
+def enqueue(
+    session: Session,
+    *,
+    kind: str,
+    recipient: User,
+    url: str | None,
+    message: Message | None = None,
+    link_id: int | None = None,
+    due: datetime | None = None,
+) -> Notification:
     """Queue a notice of ``kind`` for ``recipient`` (flushed, not committed) and return it.
 
     ``url`` is sealed under the recipient's data key, bound to the new row.
@@ -42,10 +49,16 @@ def enqueue(session: Session, *, kind: str, recipient: User, url: str | None,
         key = keys.unwrap(session, recipient.data_key_id)
         payload = keys.seal_text(key, *PAYLOAD_FIELD, public_id, url)
     row = Notification(
-        public_id=public_id, kind=kind, recipient_id=recipient.id,
-        message_id=message.id if message is not None else None, link_id=link_id,
-        payload_sealed=payload, status=NoticeStatus.QUEUED.value, attempts=0,
-        next_attempt_at=due or utcnow())
+        public_id=public_id,
+        kind=kind,
+        recipient_id=recipient.id,
+        message_id=message.id if message is not None else None,
+        link_id=link_id,
+        payload_sealed=payload,
+        status=NoticeStatus.QUEUED.value,
+        attempts=0,
+        next_attempt_at=due or utcnow(),
+    )
     session.add(row)
     session.flush()
     return row
@@ -63,8 +76,7 @@ def open_payload(session: Session, notification: Notification) -> str | None:
     if recipient is None:
         return None
     key = keys.unwrap(session, recipient.data_key_id)
-    return keys.open_text(key, *PAYLOAD_FIELD, notification.public_id,
-                          notification.payload_sealed)
+    return keys.open_text(key, *PAYLOAD_FIELD, notification.public_id, notification.payload_sealed)
 
 
 def cancel_for_message(session: Session, message_id: int) -> int:
@@ -75,17 +87,22 @@ def cancel_for_message(session: Session, message_id: int) -> int:
     """
     result = session.execute(
         update(Notification)
-        .where(Notification.message_id == message_id,
-               Notification.status == NoticeStatus.QUEUED.value)
+        .where(
+            Notification.message_id == message_id, Notification.status == NoticeStatus.QUEUED.value
+        )
         .values(status=NoticeStatus.CANCELLED.value, payload_sealed=None)
-        .execution_options(synchronize_session="fetch"))
+        .execution_options(synchronize_session="fetch")
+    )
     session.flush()
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+    return rowcount(result)
 
 
 def status_for_message(session: Session, message_id: int) -> list[Notification]:
     """Return the message's notices, oldest first (staff see whether and when each went)."""
-    stmt = (select(Notification).where(Notification.message_id == message_id)
-            .order_by(Notification.created_at, Notification.id)
-            .execution_options(populate_existing=True))
+    stmt = (
+        select(Notification)
+        .where(Notification.message_id == message_id)
+        .order_by(Notification.created_at, Notification.id)
+        .execution_options(populate_existing=True)
+    )
     return list(session.scalars(stmt))

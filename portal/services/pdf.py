@@ -34,13 +34,35 @@ STATIC_SCHEME = "portal-static"  # portal-static:///css/pdf.css names static/css
 MAX_ASSET_BYTES = 2 * 1024 * 1024  # bundled stylesheets, fonts and logos are far smaller
 FETCH_TIMEOUT_SECONDS = 10
 
-BODY_TAGS = {"p", "br", "hr", "strong", "em", "ul", "ol", "li", "h1", "h2", "h3", "h4",
-             "blockquote", "code", "pre", "a",
-             "table", "thead", "tbody", "tr", "th", "td"}
+BODY_TAGS = {
+    "p",
+    "br",
+    "hr",
+    "strong",
+    "em",
+    "ul",
+    "ol",
+    "li",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "blockquote",
+    "code",
+    "pre",
+    "a",
+    "table",
+    "thead",
+    "tbody",
+    "tr",
+    "th",
+    "td",
+}
 LINK_SCHEMES = ("http://", "https://", "mailto:")
 
 
 # --- Fetching: the portal's own static files, nothing else -------------------------------------
+
 
 def static_asset_path(url: str) -> Path:
     """Return the file inside static/ that ``url`` names, resolved (symlinks followed).
@@ -71,8 +93,9 @@ def static_asset_path(url: str) -> Path:
     return resolved
 
 
-def safe_url_fetcher(url: str, timeout: int = FETCH_TIMEOUT_SECONDS,
-                     ssl_context: object = None) -> URLFetcherResponse:
+def safe_url_fetcher(
+    url: str, timeout: int = FETCH_TIMEOUT_SECONDS, ssl_context: object = None
+) -> URLFetcherResponse:
     """Return the bundled static file ``url`` names, as a WeasyPrint fetch response.
 
     ``timeout`` and ``ssl_context`` exist for signature compatibility and are
@@ -86,21 +109,28 @@ def safe_url_fetcher(url: str, timeout: int = FETCH_TIMEOUT_SECONDS,
     content_type = mime_type or "application/octet-stream"
     if content_type.startswith("text/"):
         content_type += "; charset=utf-8"
-    return URLFetcherResponse(path.as_uri(), path.read_bytes(),
-                              headers={"Content-Type": content_type})
+    return URLFetcherResponse(
+        path.as_uri(), path.read_bytes(), headers={"Content-Type": content_type}
+    )
 
 
-class SafeURLFetcher(URLFetcher):
+class SafeURLFetcher(URLFetcher):  # type: ignore[misc]  # weasyprint ships no type information
     """A WeasyPrint fetcher that serves only bundled static files and refuses everything else.
 
     A refused URL raises ValueError inside WeasyPrint, which logs a warning and
     renders without the resource. No urllib handler is ever reached.
     """
 
-    def __init__(self, timeout: int = FETCH_TIMEOUT_SECONDS, ssl_context: object = None,
-                 **_: Any) -> None:
-        super().__init__(timeout=timeout, ssl_context=ssl_context, allowed_protocols=(),
-                         allow_redirects=False, fail_on_errors=False)
+    def __init__(
+        self, timeout: int = FETCH_TIMEOUT_SECONDS, ssl_context: object = None, **_: Any
+    ) -> None:
+        super().__init__(
+            timeout=timeout,
+            ssl_context=ssl_context,
+            allowed_protocols=(),
+            allow_redirects=False,
+            fail_on_errors=False,
+        )
 
     def fetch(self, url: str, headers: Mapping[str, str] | None = None) -> URLFetcherResponse:
         """Return the static file ``url`` names; raise ValueError for anything else."""
@@ -109,12 +139,13 @@ class SafeURLFetcher(URLFetcher):
 
 # --- Message bodies: shared with the web pages -------------------------------------------------
 
+
 @lru_cache(maxsize=1)
 def _markdown() -> MarkdownIt:
     # Raw HTML off: "<b>" in a body is text, never markup (CommonMark 0.31, 6.6).
     md = MarkdownIt("commonmark", {"html": False}).enable("table")
     # Only web and mail links become links; the rest stay text. nh3 checks again below.
-    md.validateLink = _is_allowed_link
+    md.validateLink = _is_allowed_link  # type: ignore[method-assign]  # markdown-it-py's documented per-instance hook
     return md
 
 
@@ -141,13 +172,19 @@ def render_body_html(body: str, body_format: str) -> Markup:
         return Markup('<div class="body-text">{}</div>').format(body)
     if body_format != "markdown":
         raise ValueError(f"unknown body format {body_format!r}")
-    html = nh3.clean(_markdown().render(body), tags=BODY_TAGS,
-                     attributes={"a": {"href", "title"}}, attribute_filter=_keep_attribute,
-                     url_schemes={"http", "https", "mailto"}, link_rel="noopener noreferrer")
+    html = nh3.clean(
+        _markdown().render(body),
+        tags=BODY_TAGS,
+        attributes={"a": {"href", "title"}},
+        attribute_filter=_keep_attribute,
+        url_schemes={"http", "https", "mailto"},
+        link_rel="noopener noreferrer",
+    )
     return Markup('<div class="body-markdown">{}</div>').format(Markup(html))  # noqa: S704
 
 
 # --- Rendering ---------------------------------------------------------------------------------
+
 
 def format_when(value: datetime | date) -> str:
     """Return ``value`` for a reader: UTC "YYYY-MM-DD HH:MM UTC" for a datetime, ISO for a date."""
@@ -172,8 +209,13 @@ def format_size(size: int) -> str:
 
 @lru_cache(maxsize=1)
 def _environment() -> Environment:
-    env = Environment(loader=FileSystemLoader(asset_dir("templates")), autoescape=True,
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=FileSystemLoader(asset_dir("templates")),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters["when"] = format_when
     env.filters["filesize"] = format_size
     return env
@@ -182,36 +224,61 @@ def _environment() -> Environment:
 def _write_pdf(template: str, context: dict[str, Any]) -> bytes:
     html = _environment().get_template(template).render(**context)
     base_url = asset_dir("static").resolve().as_uri() + "/"
-    pdf = HTML(string=html, base_url=base_url, url_fetcher=SafeURLFetcher()).write_pdf()
+    pdf: bytes | None = HTML(
+        string=html, base_url=base_url, url_fetcher=SafeURLFetcher()
+    ).write_pdf()
     assert pdf is not None  # write_pdf returns bytes when no target is given
     return pdf
 
 
-def render_message_pdf(*, org_name: str, org_address: str, sender_name: str,
-                       sent_at: datetime, subject: str, body: str, body_format: str,
-                       attachments: Sequence[tuple[str, int, str]], recipient_name: str,
-                       generated_at: datetime | None = None) -> bytes:
+def render_message_pdf(
+    *,
+    org_name: str,
+    org_address: str,
+    sender_name: str,
+    sent_at: datetime,
+    subject: str,
+    body: str,
+    body_format: str,
+    attachments: Sequence[tuple[str, int, str]],
+    recipient_name: str,
+    generated_at: datetime | None = None,
+) -> bytes:
     """Return a message as a PDF letter: letterhead, sender, date, recipient, subject, body.
 
     ``attachments`` are (name, size in bytes, SHA-256 hex) and are listed, not
     embedded. The document holds PHI: hand it only to the message's recipient
     or sender. Raises ValueError for an unknown ``body_format``.
     """
-    return _write_pdf("pdf/message.html", {
-        "org_name": org_name, "org_address": org_address, "sender_name": sender_name,
-        "sent_at": sent_at, "subject": subject, "recipient_name": recipient_name,
-        "body_html": render_body_html(body, body_format),
-        "attachments": [{"name": n, "size": s, "sha256": h} for n, s, h in attachments],
-        "generated_at": generated_at or datetime.now(UTC)})
+    return _write_pdf(
+        "pdf/message.html",
+        {
+            "org_name": org_name,
+            "org_address": org_address,
+            "sender_name": sender_name,
+            "sent_at": sent_at,
+            "subject": subject,
+            "recipient_name": recipient_name,
+            "body_html": render_body_html(body, body_format),
+            "attachments": [{"name": n, "size": s, "sha256": h} for n, s, h in attachments],
+            "generated_at": generated_at or datetime.now(UTC),
+        },
+    )
 
 
 DISCLOSURE_KEYS = ("when", "who", "role", "action", "item", "how", "from_address")
 
 
-def render_disclosures_pdf(*, org_name: str, org_address: str, patient_name: str,
-                           period_start: date, period_end: date,
-                           rows: Sequence[Mapping[str, Any]],
-                           generated_at: datetime | None = None) -> bytes:
+def render_disclosures_pdf(
+    *,
+    org_name: str,
+    org_address: str,
+    patient_name: str,
+    period_start: date,
+    period_end: date,
+    rows: Sequence[Mapping[str, Any]],
+    generated_at: datetime | None = None,
+) -> bytes:
     """Return a patient's accounting of disclosures (HIPAA, 45 CFR 164.528) as a PDF.
 
     Each row has DISCLOSURE_KEYS: ``when`` (datetime), ``who``, ``role``,
@@ -220,8 +287,15 @@ def render_disclosures_pdf(*, org_name: str, org_address: str, patient_name: str
     lacks a key.
     """
     table = [{key: row[key] for key in DISCLOSURE_KEYS} for row in rows]
-    return _write_pdf("pdf/disclosures.html", {
-        "org_name": org_name, "org_address": org_address, "patient_name": patient_name,
-        "period_start": period_start, "period_end": period_end, "rows": table,
-        "generated_at": generated_at or datetime.now(UTC)})
-
+    return _write_pdf(
+        "pdf/disclosures.html",
+        {
+            "org_name": org_name,
+            "org_address": org_address,
+            "patient_name": patient_name,
+            "period_start": period_start,
+            "period_end": period_end,
+            "rows": table,
+            "generated_at": generated_at or datetime.now(UTC),
+        },
+    )

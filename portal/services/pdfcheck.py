@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import BinaryIO
+from typing import IO
 
 from pypdf import PasswordType, PdfReader
 
@@ -53,13 +53,14 @@ def validate_pdf(upload: Upload) -> None:
         stream.seek(0)
 
 
-def _check_readable(stream: BinaryIO, name: str) -> None:
+def _check_readable(stream: IO[bytes], name: str) -> None:
     damaged = f"{name} could not be read as a PDF; it may be damaged."
     try:
         reader = PdfReader(stream, strict=False)
         if _needs_password(reader):
             raise ServiceError(
-                f"{name} is password-protected. Remove the password and upload it again.")
+                f"{name} is password-protected. Remove the password and upload it again."
+            )
         pages = len(reader.pages)
     except ServiceError:
         raise
@@ -81,7 +82,7 @@ def _needs_password(reader: PdfReader) -> bool:
     return reader.decrypt("") == PasswordType.NOT_DECRYPTED
 
 
-def sniff_size(stream: BinaryIO) -> int:
+def sniff_size(stream: IO[bytes]) -> int:
     """Return the size in bytes of seekable ``stream``, leaving its position where it was.
 
     Raises OSError (io.UnsupportedOperation) when the stream cannot seek.

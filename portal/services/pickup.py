@@ -13,13 +13,14 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from functools import partial
 
-from flask import current_app
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from portal import audit
-from portal.audit import SYSTEM, Action, Actor, Outcome, RequestMeta
+from portal.audit import SYSTEM, Action, Outcome, RequestMeta, actor_of
+from portal.config import current_settings
 from portal.crypto.errors import ContentDestroyed
 from portal.database import utcnow
 from portal.models import (
@@ -30,8 +31,9 @@ from portal.models import (
     Role,
     User,
 )
+from portal.models.messages import LinkState, MessageState
 from portal.models.notifications import NoticeKind
-from portal.security import passwords, tokens
+from portal.security import tokens
 from portal.services import accounts, content, keys, messages, messaging, notices, pdf
 from portal.services.errors import NotFound, ServiceError
 
@@ -48,63 +50,70 @@ class LinkLocked(ServiceError):
 class Unavailable(ServiceError):
     """The recipient's message was revoked, has expired or was deleted (``reason`` says which)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: MessageState) -> None:
         super().__init__("This message is no longer available.")
         self.reason = reason
 
 
-def actor_of(user: User) -> Actor:
-    """Return the audit actor for ``user``."""
-    return Actor(user.id, user.role)
-
-
 # --- Links -------------------------------------------------------------------------------------
+
 
 def find_link(session: Session, token: str) -> PickupLink | None:
     """Return the link whose token is ``token`` (any state), or None; never raises."""
     if not tokens.is_well_formed_token(token):
         return None
-    return session.scalar(select(PickupLink).where(
-        PickupLink.token_hash == tokens.token_hash(token)))
+    return session.scalar(
+        select(PickupLink).where(PickupLink.token_hash == tokens.token_hash(token))
+    )
 
 
-def message_state(message: Message, now: datetime | None = None) -> str:
-    """Return "available", "revoked", "deleted" or "expired" for ``message``."""
+def message_state(message: Message, now: datetime | None = None) -> MessageState:
+    """Return whether ``message`` is available, revoked, deleted or expired."""
     if message.destroyed_at is not None:
-        return "deleted"
+        return MessageState.DELETED
     if message.revoked_at is not None:
-        return "revoked"
-    return "expired" if message.expires_at <= (now or utcnow()) else "available"
+        return MessageState.REVOKED
+    if message.expires_at <= (now or utcnow()):
+        return MessageState.EXPIRED
+    return MessageState.AVAILABLE
 
 
-def link_state(session: Session, link: PickupLink) -> str:
-    """Return "usable", "revoked" or "expired" (a message no longer available counts too)."""
+def link_state(session: Session, link: PickupLink) -> LinkState:
+    """Return USABLE, REVOKED or EXPIRED (a message no longer available counts too)."""
     message = session.get(Message, link.message_id)
     recipient = session.get(User, link.recipient_id)
     if link.revoked_at is not None or message is None or recipient is None or recipient.disabled:
-        return "revoked"
+        return LinkState.REVOKED
     state = message_state(message)
-    if state in ("revoked", "deleted"):
-        return "revoked"
-    return "expired" if state == "expired" or link.expires_at <= utcnow() else "usable"
+    if state in (MessageState.REVOKED, MessageState.DELETED):
+        return LinkState.REVOKED
+    if state == MessageState.EXPIRED or link.expires_at <= utcnow():
+        return LinkState.EXPIRED
+    return LinkState.USABLE
 
 
 def link_opened(session: Session, token: str, meta: RequestMeta) -> PickupLink | None:
     """Audit a link's landing page (never with the token); return the link if it is usable."""
     link = find_link(session, token)
-    state = link_state(session, link) if link is not None else "unknown"
-    audit.record(session, Action.LINK_OPEN, meta=meta,
-                 outcome=Outcome.SUCCESS if state == "usable" else Outcome.FAILURE,
-                 target_type="link", target_id=link.public_id if link else None,
-                 patient_id=link.recipient_id if link else None,
-                 message_id=link.message_id if link else None, details={"state": state})
-    return link if state == "usable" else None
+    state = link_state(session, link) if link is not None else LinkState.UNKNOWN
+    audit.record(
+        session,
+        Action.LINK_OPEN,
+        meta=meta,
+        outcome=Outcome.SUCCESS if state == LinkState.USABLE else Outcome.FAILURE,
+        target_type="link",
+        target_id=link.public_id if link else None,
+        patient_id=link.recipient_id if link else None,
+        message_id=link.message_id if link else None,
+        details={"state": state},
+    )
+    return link if state == LinkState.USABLE else None
 
 
 def usable_link(session: Session, link_id: object) -> PickupLink | None:
     """Return the link with id ``link_id`` (from the server-side session) if still usable."""
     link = session.get(PickupLink, link_id) if isinstance(link_id, int) else None
-    return link if link is not None and link_state(session, link) == "usable" else None
+    return link if link is not None and link_state(session, link) == LinkState.USABLE else None
 
 
 def renew(session: Session, token: str, meta: RequestMeta) -> bool:
@@ -118,22 +127,33 @@ def renew(session: Session, token: str, meta: RequestMeta) -> bool:
     link.reissue (and message.resend).
     """
     link = find_link(session, token)
-    state = link_state(session, link) if link is not None else "unknown"
+    state = link_state(session, link) if link is not None else LinkState.UNKNOWN
     message = session.get(Message, link.message_id) if link is not None else None
-    if state == "expired" and message is not None and message_state(message) == "expired":
-        state = "unavailable"
-    if link is not None and message is not None and state == "expired":
+    if (
+        state == LinkState.EXPIRED
+        and message is not None
+        and message_state(message) == MessageState.EXPIRED
+    ):
+        state = LinkState.UNAVAILABLE
+    if link is not None and message is not None and state == LinkState.EXPIRED:
         messaging.resend(session, message, actor=SYSTEM, meta=meta, extend=False)
         link.reissued_at = utcnow()
-    audit.record(session, Action.LINK_REISSUE, meta=meta,
-                 outcome=Outcome.SUCCESS if state == "expired" else Outcome.DENIED,
-                 target_type="link", target_id=link.public_id if link else None,
-                 patient_id=link.recipient_id if link else None,
-                 message_id=link.message_id if link else None, details={"state": state})
-    return state == "expired"
+    audit.record(
+        session,
+        Action.LINK_REISSUE,
+        meta=meta,
+        outcome=Outcome.SUCCESS if state == LinkState.EXPIRED else Outcome.DENIED,
+        target_type="link",
+        target_id=link.public_id if link else None,
+        patient_id=link.recipient_id if link else None,
+        message_id=link.message_id if link else None,
+        details={"state": state},
+    )
+    return state == LinkState.EXPIRED
 
 
 # --- Identity (first pickup) -------------------------------------------------------------------
+
 
 def is_enrolled(user: User) -> bool:
     """Return True when ``user`` has a password and an active authenticator (signs in)."""
@@ -169,48 +189,67 @@ def _matches(session: Session, user: User, method: str, answer: str) -> bool:
     profile = session.get(PatientProfile, user.id)
     assert profile is not None
     if method == "access_code":
-        stored = profile.access_code_hash or passwords.DUMMY_HASH
-        return passwords.verify_password(stored, accounts.normalise_access_code(answer))
+        hasher = accounts.hasher()
+        stored = profile.access_code_hash or hasher.dummy_hash
+        return hasher.verify_password(stored, accounts.normalise_access_code(answer))
     assert profile.dob_sealed is not None
     key = keys.unwrap(session, user.data_key_id)
     iso = keys.open_text(key, "patient_profiles", "dob", user.public_id, profile.dob_sealed)
     return hmac.compare_digest(iso.encode(), answer.encode())
 
 
-def verify_identity(session: Session, link: PickupLink, user: User, method: str, answer: str,
-                    meta: RequestMeta) -> bool:
+def verify_identity(
+    session: Session, link: PickupLink, user: User, method: str, answer: str, meta: RequestMeta
+) -> bool:
     """Check a first-time recipient's date of birth (ISO) or access code; audited either way.
 
     Returns whether it matched. The MAX_VERIFY_FAILURES-th failure locks the
     link. Raises LinkLocked, without checking, when the link is already locked.
     """
-    fields = {"target_type": "link", "target_id": link.public_id, "patient_id": user.id,
-              "message_id": link.message_id, "meta": meta, "actor": actor_of(user)}
+    record = partial(
+        audit.record,
+        session,
+        Action.AUTH_IDENTITY_VERIFY,
+        target_type="link",
+        target_id=link.public_id,
+        patient_id=user.id,
+        message_id=link.message_id,
+        meta=meta,
+        actor=actor_of(user),
+    )
     if link.locked_at is not None:
-        audit.record(session, Action.AUTH_IDENTITY_VERIFY, outcome=Outcome.DENIED,
-                     details={"method": method, "locked": True}, **fields)
+        record(outcome=Outcome.DENIED, details={"method": method, "locked": True})
         raise LinkLocked("This link is locked after too many attempts.")
     if _matches(session, user, method, answer):
         profile = session.get(PatientProfile, user.id)
         assert profile is not None
         profile.verified_at = utcnow()
-        audit.record(session, Action.AUTH_IDENTITY_VERIFY, details={"method": method}, **fields)
+        record(details={"method": method})
         return True
     # One UPDATE counts the failure, so concurrent guesses cannot slip past the limit.
-    session.execute(update(PickupLink).where(PickupLink.id == link.id).values(
-        verify_failures=PickupLink.verify_failures + 1).execution_options(
-        synchronize_session=False))
+    session.execute(
+        update(PickupLink)
+        .where(PickupLink.id == link.id)
+        .values(verify_failures=PickupLink.verify_failures + 1)
+        .execution_options(synchronize_session=False)
+    )
     session.refresh(link, ["verify_failures"])
     if link.verify_failures >= MAX_VERIFY_FAILURES:
         link.locked_at = utcnow()
-    audit.record(session, Action.AUTH_IDENTITY_VERIFY, outcome=Outcome.FAILURE,
-                 details={"method": method, "failures": link.verify_failures,
-                          "locked": link.locked_at is not None}, **fields)
+    record(
+        outcome=Outcome.FAILURE,
+        details={
+            "method": method,
+            "failures": link.verify_failures,
+            "locked": link.locked_at is not None,
+        },
+    )
     session.flush()
     return False
 
 
 # --- Access ------------------------------------------------------------------------------------
+
 
 def find_message(session: Session, public_id: str) -> Message | None:
     """Return the message with this public id, or None (also for malformed ids)."""
@@ -221,10 +260,18 @@ def find_message(session: Session, public_id: str) -> Message | None:
 
 def deny(session: Session, message: Message, user: User, meta: RequestMeta, reason: str) -> None:
     """Audit a refused access to ``message`` by ``user`` (access.denied)."""
-    audit.record(session, Action.ACCESS_DENIED, actor=actor_of(user), meta=meta,
-                 outcome=Outcome.DENIED, target_type="message", target_id=message.public_id,
-                 patient_id=message.recipient_id, message_id=message.id,
-                 details={"reason": reason})
+    audit.record(
+        session,
+        Action.ACCESS_DENIED,
+        actor=actor_of(user),
+        meta=meta,
+        outcome=Outcome.DENIED,
+        target_type="message",
+        target_id=message.public_id,
+        patient_id=message.recipient_id,
+        message_id=message.id,
+        details={"reason": reason},
+    )
 
 
 def check_access(session: Session, message: Message, user: User, meta: RequestMeta) -> None:
@@ -237,7 +284,7 @@ def check_access(session: Session, message: Message, user: User, meta: RequestMe
         deny(session, message, user, meta, "not_recipient")
         raise NotFound("There is nothing here.")
     state = message_state(message)
-    if state != "available":
+    if state != MessageState.AVAILABLE:
         deny(session, message, user, meta, state)
         raise Unavailable(state)
 
@@ -248,14 +295,15 @@ def find_attachment(message: Message, public_id: str) -> Attachment | None:
 
 
 def read_or_unavailable(session: Session, message: Message) -> messages.Readable:
-    """Return the message unsealed; Unavailable("deleted") when it was shredded."""
+    """Return the message unsealed; Unavailable(DELETED) when it was shredded."""
     try:
         return messages.read(session, message)
     except ContentDestroyed:
-        raise Unavailable("deleted") from None
+        raise Unavailable(MessageState.DELETED) from None
 
 
 # --- Audited reads -----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Shown:
@@ -279,45 +327,66 @@ def display_name_of(session: Session, user_id: int) -> str:
 def view_message(session: Session, message: Message, user: User, meta: RequestMeta) -> Shown:
     """Return the message for its recipient; audits message.view, marks first opening.
 
-    Raises Unavailable("deleted") when the content was shredded.
+    Raises Unavailable(DELETED) when the content was shredded.
     """
     readable = read_or_unavailable(session, message)
     if message.first_opened_at is None:
         message.first_opened_at = utcnow()
-    audit.record(session, Action.MESSAGE_VIEW, actor=actor_of(user), meta=meta,
-                 target_type="message", target_id=message.public_id, patient_id=user.id,
-                 message_id=message.id)
+    audit.record(
+        session,
+        Action.MESSAGE_VIEW,
+        actor=actor_of(user),
+        meta=meta,
+        target_type="message",
+        target_id=message.public_id,
+        patient_id=user.id,
+        message_id=message.id,
+    )
     replies = []
-    for reply in session.scalars(select(Message).where(
-            Message.in_reply_to_id == message.id, Message.sender_id == user.id)
-            .order_by(Message.created_at)):
-        replies.append((reply, "(deleted)" if reply.destroyed_at else
-                        messages.read(session, reply).body))
+    for reply in session.scalars(
+        select(Message)
+        .where(Message.in_reply_to_id == message.id, Message.sender_id == user.id)
+        .order_by(Message.created_at)
+    ):
+        replies.append(
+            (reply, "(deleted)" if reply.destroyed_at else messages.read(session, reply).body)
+        )
     return Shown(message, readable, display_name_of(session, message.sender_id), replies)
 
 
-def open_attachment(session: Session, attachment: Attachment, user: User, meta: RequestMeta,
-                    *, inline: bool) -> tuple[str, Iterator[bytes]]:
+def open_attachment(
+    session: Session, attachment: Attachment, user: User, meta: RequestMeta, *, inline: bool
+) -> tuple[str, Iterator[bytes]]:
     """Open the attachment's verified plaintext, then audit the download or view.
 
     Returns its file name and segment iterator (whose ``close`` closes the
     blob). If the audit event cannot be written the blob is closed and the
     error propagates, so nothing is served unaudited. Raises
-    Unavailable("deleted") when shredded, ContentTampered for a damaged blob.
+    Unavailable(DELETED) when shredded, ContentTampered for a damaged blob.
     """
     try:
         key = keys.unwrap(session, attachment.message.data_key_id)
-        name = keys.open_text(key, "attachments", "filename", attachment.public_id,
-                              attachment.filename_sealed)
+        name = keys.open_text(
+            key, "attachments", "filename", attachment.public_id, attachment.filename_sealed
+        )
         chunks = content.open_attachment(session, attachment)
     except ContentDestroyed:
-        raise Unavailable("deleted") from None
+        raise Unavailable(MessageState.DELETED) from None
     try:
-        audit.record(session, Action.ATTACHMENT_VIEW if inline else Action.ATTACHMENT_DOWNLOAD,
-                     actor=actor_of(user), meta=meta, target_type="attachment",
-                     target_id=attachment.public_id, patient_id=user.id,
-                     message_id=attachment.message_id, details={"size": attachment.size})
+        audit.record(
+            session,
+            Action.ATTACHMENT_VIEW if inline else Action.ATTACHMENT_DOWNLOAD,
+            actor=actor_of(user),
+            meta=meta,
+            target_type="attachment",
+            target_id=attachment.public_id,
+            patient_id=user.id,
+            message_id=attachment.message_id,
+            details={"size": attachment.size},
+        )
     except BaseException:
+        # mypy: chunks is typed Iterator; the generator behind it has close(), which releases the
+        #   blob file.
         chunks.close()  # type: ignore[attr-defined]
         raise
     return name, chunks
@@ -326,21 +395,34 @@ def open_attachment(session: Session, attachment: Attachment, user: User, meta: 
 def message_pdf(session: Session, message: Message, user: User, meta: RequestMeta) -> bytes:
     """Return the message rendered as a PDF letter for its recipient; audits message.pdf."""
     readable = read_or_unavailable(session, message)
-    config = current_app.config
+    settings = current_settings()
     document = pdf.render_message_pdf(
-        org_name=config["ORG_NAME"], org_address=config["ORG_ADDRESS"],
-        sender_name=display_name_of(session, message.sender_id), sent_at=message.created_at,
-        subject=readable.subject, body=readable.body, body_format=readable.body_format,
+        org_name=settings.org_name,
+        org_address=settings.org_address,
+        sender_name=display_name_of(session, message.sender_id),
+        sent_at=message.created_at,
+        subject=readable.subject,
+        body=readable.body,
+        body_format=readable.body_format,
         attachments=[(readable.filenames[a.id], a.size, a.sha256) for a in message.attachments],
-        recipient_name=display_name_of(session, user.id))
-    audit.record(session, Action.MESSAGE_PDF, actor=actor_of(user), meta=meta,
-                 target_type="message", target_id=message.public_id, patient_id=user.id,
-                 message_id=message.id)
+        recipient_name=display_name_of(session, user.id),
+    )
+    audit.record(
+        session,
+        Action.MESSAGE_PDF,
+        actor=actor_of(user),
+        meta=meta,
+        target_type="message",
+        target_id=message.public_id,
+        patient_id=user.id,
+        message_id=message.id,
+    )
     return document
 
 
-def reply(session: Session, original: Message, patient: User, text: str,
-          meta: RequestMeta) -> Message:
+def reply(
+    session: Session, original: Message, patient: User, text: str, meta: RequestMeta
+) -> Message:
     """Store the patient's reply encrypted, audit it and queue a PHI-free notice to the sender.
 
     Raises ServiceError for an empty or over-long reply or a sender who left.
@@ -350,15 +432,34 @@ def reply(session: Session, original: Message, patient: User, text: str,
     sender = session.get(User, original.sender_id)
     if sender is None or sender.disabled:
         raise ServiceError("The sender can no longer receive replies. Contact the practice.")
-    subject = ("Re: " + read_or_unavailable(session, original).subject)[:messages.MAX_SUBJECT]
-    lifetime = timedelta(seconds=current_app.config["LINK_MAX_TTL"])
-    answer = messages.create(session, sender=patient, recipient=sender, subject=subject,
-                             body=text, expires_at=utcnow() + lifetime, in_reply_to=original)
-    audit.record(session, Action.MESSAGE_REPLY, actor=actor_of(patient), meta=meta,
-                 target_type="message", target_id=answer.public_id, patient_id=patient.id,
-                 message_id=original.id)
-    notices.enqueue(session, kind=NoticeKind.REPLY, recipient=sender,
-                    url=f"{current_app.config['BASE_URL']}/", message=answer)
+    subject = ("Re: " + read_or_unavailable(session, original).subject)[: messages.MAX_SUBJECT]
+    lifetime = timedelta(seconds=current_settings().link_max_ttl)
+    answer = messages.create(
+        session,
+        sender=patient,
+        recipient=sender,
+        subject=subject,
+        body=text,
+        expires_at=utcnow() + lifetime,
+        in_reply_to=original,
+    )
+    audit.record(
+        session,
+        Action.MESSAGE_REPLY,
+        actor=actor_of(patient),
+        meta=meta,
+        target_type="message",
+        target_id=answer.public_id,
+        patient_id=patient.id,
+        message_id=original.id,
+    )
+    notices.enqueue(
+        session,
+        kind=NoticeKind.REPLY,
+        recipient=sender,
+        url=f"{current_settings().base_url}/",
+        message=answer,
+    )
     return answer
 
 

@@ -14,16 +14,16 @@ from datetime import timedelta
 from enum import Enum
 from typing import NoReturn
 
-from flask import current_app
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from portal import audit
-from portal.audit import Action, Actor, Outcome, RequestMeta
-from portal.database import utcnow
+from portal.audit import Action, Outcome, RequestMeta, actor_of
+from portal.config import current_settings
+from portal.database import rowcount, utcnow
 from portal.models import RecoveryCode, User, WebSession
 from portal.models.notifications import NoticeKind
-from portal.security import otp, passwords, recovery
+from portal.security import otp, recovery
 from portal.services import accounts, keys, notices
 from portal.services.errors import ServiceError
 
@@ -36,8 +36,7 @@ MAX_DELAY_SECONDS = 15 * 60
 MAX_FAILURES = 100
 SIGNIN_FAILED = "The email or password is not right, or sign-in is paused after failed attempts."
 CODE_FAILED = "That code is not right, or it was already used. Wait for a new code and try again."
-NOT_CURRENT = ("That is not your current password, or changes are paused after "
-               "failed attempts.")
+NOT_CURRENT = "That is not your current password, or changes are paused after failed attempts."
 ALREADY_ENROLLED = "Your authenticator app is already set up."
 
 
@@ -53,13 +52,14 @@ class FirstFactor:
     enrolled: bool
 
 
-def actor_of(user: User) -> Actor:
-    """Return the audit actor for ``user``."""
-    return Actor(user.id, user.role)
+def _verify_dummy(password: str) -> None:
+    """Spend what a real password check costs, so the answer's timing does not tell whether
+    the account exists or is paused (ASVS 2.2.x, 3.x). Raises nothing."""
+    hasher = accounts.hasher()
+    hasher.verify_password(hasher.dummy_hash, password)
 
 
-def check_password(session: Session, email: str, password: str,
-                   meta: RequestMeta) -> FirstFactor:
+def check_password(session: Session, email: str, password: str, meta: RequestMeta) -> FirstFactor:
     """Return the user when ``email`` and ``password`` match an active, unpaused account.
 
     Raises SignInFailed(SIGNIN_FAILED) otherwise, with the same message and a
@@ -68,20 +68,31 @@ def check_password(session: Session, email: str, password: str,
     """
     user = accounts.find_by_email(session, email)
     if user is None or user.password_hash is None:
-        passwords.verify_password(passwords.DUMMY_HASH, password)
-        audit.record(session, Action.AUTH_SIGNIN_FAILED, meta=meta, outcome=Outcome.FAILURE,
-                     details={"factor": "password", "known_account": False})
+        _verify_dummy(password)
+        audit.record(
+            session,
+            Action.AUTH_SIGNIN_FAILED,
+            meta=meta,
+            outcome=Outcome.FAILURE,
+            details={"factor": "password", "known_account": False},
+        )
         raise SignInFailed(SIGNIN_FAILED)
     if not _may_try(user):
-        passwords.verify_password(passwords.DUMMY_HASH, password)
+        _verify_dummy(password)
         _failure(session, user, meta, "paused")
-    if not passwords.verify_password(user.password_hash, password):
+    if not accounts.hasher().verify_password(user.password_hash, password):
         _failure(session, user, meta, "password")
-    if passwords.needs_rehash(user.password_hash):
-        user.password_hash = passwords.hash_password(password)
+    if accounts.hasher().needs_rehash(user.password_hash):
+        user.password_hash = accounts.hasher().hash_password(password)
     # ASVS 7.2.1: a right first factor is an authentication decision too, so it is audited.
-    audit.record(session, Action.AUTH_PASSWORD_OK, actor=actor_of(user), meta=meta,
-                 target_type="user", target_id=user.public_id)
+    audit.record(
+        session,
+        Action.AUTH_PASSWORD_OK,
+        actor=actor_of(user),
+        meta=meta,
+        target_type="user",
+        target_id=user.public_id,
+    )
     return FirstFactor(user, user.totp_enabled_at is not None)
 
 
@@ -91,9 +102,14 @@ def _may_try(user: User) -> bool:
     return user.locked_until is None or user.locked_until <= utcnow()
 
 
-def _failure(session: Session, user: User, meta: RequestMeta, factor: str,
-             message: str = SIGNIN_FAILED,
-             action: Action = Action.AUTH_SIGNIN_FAILED) -> NoReturn:
+def _failure(
+    session: Session,
+    user: User,
+    meta: RequestMeta,
+    factor: str,
+    message: str = SIGNIN_FAILED,
+    action: Action = Action.AUTH_SIGNIN_FAILED,
+) -> NoReturn:
     """Count a failed attempt, pause or lock the account as due, audit it as ``action``,
     and raise SignInFailed(message)."""
     if factor != "paused":
@@ -104,9 +120,16 @@ def _failure(session: Session, user: User, meta: RequestMeta, factor: str,
             user.locked_until = utcnow() + timedelta(seconds=delay)
         if user.failed_signins >= MAX_FAILURES and not user.must_reset:
             _lock(session, user, meta)
-    audit.record(session, action, actor=actor_of(user), meta=meta,
-                 outcome=Outcome.FAILURE, target_type="user", target_id=user.public_id,
-                 details={"factor": factor, "failures": user.failed_signins})
+    audit.record(
+        session,
+        action,
+        actor=actor_of(user),
+        meta=meta,
+        outcome=Outcome.FAILURE,
+        target_type="user",
+        target_id=user.public_id,
+        details={"factor": factor, "failures": user.failed_signins},
+    )
     raise SignInFailed(message)
 
 
@@ -117,9 +140,16 @@ def _lock(session: Session, user: User, meta: RequestMeta) -> None:
     count no further, so each lock queues exactly one PHI-free notice (ASVS 2.2.3).
     """
     user.must_reset = True
-    audit.record(session, Action.AUTH_LOCKOUT, actor=actor_of(user), meta=meta,
-                 outcome=Outcome.DENIED, target_type="user", target_id=user.public_id,
-                 details={"failures": user.failed_signins})
+    audit.record(
+        session,
+        Action.AUTH_LOCKOUT,
+        actor=actor_of(user),
+        meta=meta,
+        outcome=Outcome.DENIED,
+        target_type="user",
+        target_id=user.public_id,
+        details={"failures": user.failed_signins},
+    )
     notices.enqueue(session, kind=NoticeKind.ACCOUNT_LOCKED, recipient=user, url=None)
 
 
@@ -143,15 +173,18 @@ def _claim_totp(session: Session, user: User, code: str) -> _Totp:
     secret = totp_secret(session, user)
     if secret is None or not otp.is_well_formed(code):
         return _Totp.WRONG
-    step = otp.matching_step(secret, code, now=utcnow().timestamp(),
-                             drift_steps=current_app.config["TOTP_DRIFT"])
+    step = otp.matching_step(
+        secret, code, now=utcnow().timestamp(), drift_steps=current_settings().totp_drift
+    )
     if step is None:
         return _Totp.WRONG
     claimed = session.execute(
-        update(User).where(User.id == user.id,
-                           or_(User.totp_last_step.is_(None), User.totp_last_step < step))
-        .values(totp_last_step=step).execution_options(synchronize_session=False))
-    if claimed.rowcount != 1:
+        update(User)
+        .where(User.id == user.id, or_(User.totp_last_step.is_(None), User.totp_last_step < step))
+        .values(totp_last_step=step)
+        .execution_options(synchronize_session=False)
+    )
+    if rowcount(claimed) != 1:
         return _Totp.REPLAYED
     session.refresh(user, ["totp_last_step"])
     return _Totp.ACCEPTED
@@ -171,8 +204,7 @@ def _pepper() -> bytes:
     return keys.keyring().derive("recovery-codes")
 
 
-def consume_recovery_code(session: Session, user: User, code: str,
-                          meta: RequestMeta) -> int | None:
+def consume_recovery_code(session: Session, user: User, code: str, meta: RequestMeta) -> int | None:
     """Burn ``code`` if it is one of the user's unused recovery codes; return how many remain.
 
     Returns None when it matches none. Audited on use.
@@ -182,16 +214,34 @@ def consume_recovery_code(session: Session, user: User, code: str,
         return None
     digest = recovery.hash_code(normalised, _pepper())
     burned = session.execute(
-        update(RecoveryCode).where(RecoveryCode.user_id == user.id,
-                                   RecoveryCode.code_hash == digest,
-                                   RecoveryCode.used_at.is_(None))
-        .values(used_at=utcnow()).execution_options(synchronize_session=False))
-    if burned.rowcount != 1:
+        update(RecoveryCode)
+        .where(
+            RecoveryCode.user_id == user.id,
+            RecoveryCode.code_hash == digest,
+            RecoveryCode.used_at.is_(None),
+        )
+        .values(used_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    if rowcount(burned) != 1:
         return None
-    remaining = session.scalar(select(func.count()).where(
-        RecoveryCode.user_id == user.id, RecoveryCode.used_at.is_(None))) or 0
-    audit.record(session, Action.AUTH_RECOVERY_USED, actor=actor_of(user), meta=meta,
-                 target_type="user", target_id=user.public_id, details={"remaining": remaining})
+    remaining = (
+        session.scalar(
+            select(func.count()).where(
+                RecoveryCode.user_id == user.id, RecoveryCode.used_at.is_(None)
+            )
+        )
+        or 0
+    )
+    audit.record(
+        session,
+        Action.AUTH_RECOVERY_USED,
+        actor=actor_of(user),
+        meta=meta,
+        target_type="user",
+        target_id=user.public_id,
+        details={"remaining": remaining},
+    )
     return int(remaining)
 
 
@@ -203,14 +253,21 @@ def second_factor(session: Session, user: User, code: str, meta: RequestMeta) ->
     """
     remaining = _prove_code(session, user, code, meta, Action.AUTH_SIGNIN_FAILED)
     user.failed_signins, user.locked_until = 0, None
-    audit.record(session, Action.AUTH_SIGNIN, actor=actor_of(user), meta=meta,
-                 target_type="user", target_id=user.public_id,
-                 details={"factor": "recovery" if remaining is not None else "totp"})
+    audit.record(
+        session,
+        Action.AUTH_SIGNIN,
+        actor=actor_of(user),
+        meta=meta,
+        target_type="user",
+        target_id=user.public_id,
+        details={"factor": "recovery" if remaining is not None else "totp"},
+    )
     return remaining
 
 
-def verify_code(session: Session, user: User, code: str, meta: RequestMeta, *,
-                action: Action) -> int | None:
+def verify_code(
+    session: Session, user: User, code: str, meta: RequestMeta, *, action: Action
+) -> int | None:
     """Prove the second factor outside sign-in (re-authentication, password reset).
 
     The same pause, 100-failure lock and failure count as sign-in apply (ASVS 2.2.1,
@@ -222,14 +279,21 @@ def verify_code(session: Session, user: User, code: str, meta: RequestMeta, *,
     replayed or malformed code; the caller commits the count either way.
     """
     remaining = _prove_code(session, user, code, meta, action)
-    audit.record(session, action, actor=actor_of(user), meta=meta, target_type="user",
-                 target_id=user.public_id,
-                 details={"factor": "recovery" if remaining is not None else "totp"})
+    audit.record(
+        session,
+        action,
+        actor=actor_of(user),
+        meta=meta,
+        target_type="user",
+        target_id=user.public_id,
+        details={"factor": "recovery" if remaining is not None else "totp"},
+    )
     return remaining
 
 
-def _prove_code(session: Session, user: User, code: str, meta: RequestMeta,
-                failed: Action) -> int | None:
+def _prove_code(
+    session: Session, user: User, code: str, meta: RequestMeta, failed: Action
+) -> int | None:
     """Check a TOTP or recovery code for an unpaused, unlocked account; return recovery codes
     left (None for TOTP). Raises SignInFailed(CODE_FAILED), counted and audited as ``failed``."""
     if not _may_try(user):
@@ -261,8 +325,11 @@ def start_enrolment(session: Session, user: User, shown: str | None) -> tuple[st
     if user.totp_enabled_at is not None:
         raise ServiceError(ALREADY_ENROLLED)
     current = totp_secret(session, user)
-    if current is not None and shown is not None and hmac.compare_digest(
-            shown, _issue_fingerprint(user)):
+    if (
+        current is not None
+        and shown is not None
+        and hmac.compare_digest(shown, _issue_fingerprint(user))
+    ):
         return current, shown
     secret = otp.new_secret()
     key = keys.unwrap(session, user.data_key_id)
@@ -277,8 +344,9 @@ def _issue_fingerprint(user: User) -> str:
     return hashlib.sha256(user.totp_secret_sealed or b"").hexdigest()
 
 
-def finish_enrolment(session: Session, user: User, code: str, meta: RequestMeta,
-                     shown: str | None = None) -> list[str]:
+def finish_enrolment(
+    session: Session, user: User, code: str, meta: RequestMeta, shown: str | None = None
+) -> list[str]:
     """Activate the pending secret when ``code`` matches; return ten new recovery codes.
 
     ``shown`` must be the fingerprint :func:`start_enrolment` gave this session
@@ -287,15 +355,25 @@ def finish_enrolment(session: Session, user: User, code: str, meta: RequestMeta,
     ServiceError when the code is wrong or the secret was replaced meanwhile.
     """
     if shown is None or not hmac.compare_digest(shown, _issue_fingerprint(user)):
-        raise ServiceError("This set-up was started again elsewhere. Scan the new QR code "
-                           "shown here and enter a code from it.")
+        raise ServiceError(
+            "This set-up was started again elsewhere. Scan the new QR code "
+            "shown here and enter a code from it."
+        )
     if user.totp_enabled_at is not None or not consume_totp(session, user, code):
-        raise ServiceError("That code is not right. Check the time on your phone, "
-                           "wait for the next code and enter it.")
+        raise ServiceError(
+            "That code is not right. Check the time on your phone, "
+            "wait for the next code and enter it."
+        )
     user.totp_enabled_at = utcnow()
     codes = new_recovery_codes(session, user)
-    audit.record(session, Action.AUTH_MFA_ENROL, actor=actor_of(user), meta=meta,
-                 target_type="user", target_id=user.public_id)
+    audit.record(
+        session,
+        Action.AUTH_MFA_ENROL,
+        actor=actor_of(user),
+        meta=meta,
+        target_type="user",
+        target_id=user.public_id,
+    )
     return codes
 
 
@@ -304,8 +382,9 @@ def new_recovery_codes(session: Session, user: User) -> list[str]:
     session.execute(delete(RecoveryCode).where(RecoveryCode.user_id == user.id))
     codes = recovery.generate_codes()
     pepper = _pepper()
-    session.add_all(RecoveryCode(user_id=user.id, code_hash=recovery.hash_code(c, pepper))
-                    for c in codes)
+    session.add_all(
+        RecoveryCode(user_id=user.id, code_hash=recovery.hash_code(c, pepper)) for c in codes
+    )
     session.flush()
     return codes
 
@@ -322,30 +401,46 @@ def purge_expired_sessions(session: Session, idle_seconds: int, lifetime_seconds
     scanners included, so ``portal retention run`` clears them out.
     """
     now = utcnow()
-    result = session.execute(delete(WebSession).where(or_(
-        WebSession.last_seen_at < now - timedelta(seconds=idle_seconds),
-        WebSession.created_at < now - timedelta(seconds=lifetime_seconds))))
-    return int(result.rowcount or 0)
+    result = session.execute(
+        delete(WebSession).where(
+            or_(
+                WebSession.last_seen_at < now - timedelta(seconds=idle_seconds),
+                WebSession.created_at < now - timedelta(seconds=lifetime_seconds),
+            )
+        )
+    )
+    return rowcount(result)
 
 
-def set_password(session: Session, user: User, password: str, meta: RequestMeta,
-                 action: Action = Action.AUTH_PASSWORD_SET) -> None:
+def set_password(
+    session: Session,
+    user: User,
+    password: str,
+    meta: RequestMeta,
+    action: Action = Action.AUTH_PASSWORD_SET,
+) -> None:
     """Set a new password after the policy check; end the user's other sessions. Audited
     as ``action``.
 
     Raises ServiceError with every reason the password is refused.
     """
-    accounts.check_new_password(password, email=user.email,
-                                name=accounts.display_name(session, user))
-    user.password_hash = passwords.hash_password(password)
+    accounts.check_new_password(
+        password, email=user.email, name=accounts.display_name(session, user)
+    )
+    user.password_hash = accounts.hasher().hash_password(password)
     user.failed_signins, user.locked_until, user.must_reset = 0, None, False
     end_all_sessions(session, user)
-    audit.record(session, action, actor=actor_of(user), meta=meta,
-                 target_type="user", target_id=user.public_id)
+    audit.record(
+        session,
+        action,
+        actor=actor_of(user),
+        meta=meta,
+        target_type="user",
+        target_id=user.public_id,
+    )
 
 
-def check_current_password(session: Session, user: User, password: str,
-                           meta: RequestMeta) -> None:
+def check_current_password(session: Session, user: User, password: str, meta: RequestMeta) -> None:
     """Return when ``password`` is the signed-in user's current password.
 
     ASVS 2.1.6: changing a password needs the current one. A wrong one counts as a
@@ -354,8 +449,9 @@ def check_current_password(session: Session, user: User, password: str,
     Raises SignInFailed(NOT_CURRENT); the caller commits the count.
     """
     if not _may_try(user):
-        passwords.verify_password(passwords.DUMMY_HASH, password)
+        _verify_dummy(password)
         _failure(session, user, meta, "paused", NOT_CURRENT)
-    if user.password_hash is None or not passwords.verify_password(user.password_hash,
-                                                                     password):
+    if user.password_hash is None or not accounts.hasher().verify_password(
+        user.password_hash, password
+    ):
         _failure(session, user, meta, "current_password", NOT_CURRENT)

@@ -19,7 +19,6 @@ from typing import Any
 from flask import render_template, session
 from flask.typing import ResponseReturnValue
 from flask_login import current_user
-from sqlalchemy import select
 
 from portal.extensions import db
 from portal.models import Message
@@ -40,7 +39,7 @@ def find_message(public_id: str) -> Message | None:
     """Return the sent message (not a patient's reply) with this public id, or None."""
     if not well_formed(public_id):
         return None
-    message = db.session.scalar(select(Message).where(Message.public_id == public_id))
+    message = messaging.find_by_public_id(db.session, public_id)
     return message if message is not None and message.in_reply_to_id is None else None
 
 
@@ -57,15 +56,17 @@ def remember_cover(public_id: str) -> None:
 
 def nothing_here(public_id: str) -> ResponseReturnValue:
     """The 404 page for a message that is missing or not this staff member's to act on."""
-    return render_template("staff/not_found.html",
-                           public_id=public_id if well_formed(public_id) else None), 404
+    return render_template(
+        "staff/not_found.html", public_id=public_id if well_formed(public_id) else None
+    ), 404
 
 
-def staff_message(view: Callable[[Message], ResponseReturnValue]
-                  ) -> Callable[[str], ResponseReturnValue]:
+def staff_message(
+    view: Callable[[Message], ResponseReturnValue],
+) -> Callable[[str], ResponseReturnValue]:
     """Hand the view the message at ``public_id`` if this staff member may act on it.
 
-    Otherwise the refusal is audited and committed, and the answer is a 404.
+    Otherwise the refusal is audited (committed with the page) and the answer is a 404.
     """
 
     @functools.wraps(view)
@@ -74,10 +75,14 @@ def staff_message(view: Callable[[Message], ResponseReturnValue]
         if message is None:
             return nothing_here(public_id)
         try:
-            messaging.check_staff_access(db.session, message, current_user,
-                                         covering=is_covering(public_id), meta=request_meta())
-        except NotFound:
-            db.session.commit()  # the access.denied event is the whole of this request
+            messaging.check_staff_access(
+                db.session,
+                message,
+                current_user,
+                covering=is_covering(public_id),
+                meta=request_meta(),
+            )
+        except NotFound:  # returned, not raised: the boundary commits the access.denied event
             return nothing_here(public_id)
         return view(message, **kwargs)
 

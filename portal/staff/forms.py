@@ -25,17 +25,20 @@ class FindPatientForm(FlaskForm):
     proxy and server logs). ``intent`` tells it apart from the registration form."""
 
     intent = HiddenField(default="find")
-    email = EmailField("Email", validators=[DataRequired("Enter the patient's email address."),
-                                            Length(max=254)])
+    email = EmailField(
+        "Email", validators=[DataRequired("Enter the patient's email address."), Length(max=254)]
+    )
 
 
 class RegisterPatientForm(FlaskForm):
     """Register a patient so a message can be sent to them."""
 
-    email = EmailField("Email", validators=[DataRequired("Enter the patient's email address."),
-                                            Length(max=254)])
-    name = StringField("Full name", validators=[DataRequired("Enter the patient's full name."),
-                                                Length(max=200)])
+    email = EmailField(
+        "Email", validators=[DataRequired("Enter the patient's email address."), Length(max=254)]
+    )
+    name = StringField(
+        "Full name", validators=[DataRequired("Enter the patient's full name."), Length(max=200)]
+    )
     dob = DateField("Date of birth", validators=[Optional()])
     access_code = BooleanField("Issue an access code to hand over in person or by phone")
 
@@ -43,15 +46,19 @@ class RegisterPatientForm(FlaskForm):
 class ComposeForm(FlaskForm):
     """Write a message with any number of PDF attachments."""
 
-    subject = StringField("Subject", validators=[DataRequired("Enter a subject."),
-                                                 Length(max=200)])
-    body = TextAreaField("Message", validators=[DataRequired("Write the message."),
-                                                Length(max=100_000)])
-    body_format = SelectField("Format", choices=[SelectChoice("text", "Plain text"),
-                                                 SelectChoice("markdown", "Markdown")])
+    subject = StringField("Subject", validators=[DataRequired("Enter a subject."), Length(max=200)])
+    body = TextAreaField(
+        "Message", validators=[DataRequired("Write the message."), Length(max=100_000)]
+    )
+    body_format = SelectField(
+        "Format", choices=[SelectChoice("text", "Plain text"), SelectChoice("markdown", "Markdown")]
+    )
     attachments = MultipleFileField("Attachments (PDF)")
-    expires_days = IntegerField("Link expires after (days)", default=7,
-                                validators=[NumberRange(1, 365, "Choose 1 to 365 days.")])
+    expires_days = IntegerField(
+        "Link expires after (days)",
+        default=7,
+        validators=[NumberRange(1, 365, "Choose 1 to 365 days.")],
+    )
 
 
 class ActionForm(FlaskForm):
@@ -63,6 +70,9 @@ class CoverForm(FlaskForm):
 
     reason = SelectField(
         "Why are you acting on a colleague's message?",
-        choices=[SelectChoice("", "Choose a reason"),
-                 *(SelectChoice(key, label) for key, label in COVER_REASONS.items())],
-        validators=[DataRequired("Choose why you are covering for the sender.")])
+        choices=[
+            SelectChoice("", "Choose a reason"),
+            *(SelectChoice(key, label) for key, label in COVER_REASONS.items()),
+        ],
+        validators=[DataRequired("Choose why you are covering for the sender.")],
+    )

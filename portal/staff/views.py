@@ -6,23 +6,21 @@ are for the sender, or a colleague covering for them (see portal.staff.access).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 from flask_login import current_user
-from sqlalchemy import select
 
-from portal import audit
-from portal.audit import Action
+from portal.audit import actor_of
 from portal.auth.policy import fresh_auth, roles
 from portal.crypto.errors import ContentDestroyed
 from portal.extensions import db
-from portal.models import Message, PickupLink, Role, User
+from portal.models import Message, Role, User
 from portal.services import accounts, messages, messaging
 from portal.services.errors import ServiceError
 from portal.services.messages import Upload
-from portal.services.signin import actor_of
 from portal.staff import access, forms
 from portal.web.security import request_meta
 
@@ -30,8 +28,7 @@ bp = Blueprint("staff", __name__, url_prefix="/staff")
 
 
 def _patient(public_id: str | None) -> User:
-    user = db.session.scalar(select(User).where(User.public_id == (public_id or ""),
-                                                User.role == Role.PATIENT))
+    user = accounts.find_by_public_id(db.session, public_id, role=Role.PATIENT)
     if user is None:
         abort(404)
     return user
@@ -52,9 +49,7 @@ def index() -> ResponseReturnValue:
     Patients' names and subjects are PHI, so the listing is audited (message.list).
     """
     rows = _sent_rows()
-    audit.record(db.session, Action.MESSAGE_LIST, actor=actor_of(current_user),
-                 meta=request_meta(), details={"page": "staff_index", "count": len(rows)})
-    db.session.commit()
+    messaging.record_sent_list(db.session, current_user, len(rows), request_meta())
     return render_template("staff/index.html", rows=rows)
 
 
@@ -63,8 +58,13 @@ def _sent_rows() -> list[tuple[Message, str, str]]:
     for message in messaging.sent_by(db.session, current_user):
         patient = db.session.get(User, message.recipient_id)
         readable = _safe_read(message)
-        rows.append((message, accounts.display_name(db.session, patient) if patient else "",
-                     readable.subject if readable else "(deleted)"))
+        rows.append(
+            (
+                message,
+                accounts.display_name(db.session, patient) if patient else "",
+                readable.subject if readable else "(deleted)",
+            )
+        )
     return rows
 
 
@@ -91,21 +91,26 @@ def patients_post() -> ResponseReturnValue:
     return _register(register)
 
 
-def _patients_page(find: forms.FindPatientForm | None = None,
-                   register: forms.RegisterPatientForm | None = None,
-                   found: User | None = None) -> ResponseReturnValue:
+def _patients_page(
+    find: forms.FindPatientForm | None = None,
+    register: forms.RegisterPatientForm | None = None,
+    found: User | None = None,
+) -> ResponseReturnValue:
     return render_template(
-        "staff/patients.html", find=find or forms.FindPatientForm(formdata=None),
-        register=register or forms.RegisterPatientForm(formdata=None), found=found,
-        found_name=accounts.display_name(db.session, found) if found else None)
+        "staff/patients.html",
+        find=find or forms.FindPatientForm(formdata=None),
+        register=register or forms.RegisterPatientForm(formdata=None),
+        found=found,
+        found_name=accounts.display_name(db.session, found) if found else None,
+    )
 
 
 def _find(find: forms.FindPatientForm) -> ResponseReturnValue:
     if not find.validate():
         return _patients_page(find=find)
-    found = messaging.lookup_patient(db.session, find.email.data or "",
-                                     actor=actor_of(current_user), meta=request_meta())
-    db.session.commit()
+    found = messaging.lookup_patient(
+        db.session, find.email.data or "", actor=actor_of(current_user), meta=request_meta()
+    )
     register = forms.RegisterPatientForm(formdata=None)
     if found is None:
         flash("No patient has that email address. Register them below.", "info")
@@ -116,16 +121,22 @@ def _find(find: forms.FindPatientForm) -> ResponseReturnValue:
 def _register(form: forms.RegisterPatientForm) -> ResponseReturnValue:
     try:
         created = accounts.create_user(
-            db.session, role=Role.PATIENT, email=form.email.data or "", name=form.name.data or "",
-            dob=form.dob.data, issue_access_code=bool(form.access_code.data),
-            actor=actor_of(current_user), meta=request_meta())
+            db.session,
+            role=Role.PATIENT,
+            email=form.email.data or "",
+            name=form.name.data or "",
+            dob=form.dob.data,
+            issue_access_code=bool(form.access_code.data),
+            actor=actor_of(current_user),
+            meta=request_meta(),
+        )
     except ServiceError as refused:
         db.session.rollback()
         form.email.errors = list(refused.messages)
         return _patients_page(register=form)
-    db.session.commit()
-    return render_template("staff/registered.html", patient=created.user,
-                           access_code=created.access_code)
+    return render_template(
+        "staff/registered.html", patient=created.user, access_code=created.access_code
+    )
 
 
 @bp.route("/messages/new", methods=["GET", "POST"])
@@ -141,30 +152,39 @@ def compose() -> ResponseReturnValue:
             db.session.rollback()
             form.attachments.errors = list(refused.messages)
         else:
-            db.session.commit()
             flash("Message sent. The patient will get an email with a secure link.", "success")
             return redirect(url_for("staff.status", public_id=sent.message.public_id))
     return _compose_page(form, patient)
 
 
 def _compose_page(form: forms.ComposeForm, patient: User) -> ResponseReturnValue:
-    # The page names the patient: a read of PHI, audited like any other (DESIGN.md invariants).
-    audit.record(db.session, Action.PATIENT_VIEW, actor=actor_of(current_user),
-                 meta=request_meta(), target_type="user", target_id=patient.public_id,
-                 patient_id=patient.id, details={"page": "staff_compose"})
-    db.session.commit()
-    return render_template("staff/compose.html", form=form, patient=patient,
-                           patient_name=accounts.display_name(db.session, patient))
+    # The page names the patient: a read of PHI, audited like any other.
+    messaging.record_patient_view(db.session, patient, actor_of(current_user), request_meta())
+    return render_template(
+        "staff/compose.html",
+        form=form,
+        patient=patient,
+        patient_name=accounts.display_name(db.session, patient),
+    )
 
 
 def _send(form: forms.ComposeForm, patient: User) -> messaging.Sent:
-    uploads = [Upload(f.filename or "document.pdf", f.stream)
-               for f in request.files.getlist(form.attachments.name) if f.filename]
+    uploads = [
+        Upload(f.filename or "document.pdf", f.stream)
+        for f in request.files.getlist(form.attachments.name)
+        if f.filename
+    ]
     return messaging.send(
-        db.session, sender=current_user, recipient=patient, subject=form.subject.data or "",
-        body=form.body.data or "", body_format=form.body_format.data or "text",
-        uploads=uploads, expires_in=timedelta(days=form.expires_days.data or 7),
-        meta=request_meta())
+        db.session,
+        sender=current_user,
+        recipient=patient,
+        subject=form.subject.data or "",
+        body=form.body.data or "",
+        body_format=form.body_format.data or "text",
+        uploads=uploads,
+        expires_in=timedelta(days=form.expires_days.data or 7),
+        meta=request_meta(),
+    )
 
 
 @bp.get("/messages/<public_id>")
@@ -174,17 +194,17 @@ def status(message: Message) -> ResponseReturnValue:
     """A message's state: notices, first opened, downloads; revoke and resend."""
     readable = _safe_read(message)
     patient = db.session.get(User, message.recipient_id)
-    audit.record(db.session, Action.MESSAGE_VIEW, actor=actor_of(current_user),
-                 meta=request_meta(), target_type="message", target_id=message.public_id,
-                 patient_id=message.recipient_id, message_id=message.id,
-                 details={"page": "staff_status"})
-    db.session.commit()
-    locked = db.session.scalar(select(PickupLink.locked_at).where(
-        PickupLink.message_id == message.id, PickupLink.locked_at.is_not(None)).limit(1))
+    messaging.record_status_view(db.session, message, actor_of(current_user), request_meta())
+    locked = messaging.locked_at(db.session, message)
     return render_template(
-        "staff/status.html", message=message, readable=readable, locked=locked,
+        "staff/status.html",
+        message=message,
+        readable=readable,
+        locked=locked,
         patient_name=accounts.display_name(db.session, patient) if patient else "",
-        timeline=messaging.status(db.session, message), form=forms.ActionForm())
+        timeline=messaging.status(db.session, message),
+        form=forms.ActionForm(),
+    )
 
 
 @bp.post("/messages/<public_id>/revoke")
@@ -204,17 +224,15 @@ def resend(message: Message) -> ResponseReturnValue:
     return _act(message, messaging.resend, "A new link is on its way to the patient.")
 
 
-def _act(message: Message, action: object, done: str) -> ResponseReturnValue:
+def _act(message: Message, action: Callable[..., object], done: str) -> ResponseReturnValue:
     if not forms.ActionForm().validate_on_submit():
         abort(400)
     try:
-        action(db.session, message, actor=actor_of(current_user),  # type: ignore[operator]
-               meta=request_meta())
+        action(db.session, message, actor=actor_of(current_user), meta=request_meta())
     except ServiceError as refused:
         db.session.rollback()
         flash(str(refused), "error")
     else:
-        db.session.commit()
         flash(done, "success")
     return redirect(url_for("staff.status", public_id=message.public_id))
 
@@ -228,8 +246,9 @@ def cover(public_id: str) -> ResponseReturnValue:
     """
     if not access.well_formed(public_id):
         return access.nothing_here(public_id)
-    return render_template("staff/cover.html", form=forms.CoverForm(formdata=None),
-                           public_id=public_id)
+    return render_template(
+        "staff/cover.html", form=forms.CoverForm(formdata=None), public_id=public_id
+    )
 
 
 @bp.post("/messages/<public_id>/cover")
@@ -244,12 +263,16 @@ def cover_post(public_id: str) -> ResponseReturnValue:
         return render_template("staff/cover.html", form=form, public_id=public_id), 400
     if message.sender_id != current_user.id:
         try:
-            messaging.cover(db.session, message, current_user, reason=form.reason.data or "",
-                            meta=request_meta())
+            messaging.cover(
+                db.session,
+                message,
+                current_user,
+                reason=form.reason.data or "",
+                meta=request_meta(),
+            )
         except ServiceError as refused:
             db.session.rollback()
             form.reason.errors = list(refused.messages)
             return render_template("staff/cover.html", form=form, public_id=public_id), 400
-        db.session.commit()
         access.remember_cover(message.public_id)
     return redirect(url_for("staff.status", public_id=message.public_id))

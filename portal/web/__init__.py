@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from flask import Flask
 
-from portal.web import errors, health, proxies, security
+from portal.web import errors, health, proxies, security, transaction
 
 
 def init_app(app: Flask) -> None:
-    """Install request ids, headers, error pages, health endpoints and the proxy policy."""
-    app.wsgi_app = proxies.wrap(app.wsgi_app, app.config["TRUSTED_PROXIES"])  # type: ignore[method-assign]
+    """Install request ids, headers, error pages, the commit boundary, health endpoints and
+    the proxy policy."""
+    # Flask's documented way to add WSGI middleware; the stub types wsgi_app as a method.
+    # mypy: Flask's documented middleware hook is assigning app.wsgi_app; its declared type is a
+    #   method.
+    app.wsgi_app = proxies.wrap(  # type: ignore[method-assign, assignment]
+        app.wsgi_app, app.config["TRUSTED_PROXIES"]
+    )
     security.init_app(app)
     errors.init_app(app)
+    transaction.init_app(app)
     app.register_blueprint(health.bp)

@@ -10,6 +10,7 @@ import mailbox
 import re
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from typing import Any
 
 from flask import Blueprint, abort, current_app, render_template
 from flask.typing import ResponseReturnValue
@@ -54,18 +55,25 @@ def mail_message(key: str) -> ResponseReturnValue:
     return render_template("demo/mail.html", items=items, current=current)
 
 
-def sink_messages() -> list[dict[str, str]]:
-    """Return the sink's messages (key, to, subject, date, text), newest first."""
+def sink_messages() -> list[dict[str, Any]]:
+    """Return the sink's messages (key, to, subject, date, text: str; links: list), newest first."""
     folder = Path(current_app.config["DEMO_MAILDIR"])
     if not (folder / "new").is_dir():
         return []
     box = mailbox.Maildir(folder, create=False)
-    items = []
+    items: list[dict[str, Any]] = []
     for key, message in box.items():
         text = _plain_text(message)
-        items.append({"key": key, "to": str(message["To"] or ""), "subject":
-                      str(message["Subject"] or ""), "date": str(message["Date"] or ""),
-                      "text": text, "links": _LINK.findall(text)})
+        items.append(
+            {
+                "key": key,
+                "to": str(message["To"] or ""),
+                "subject": str(message["Subject"] or ""),
+                "date": str(message["Date"] or ""),
+                "text": text,
+                "links": _LINK.findall(text),
+            }
+        )
     items.sort(key=lambda item: _when(item["date"]), reverse=True)
     return items
 
@@ -76,8 +84,9 @@ _LINK = re.compile(r"https?://[^\s<>\"]+")
 def _plain_text(message: mailbox.MaildirMessage) -> str:
     for part in message.walk():
         if part.get_content_type() == "text/plain":
-            payload = part.get_payload(decode=True)
-            return payload.decode(part.get_content_charset() or "utf-8", "replace")
+            payload = part.get_payload(decode=True)  # bytes for a non-multipart part
+            if isinstance(payload, bytes):
+                return payload.decode(part.get_content_charset() or "utf-8", "replace")
     return ""
 
 

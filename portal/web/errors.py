@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import traceback
 
-from flask import Flask, render_template, request
+from flask import Flask, Response, g, render_template, request
 from flask_login import current_user
 from flask_wtf.csrf import CSRFError
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from portal.audit import SYSTEM, Actor
+from portal.audit import SYSTEM, Actor, actor_of
 from portal.crypto.errors import ContentTampered
 from portal.extensions import db
 from portal.services import content
+from portal.storage import StorageUnavailable
+from portal.web import outage
 from portal.web.security import request_meta
+from portal.web.transaction import commit_now
 
 log = logging.getLogger("portal.error")
 
@@ -26,20 +30,40 @@ MESSAGES = {
     405: ("Not allowed", "This page cannot be used that way."),
     413: ("File too large", "The upload is larger than this portal accepts."),
     429: ("Too many attempts", "Too many attempts. Wait a few minutes, then try again."),
-    500: ("Something went wrong", "An error occurred on our side. It has been logged; "
-          "please try again later."),
+    500: (
+        "Something went wrong",
+        "An error occurred on our side. It has been logged; please try again later.",
+    ),
+    503: (
+        "Temporarily unavailable",
+        "The portal cannot reach its database right now, so "
+        "nothing was saved. Please try again in a few minutes.",
+    ),
+    507: (
+        "Cannot store files right now",
+        "The server cannot store files right now, so "
+        "nothing was sent or saved. Please try again later.",
+    ),
 }
-TAMPERED_MESSAGE = ("This content failed its integrity check, so none of it was shown. "
-                    "The problem has been recorded and our team alerted. Please contact "
-                    "the practice.")
-CSRF_MESSAGE = ("This form has expired or was not sent from this site. "
-                "Reload the page and try again.")
+TAMPERED_MESSAGE = (
+    "This content failed its integrity check, so none of it was shown. "
+    "The problem has been recorded and our team alerted. Please contact "
+    "the practice."
+)
+CSRF_MESSAGE = (
+    "This form has expired or was not sent from this site. Reload the page and try again."
+)
 
 
 def init_app(app: Flask) -> None:
     """Register a handler for every HTTP error and for unexpected exceptions."""
     app.register_error_handler(CSRFError, _csrf)
     app.register_error_handler(ContentTampered, _tampered)
+    app.register_error_handler(StorageUnavailable, _storage_unavailable)
+    for kind in outage.DATABASE_DOWN:
+        app.register_error_handler(kind, database_down)
+    # First of all hooks: CSRF and rate limits must not judge a request whose session is lost.
+    app.before_request_funcs.setdefault(None, []).insert(0, _session_store_down)
     app.register_error_handler(HTTPException, _http)
     app.register_error_handler(Exception, _unexpected)
 
@@ -66,22 +90,33 @@ def report_tampered(stage: str) -> None:
     db.session.rollback()
     args = request.view_args or {}
     try:
-        content.record_tampered(db.session, actor=_actor(), meta=request_meta(), stage=stage,
-                                message_public_id=_text(args.get("message_id") or (
-                                    args.get("public_id") if request.blueprint == "staff"
-                                    else None)),
-                                attachment_public_id=_text(args.get("attachment_id")))
-        db.session.commit()
+        content.record_tampered(
+            db.session,
+            actor=_actor(),
+            meta=request_meta(),
+            stage=stage,
+            message_public_id=_text(
+                args.get("message_id")
+                or (args.get("public_id") if request.blueprint == "staff" else None)
+            ),
+            attachment_public_id=_text(args.get("attachment_id")),
+        )
+        commit_now()  # the request failed (rolled back at its boundary); this event must not
     except SQLAlchemyError:
         db.session.rollback()
-        log.critical("content failed its integrity check; audit event not written", extra={
-            "event": "content_tampered", "stage": stage,
-            "rule": request.url_rule.rule if request.url_rule else None})
+        log.critical(
+            "content failed its integrity check; audit event not written",
+            extra={
+                "event": "content_tampered",
+                "stage": stage,
+                "rule": request.url_rule.rule if request.url_rule else None,
+            },
+        )
 
 
 def _actor() -> Actor:
     user = current_user
-    return Actor(user.id, user.role) if user and user.is_authenticated else SYSTEM
+    return actor_of(user) if user and user.is_authenticated else SYSTEM
 
 
 def _text(value: object) -> str | None:
@@ -92,21 +127,71 @@ def _csrf(_error: CSRFError) -> tuple[str, int]:
     return page(400, CSRF_MESSAGE)
 
 
-def _http(error: HTTPException) -> tuple[str, int]:
+def _http(error: HTTPException) -> tuple[str, int] | tuple[str, int, dict[str, str]]:
     code = error.code or 500
     if code == 500 and isinstance(error, InternalServerError) and error.original_exception:
         return _unexpected(error.original_exception)
     return page(code)
 
 
-def _unexpected(error: Exception) -> tuple[str, int]:
+def database_down(error: BaseException) -> tuple[str, int, dict[str, str]]:
+    """Return the 503 retry page for a database outage; log only an outage's first request.
+
+    The request's work is rolled back; its session is not saved (``g.database_down``).
+    """
+    g.database_down = True
+    with contextlib.suppress(*outage.DATABASE_DOWN, SQLAlchemyError):
+        db.session.rollback()
+    outage.database.failed(error)
+    body, code = page(503)
+    return body, code, {"Retry-After": str(outage.RETRY_AFTER_SECONDS)}
+
+
+def database_down_response(response: Response, error: BaseException) -> None:
+    """Turn ``response`` into the 503 retry page: for an outage met after the view returned
+    (saving the session). Returns None."""
+    body, code, headers = database_down(error)
+    response.set_data(body)
+    response.status_code = code
+    response.mimetype = "text/html"
+    response.headers.update(headers)
+
+
+def _session_store_down() -> None:
+    # The session could not be loaded (portal.auth.sessions): answer as for any outage,
+    # from inside the request so the usual handlers and headers apply.
+    if "session_error" in g:
+        raise g.session_error
+
+
+def _storage_unavailable(error: StorageUnavailable) -> tuple[str, int]:
+    db.session.rollback()  # deletes the request's blobs written so far (services.content)
+    log.warning(
+        "blob store cannot store files",
+        extra={
+            "event": "blob_store_unavailable",
+            "errno": error.errno,
+            "rule": request.url_rule.rule if request.url_rule else None,
+        },
+    )
+    return page(507)
+
+
+def _unexpected(error: BaseException) -> tuple[str, int] | tuple[str, int, dict[str, str]]:
     if isinstance(error, HTTPException):
         return _http(error)
+    if isinstance(error, outage.DATABASE_DOWN):
+        return database_down(error)
     # The type and the frames, never the message or locals: they can carry PHI.
-    log.error("unhandled exception", extra={
-        "rule": request.url_rule.rule if request.url_rule else None,
-        "exception": type(error).__name__,
-        "stack": [f"{f.filename}:{f.lineno} in {f.name}"
-                  for f in traceback.extract_tb(error.__traceback__)],
-    })
+    log.error(
+        "unhandled exception",
+        extra={
+            "rule": request.url_rule.rule if request.url_rule else None,
+            "exception": type(error).__name__,
+            "stack": [
+                f"{f.filename}:{f.lineno} in {f.name}"
+                for f in traceback.extract_tb(error.__traceback__)
+            ],
+        },
+    )
     return page(500)

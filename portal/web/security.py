@@ -16,18 +16,20 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # never stored: NUL breaks PostgreSQL text, the rest logs
 _MAX_AGENT = 256  # the audit column's width
 
-# No inline script and no third-party origin (DESIGN.md: self-hosted static).
-CSP = "; ".join((
-    "default-src 'self'",
-    "script-src 'self'",
-    "style-src 'self'",
-    "img-src 'self' data:",
-    "font-src 'self'",
-    "object-src 'none'",
-    "base-uri 'none'",
-    "form-action 'self'",
-    "frame-ancestors 'none'",
-))
+# No inline script and no third-party origin (static files are self-hosted).
+CSP = "; ".join(
+    (
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' data:",
+        "font-src 'self'",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    )
+)
 
 
 def init_app(app: Flask) -> None:
@@ -58,8 +60,9 @@ def _refuse_nul() -> None:
 def request_meta() -> RequestMeta:
     """Return the current request's address, user agent and id for services and the audit trail."""
     agent = _CONTROL.sub("", request.user_agent.string or "")[:_MAX_AGENT]
-    return RequestMeta(client_ip=request.remote_addr, user_agent=agent or None,
-                       request_id=g.get("request_id"))
+    return RequestMeta(
+        client_ip=request.remote_addr, user_agent=agent or None, request_id=g.get("request_id")
+    )
 
 
 def _headers(response: Response) -> Response:
@@ -82,6 +85,13 @@ def _headers(response: Response) -> Response:
 def _log(response: Response) -> Response:
     rule = request.url_rule.rule if request.url_rule else "(no route)"
     elapsed = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
-    log.info("request", extra={"method": request.method, "rule": rule,
-                               "status": response.status_code, "ms": round(elapsed, 1)})
+    log.info(
+        "request",
+        extra={
+            "method": request.method,
+            "rule": rule,
+            "status": response.status_code,
+            "ms": round(elapsed, 1),
+        },
+    )
     return response

@@ -82,20 +82,25 @@ def admin_browser(app: Flask) -> tuple[Browser, str]:
 
 
 def unlock(browser: Browser, public_id: str) -> Any:
-    return browser.submit(f"/admin/users/{public_id}/unlock", {"back": "/admin/users"},
-                          form_page="/admin/users")
+    return browser.submit(
+        f"/admin/users/{public_id}/unlock", {"back": "/admin/users"}, form_page="/admin/users"
+    )
 
 
 def events(app: Flask, action: str) -> list[AuditEvent]:
     with app.app_context():
-        return list(db.session.scalars(select(AuditEvent).where(AuditEvent.action == action)
-                                       .order_by(AuditEvent.seq)))
+        return list(
+            db.session.scalars(
+                select(AuditEvent).where(AuditEvent.action == action).order_by(AuditEvent.seq)
+            )
+        )
 
 
 def locked_notices(app: Flask) -> list[Notification]:
     with app.app_context():
-        return list(db.session.scalars(select(Notification)
-                                       .where(Notification.kind == "account_locked")))
+        return list(
+            db.session.scalars(select(Notification).where(Notification.kind == "account_locked"))
+        )
 
 
 def signs_in(app: Flask, password: str, code: str) -> bool:
@@ -107,8 +112,7 @@ def signs_in(app: Flask, password: str, code: str) -> bool:
 # -- the lock tells its holder, once, without PHI -------------------------------------------
 
 
-def test_the_hundredth_failure_queues_one_phi_free_locked_notice(
-        app: Flask, patient: Any) -> None:
+def test_the_hundredth_failure_queues_one_phi_free_locked_notice(app: Flask, patient: Any) -> None:
     lock(app)
     attacker = from_address(app, "203.0.113.67")
     for step in range(1, 4):  # the attacker goes on, past every pause: nothing more is sent
@@ -121,10 +125,17 @@ def test_the_hundredth_failure_queues_one_phi_free_locked_notice(
     assert len(events(app, "auth.lockout")) == 1
     with app.app_context():
         row = db.session.get(Notification, row.id)
-        email = render.render(row, url=app.config["BASE_URL"] + "/", org_name="Riverside",
-                              org_address="4 Mill Lane", support_contact="reception",
-                              expires_at=None, mail_from="no-reply@example.org",
-                              to_address=PATIENT_EMAIL, message_id_domain="example.org")
+        email = render.render(
+            row,
+            url=app.config["BASE_URL"] + "/",
+            org_name="Riverside",
+            org_address="4 Mill Lane",
+            support_contact="reception",
+            expires_at=None,
+            mail_from="no-reply@example.org",
+            to_address=PATIENT_EMAIL,
+            message_id_domain="example.org",
+        )
         texts = render.readable_texts(email)
         assert not phi.find_phi(texts, phi.phi_terms(db.session, row))
     plain = email.get_body(("plain",)).get_content()
@@ -146,7 +157,8 @@ def test_a_pause_alone_sends_no_locked_notice(app: Flask, patient: Any) -> None:
 
 
 def test_a_locked_patient_is_listed_unlocked_by_an_admin_and_signs_in_as_before(
-        app: Flask, patient: Any) -> None:
+    app: Flask, patient: Any
+) -> None:
     user, secret, _ = patient
     lock(app)
     before = account(app)
@@ -169,7 +181,8 @@ def test_a_locked_patient_is_listed_unlocked_by_an_admin_and_signs_in_as_before(
     assert after.totp_secret_sealed == before.totp_secret_sealed
     assert after.totp_enabled_at == before.totp_enabled_at
     assert f"/admin/users/{user.public_id}/unlock" not in admin.get("/admin/users").get_data(
-        as_text=True)
+        as_text=True
+    )
     assert signs_in(app, PASSWORD, next_code(secret))
 
 
@@ -221,8 +234,11 @@ def test_other_roles_cannot_unlock(app: Flask, patient: Any, role: str) -> None:
     _, secret, _ = enrolled_user(app, role=role, email="other@example.org", name="Olive Other")
     other = Browser(app)
     assert other.sign_in("other@example.org", PASSWORD, secret).status_code == 302
-    refused = other.submit(f"/admin/users/{patient[0].public_id}/unlock",
-                           {"back": "/admin/users"}, form_page="/account")
+    refused = other.submit(
+        f"/admin/users/{patient[0].public_id}/unlock",
+        {"back": "/admin/users"},
+        form_page="/account",
+    )
     assert refused.status_code == 403
     assert account(app).must_reset
     assert events(app, "user.unlock") == []
@@ -231,8 +247,7 @@ def test_other_roles_cannot_unlock(app: Flask, patient: Any, role: str) -> None:
 def test_anonymous_unlock_is_sent_to_sign_in(app: Flask, patient: Any) -> None:
     lock(app)
     stranger = Browser(app)
-    refused = stranger.submit(f"/admin/users/{patient[0].public_id}/unlock",
-                              form_page="/signin")
+    refused = stranger.submit(f"/admin/users/{patient[0].public_id}/unlock", form_page="/signin")
     assert refused.status_code == 302
     assert refused.location.startswith("/signin")
     assert account(app).must_reset
@@ -245,8 +260,7 @@ def test_unlock_of_an_unknown_id_is_404(app: Flask, patient: Any) -> None:
     assert events(app, "user.unlock") == []
 
 
-def test_unlock_of_an_account_that_is_not_locked_changes_nothing(
-        app: Flask, patient: Any) -> None:
+def test_unlock_of_an_account_that_is_not_locked_changes_nothing(app: Flask, patient: Any) -> None:
     admin, _ = admin_browser(app)
     refused = unlock(admin, patient[0].public_id)
     assert refused.location == "/admin/users"
@@ -257,11 +271,14 @@ def test_unlock_of_an_account_that_is_not_locked_changes_nothing(
 def test_unlock_without_csrf_is_refused(app: Flask, patient: Any) -> None:
     lock(app)
     admin, _ = admin_browser(app)
-    forged = admin.client.post(f"/admin/users/{patient[0].public_id}/unlock",
-                               data={"back": "/admin/users"})
+    forged = admin.client.post(
+        f"/admin/users/{patient[0].public_id}/unlock", data={"back": "/admin/users"}
+    )
     assert forged.status_code == 400
-    bad_token = admin.client.post(f"/admin/users/{patient[0].public_id}/unlock",
-                                  data={"back": "/admin/users", "csrf_token": "forged"})
+    bad_token = admin.client.post(
+        f"/admin/users/{patient[0].public_id}/unlock",
+        data={"back": "/admin/users", "csrf_token": "forged"},
+    )
     assert bad_token.status_code == 400
     assert admin.get(f"/admin/users/{patient[0].public_id}/unlock").status_code == 405
     assert account(app).must_reset
@@ -272,13 +289,16 @@ def test_unlock_without_csrf_is_refused(app: Flask, patient: Any) -> None:
 
 
 def test_the_lock_still_refuses_a_reset_and_the_unlock_keeps_the_old_password(
-        app: Flask, patient: Any) -> None:
+    app: Flask, patient: Any
+) -> None:
     lock(app)
     browser = from_address(app, "198.51.100.30")
     browser.submit("/reset", {"email": PATIENT_EMAIL})
     assert browser.submit(outbox_url(app, "reset")).location == "/reset/new"
-    refused = browser.submit("/reset/new", {"password": NEW_PASSWORD, "confirm": NEW_PASSWORD,
-                                            "code": current_code(patient[1])})
+    refused = browser.submit(
+        "/reset/new",
+        {"password": NEW_PASSWORD, "confirm": NEW_PASSWORD, "code": current_code(patient[1])},
+    )
     assert "not right" in refused.get_data(as_text=True)
     assert account(app).must_reset
     assert passwords.verify_password(account(app).password_hash or "", PASSWORD)

@@ -40,14 +40,25 @@ def world(app: Flask) -> dict[str, Any]:
     _, secret, _ = enrolled_user(app, role="auditor", email="ada@example.org", name="Ada Auditor")
     with app.app_context():
         patient = make_patient(db.session)
-        sent = messaging.send(db.session, sender=db.session.get(User, staff.id),
-                              recipient=patient, subject=SUBJECT, body=BODY,
-                              meta=RequestMeta("198.51.100.7", "staff-browser", "r1"))
+        sent = messaging.send(
+            db.session,
+            sender=db.session.get(User, staff.id),
+            recipient=patient,
+            subject=SUBJECT,
+            body=BODY,
+            meta=RequestMeta("198.51.100.7", "staff-browser", "r1"),
+        )
         for action in (Action.MESSAGE_VIEW, Action.ATTACHMENT_DOWNLOAD):
-            audit.record(db.session, action, actor=Actor(patient.id, "patient"),
-                         meta=RequestMeta("203.0.113.9", "patient-phone", "r2"),
-                         target_type="message", target_id=sent.message.public_id,
-                         patient_id=patient.id, message_id=sent.message.id)
+            audit.record(
+                db.session,
+                action,
+                actor=Actor(patient.id, "patient"),
+                meta=RequestMeta("203.0.113.9", "patient-phone", "r2"),
+                target_type="message",
+                target_id=sent.message.public_id,
+                patient_id=patient.id,
+                message_id=sent.message.id,
+            )
         db.session.commit()
         message_id = sent.message.public_id
     browser = Browser(app)
@@ -82,14 +93,22 @@ def test_search_by_patient_shows_metadata_not_content(app: Flask, world: dict[st
     assert SUBJECT not in page
     assert "Xylophonoma" not in page
     searches = events(app, "audit.search")
-    assert searches[-1].details == json.dumps({"patient_id": searches[-1].patient_id},
-                                              separators=(",", ":"))
+    assert searches[-1].details == json.dumps(
+        {"patient_id": searches[-1].patient_id}, separators=(",", ":")
+    )
 
 
 def test_search_combined_filters(app: Flask, world: dict[str, Any]) -> None:
-    page = search(world["browser"], {
-        "patient": "zq@example.org", "action": "attachment.download", "outcome": "success",
-        "client_ip": "203.0.113.9", "message": world["message"]}).get_data(as_text=True)
+    page = search(
+        world["browser"],
+        {
+            "patient": "zq@example.org",
+            "action": "attachment.download",
+            "outcome": "success",
+            "client_ip": "203.0.113.9",
+            "message": world["message"],
+        },
+    ).get_data(as_text=True)
     assert "1 event" in page
     assert "attachment.download" in page
 
@@ -98,8 +117,9 @@ def test_search_bad_filters_refused(app: Flask, world: dict[str, Any]) -> None:
     browser = world["browser"]
     token = browser.token("/audit/")
     before = len(events(app, "audit.search"))
-    page = browser.client.post("/audit/", data={"csrf_token": token,
-                                                "patient": "nobody@example.org"})
+    page = browser.client.post(
+        "/audit/", data={"csrf_token": token, "patient": "nobody@example.org"}
+    )
     assert page.status_code == 400
     assert "No account has that patient email" in page.get_data(as_text=True)
     refused = browser.get("/audit/?client_ip=not-an-ip&patient_id=" + "0" * 32)
@@ -113,9 +133,12 @@ def test_no_email_travels_in_a_url(app: Flask, world: dict[str, Any]) -> None:
     """Issue 10 item 10: a search by email is posted; results, pages and exports use ids."""
     with app.app_context():
         for _ in range(60):
-            audit.record(db.session, Action.AUTH_SIGNIN, actor=Actor(None, "system"),
-                         patient_id=db.session.scalar(select(User.id).where(
-                             User.email == "zq@example.org")))
+            audit.record(
+                db.session,
+                Action.AUTH_SIGNIN,
+                actor=Actor(None, "system"),
+                patient_id=db.session.scalar(select(User.id).where(User.email == "zq@example.org")),
+            )
         db.session.commit()
     browser = world["browser"]
     posted = browser.submit("/audit/", {"patient": "zq@example.org", "action": "auth.signin"})
@@ -140,8 +163,11 @@ def test_no_email_travels_in_a_url(app: Flask, world: dict[str, Any]) -> None:
 def test_email_in_a_url_is_refused_not_ignored(app: Flask, world: dict[str, Any]) -> None:
     browser = world["browser"]
     before = len(events(app, "audit.search"))
-    for url in ("/audit/?patient=zq@example.org", "/audit/?actor=zq@example.org",
-                "/audit/export/csv?patient=zq@example.org"):
+    for url in (
+        "/audit/?patient=zq@example.org",
+        "/audit/?actor=zq@example.org",
+        "/audit/export/csv?patient=zq@example.org",
+    ):
         refused = browser.get(url)
         assert refused.status_code == 400, url
         assert "addresses are never accepted in a link" in refused.get_data(as_text=True)
@@ -192,17 +218,26 @@ def test_other_export_formats(app: Flask, world: dict[str, Any], fmt: str) -> No
         assert bundle["resourceType"] == "Bundle"
         resources = [entry["resource"] for entry in bundle["entry"]]
         assert {r["resourceType"] for r in resources} == {"AuditEvent"}
-        patients = [e["what"]["reference"] for r in resources for e in r.get("entity", [])
-                    if e["what"].get("reference", "").startswith("Patient/")]
+        patients = [
+            e["what"]["reference"]
+            for r in resources
+            for e in r.get("entity", [])
+            if e["what"].get("reference", "").startswith("Patient/")
+        ]
         assert patients
     assert SUBJECT not in body
 
 
 def test_disclosure_report_lists_accesses(app: Flask, world: dict[str, Any]) -> None:
     today = utcnow().date()
-    response = world["browser"].submit("/audit/disclosures", {
-        "patient": "zq@example.org", "since": (today - timedelta(days=1)).isoformat(),
-        "until": today.isoformat()})
+    response = world["browser"].submit(
+        "/audit/disclosures",
+        {
+            "patient": "zq@example.org",
+            "since": (today - timedelta(days=1)).isoformat(),
+            "until": today.isoformat(),
+        },
+    )
     assert response.mimetype == "application/pdf"
     pdf_text = " ".join(p.extract_text() for p in PdfReader(io.BytesIO(response.data)).pages)
     flat = " ".join(pdf_text.split())
@@ -216,8 +251,10 @@ def test_disclosure_report_lists_accesses(app: Flask, world: dict[str, Any]) -> 
 
 
 def test_disclosure_report_bad_input(app: Flask, world: dict[str, Any]) -> None:
-    page = world["browser"].submit("/audit/disclosures", {
-        "patient": "sam@example.org", "since": "2026-01-02", "until": "2026-01-01"})
+    page = world["browser"].submit(
+        "/audit/disclosures",
+        {"patient": "sam@example.org", "since": "2026-01-02", "until": "2026-01-01"},
+    )
     assert "No patient has that email" in page.get_data(as_text=True)
     assert events(app, "audit.report") == []
 

@@ -69,19 +69,27 @@ ATTEMPTS = [
 @pytest.fixture
 def world(app: Flask) -> dict[str, Browser]:
     """A signed-in auditor and a signed-in patient, and a few events in the trail."""
-    _, auditor_secret, _ = enrolled_user(app, role="auditor", email="ada@example.org",
-                                         name="Ada Auditor")
-    patient, patient_secret, _ = enrolled_user(app, role="patient", email="pat@example.org",
-                                               name="Pat Ient")
+    _, auditor_secret, _ = enrolled_user(
+        app, role="auditor", email="ada@example.org", name="Ada Auditor"
+    )
+    patient, patient_secret, _ = enrolled_user(
+        app, role="patient", email="pat@example.org", name="Pat Ient"
+    )
     with app.app_context():
-        audit.record(db.session, Action.MESSAGE_VIEW, actor=Actor(patient.id, "patient"),
-                     patient_id=patient.id)
+        audit.record(
+            db.session,
+            Action.MESSAGE_VIEW,
+            actor=Actor(patient.id, "patient"),
+            patient_id=patient.id,
+        )
         db.session.commit()
     browsers = {"auditor": Browser(app), "patient": Browser(app)}
-    assert browsers["auditor"].sign_in("ada@example.org", PASSWORD,
-                                       auditor_secret).status_code == 302
-    assert browsers["patient"].sign_in("pat@example.org", PASSWORD,
-                                       patient_secret).status_code == 302
+    assert (
+        browsers["auditor"].sign_in("ada@example.org", PASSWORD, auditor_secret).status_code == 302
+    )
+    assert (
+        browsers["patient"].sign_in("pat@example.org", PASSWORD, patient_secret).status_code == 302
+    )
     return browsers
 
 
@@ -89,14 +97,18 @@ def counts(app: Flask) -> dict[str, int]:
     """How many search, export, report and verify events the trail holds."""
     wanted = [Action.AUDIT_SEARCH, Action.AUDIT_EXPORT, Action.AUDIT_REPORT, Action.AUDIT_VERIFY]
     with app.app_context():
-        rows = db.session.execute(select(AuditEvent.action, func.count()).where(
-            AuditEvent.action.in_(wanted)).group_by(AuditEvent.action)).all()
+        rows = db.session.execute(
+            select(AuditEvent.action, func.count())
+            .where(AuditEvent.action.in_(wanted))
+            .group_by(AuditEvent.action)
+        ).all()
     return {str(action): int(n) for action, n in rows}
 
 
 @pytest.mark.parametrize("value", BAD_VALUES.values(), ids=BAD_VALUES.keys())
 def test_bad_dates_and_numbers_get_400_and_change_nothing(
-        app: Flask, world: dict[str, Browser], value: str) -> None:
+    app: Flask, world: dict[str, Browser], value: str
+) -> None:
     before = counts(app)
     for attempt in ATTEMPTS:
         response = attempt.send(world, value)
@@ -129,16 +141,20 @@ def test_good_bounds_and_pages_still_work(app: Flask, world: dict[str, Browser])
     export = auditor.get("/audit/export/csv?since=2000-01-01&until=2100-12-31")
     assert export.status_code == 200
     assert "message.view" in export.get_data(as_text=True)
-    report = world["patient"].submit("/history/disclosures.pdf", {
-        "since": "2000-01-01", "until": "2100-12-31"}, form_page="/history")
+    report = world["patient"].submit(
+        "/history/disclosures.pdf",
+        {"since": "2000-01-01", "until": "2100-12-31"},
+        form_page="/history",
+    )
     assert report.mimetype == "application/pdf"
 
 
 def test_reversed_period_is_a_400_with_its_message(app: Flask, world: dict[str, Browser]) -> None:
     fields = {"since": "2024-02-01", "until": "2024-01-01"}
     patient = world["patient"].submit("/history/disclosures.pdf", fields, form_page="/history")
-    auditor = world["auditor"].submit("/audit/disclosures", {**fields,
-                                                             "patient": "pat@example.org"})
+    auditor = world["auditor"].submit(
+        "/audit/disclosures", {**fields, "patient": "pat@example.org"}
+    )
     for response in (patient, auditor):
         assert response.status_code == 400
         assert "The last day is before the first." in response.get_data(as_text=True)

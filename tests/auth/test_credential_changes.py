@@ -86,10 +86,17 @@ def assert_phi_free_notice(app: Flask, kind: str) -> None:
     [row] = notices_of(app, kind)
     with app.app_context():
         row = db.session.get(Notification, row.id)
-        email = render.render(row, url=app.config["BASE_URL"] + "/", org_name="Riverside",
-                              org_address="4 Mill Lane", support_contact="reception",
-                              expires_at=None, mail_from="no-reply@example.org",
-                              to_address=EMAIL, message_id_domain="example.org")
+        email = render.render(
+            row,
+            url=app.config["BASE_URL"] + "/",
+            org_name="Riverside",
+            org_address="4 Mill Lane",
+            support_contact="reception",
+            expires_at=None,
+            mail_from="no-reply@example.org",
+            to_address=EMAIL,
+            message_id_domain="example.org",
+        )
         texts = render.readable_texts(email)
         assert not phi.find_phi(texts, phi.phi_terms(db.session, row))
     for leak in PHI_STRINGS:
@@ -121,8 +128,9 @@ def test_password_alone_cannot_finish_or_see_a_pending_change(app: Flask, patien
     new_secret = start_change(signed_in(app, old_secret))
     thief = Browser(app)
     thief.submit("/signin", {"email": EMAIL, "password": PASSWORD})
-    posted = thief.submit("/mfa/enrol", {"code": current_code(new_secret)},
-                          form_page="/signin/code")
+    posted = thief.submit(
+        "/mfa/enrol", {"code": current_code(new_secret)}, form_page="/signin/code"
+    )
     assert posted.status_code == 302
     assert posted.location.endswith("/signin")
     with app.app_context():
@@ -134,12 +142,20 @@ def test_password_alone_cannot_finish_or_see_a_pending_change(app: Flask, patien
 
 def test_stale_enrolment_session_cannot_replace_an_active_factor(app: Flask) -> None:
     with app.app_context():
-        accounts.create_user(db.session, role="staff", email=EMAIL, name="Sam Staffer",
-                             password=PASSWORD, actor=SYSTEM, meta=NO_REQUEST)
+        accounts.create_user(
+            db.session,
+            role="staff",
+            email=EMAIL,
+            name="Sam Staffer",
+            password=PASSWORD,
+            actor=SYSTEM,
+            meta=NO_REQUEST,
+        )
         db.session.commit()
     thief, owner = Browser(app), Browser(app)
     assert thief.submit("/signin", {"email": EMAIL, "password": PASSWORD}).location.endswith(
-        "/mfa/enrol")
+        "/mfa/enrol"
+    )
     owner.submit("/signin", {"email": EMAIL, "password": PASSWORD})
     secret = _SECRET.search(owner.get("/mfa/enrol").get_data(as_text=True))
     assert secret
@@ -155,12 +171,18 @@ def test_stale_enrolment_session_cannot_replace_an_active_factor(app: Flask) -> 
         assert signin.totp_secret(db.session, user) == secret.group(1)
 
 
-def test_a_second_enrolment_session_never_sees_the_secret_the_first_turns_on(
-        app: Flask) -> None:
+def test_a_second_enrolment_session_never_sees_the_secret_the_first_turns_on(app: Flask) -> None:
     """Someone holding only the password opens enrolment while the owner is enrolling."""
     with app.app_context():
-        accounts.create_user(db.session, role="staff", email=EMAIL, name="Sam Staffer",
-                             password=PASSWORD, actor=SYSTEM, meta=NO_REQUEST)
+        accounts.create_user(
+            db.session,
+            role="staff",
+            email=EMAIL,
+            name="Sam Staffer",
+            password=PASSWORD,
+            actor=SYSTEM,
+            meta=NO_REQUEST,
+        )
         db.session.commit()
     owner, thief = Browser(app), Browser(app)
     owner.submit("/signin", {"email": EMAIL, "password": PASSWORD})
@@ -193,7 +215,8 @@ def test_a_second_enrolment_session_never_sees_the_secret_the_first_turns_on(
 
 
 def test_completed_change_swaps_factor_ends_other_sessions_audits_and_notifies(
-        app: Flask, patient: Any) -> None:
+    app: Flask, patient: Any
+) -> None:
     _, old_secret, _ = patient
     other = signed_in(app, old_secret)
     mine = signed_in(app, old_secret, 1)
@@ -241,7 +264,8 @@ def test_pending_change_expires(app: Flask, patient: Any) -> None:
 
 
 def test_another_session_of_the_user_is_not_shown_the_pending_secret(
-        app: Flask, patient: Any) -> None:
+    app: Flask, patient: Any
+) -> None:
     _, old_secret, _ = patient
     new_secret = start_change(signed_in(app, old_secret))
     other = signed_in(app, old_secret, 1)
@@ -260,15 +284,15 @@ def test_get_of_the_change_button_changes_nothing(app: Flask, patient: Any) -> N
 
 
 def change(browser: Browser, current: str, new: str = NEW_PASSWORD) -> Any:
-    return browser.submit("/account/password", {"current_password": current,
-                                                "password": new, "confirm": new})
+    return browser.submit(
+        "/account/password", {"current_password": current, "password": new, "confirm": new}
+    )
 
 
 def test_password_change_asks_for_the_current_password(app: Flask, patient: Any) -> None:
     mine = signed_in(app, patient[1])
     assert 'name="current_password"' in mine.get("/account/password").get_data(as_text=True)
-    missing = mine.submit("/account/password", {"password": NEW_PASSWORD,
-                                                "confirm": NEW_PASSWORD})
+    missing = mine.submit("/account/password", {"password": NEW_PASSWORD, "confirm": NEW_PASSWORD})
     assert missing.status_code == 200
     assert "current password" in missing.get_data(as_text=True).lower()
     assert signs_in(app, PASSWORD, next_code(patient[1]))
@@ -283,8 +307,9 @@ def test_wrong_current_password_is_refused_and_counted(app: Flask, patient: Any)
         user = accounts.find_by_email(db.session, EMAIL)
         assert user is not None
         assert user.failed_signins == 1
-        failed = db.session.scalars(select(AuditEvent).where(
-            AuditEvent.action == "auth.signin.failed")).all()
+        failed = db.session.scalars(
+            select(AuditEvent).where(AuditEvent.action == "auth.signin.failed")
+        ).all()
         assert [json.loads(e.details)["factor"] for e in failed] == ["current_password"]
     assert not notices_of(app, "password_changed")
     assert signs_in(app, PASSWORD, next_code(patient[1]))
@@ -314,8 +339,7 @@ def test_password_change_notifies_and_ends_other_sessions(app: Flask, patient: A
     assert signs_in(app, NEW_PASSWORD, current_code(patient[1]))
 
 
-def test_refused_new_password_changes_nothing_and_notifies_nobody(
-        app: Flask, patient: Any) -> None:
+def test_refused_new_password_changes_nothing_and_notifies_nobody(app: Flask, patient: Any) -> None:
     mine = signed_in(app, patient[1])
     weak = change(mine, PASSWORD, "short")
     assert weak.status_code == 200
@@ -324,7 +348,8 @@ def test_refused_new_password_changes_nothing_and_notifies_nobody(
 
 
 def test_pending_secret_is_sealed_at_rest_and_dropped_by_an_admin_reset(
-        app: Flask, patient: Any) -> None:
+    app: Flask, patient: Any
+) -> None:
     from portal.services import admin
 
     new_secret = start_change(signed_in(app, patient[1]))
@@ -341,17 +366,24 @@ def test_pending_secret_is_sealed_at_rest_and_dropped_by_an_admin_reset(
 
 def test_finishing_needs_the_issue_this_session_was_shown(app: Flask) -> None:
     with app.app_context():
-        user = accounts.create_user(db.session, role="staff", email=EMAIL, name="Sam Staffer",
-                                    password=PASSWORD, actor=SYSTEM, meta=NO_REQUEST).user
+        user = accounts.create_user(
+            db.session,
+            role="staff",
+            email=EMAIL,
+            name="Sam Staffer",
+            password=PASSWORD,
+            actor=SYSTEM,
+            meta=NO_REQUEST,
+        ).user
         _, first = signin.start_enrolment(db.session, user, None)
         second_secret, second = signin.start_enrolment(db.session, user, None)
         assert first != second
         with pytest.raises(ServiceError, match="started again elsewhere"):
-            signin.finish_enrolment(db.session, user, current_code(second_secret), NO_REQUEST,
-                                    first)
+            signin.finish_enrolment(
+                db.session, user, current_code(second_secret), NO_REQUEST, first
+            )
         with pytest.raises(ServiceError, match="started again elsewhere"):
             signin.finish_enrolment(db.session, user, current_code(second_secret), NO_REQUEST)
         assert user.totp_enabled_at is None
-        signin.finish_enrolment(db.session, user, current_code(second_secret), NO_REQUEST,
-                                second)
+        signin.finish_enrolment(db.session, user, current_code(second_secret), NO_REQUEST, second)
         assert user.totp_enabled_at is not None

@@ -29,8 +29,9 @@ def real_time() -> Any:
 
 def invite(app: Flask, email: str = "nina@example.org", name: str = "Nina Newcomer") -> str:
     with app.app_context():
-        admin.invite(db.session, role="staff", email=email, name=name, actor=SYSTEM,
-                     meta=NO_REQUEST)
+        admin.invite(
+            db.session, role="staff", email=email, name=name, actor=SYSTEM, meta=NO_REQUEST
+        )
         db.session.commit()
     return outbox_url(app, "invite")
 
@@ -60,8 +61,9 @@ def test_invite_to_enrolment_to_signed_in(app: Flask) -> None:
 def test_enrolment_code_cannot_sign_in_again(app: Flask) -> None:
     browser = Browser(app)
     accept(browser, invite(app))
-    secret = browser.get("/mfa/enrol").get_data(as_text=True).split(
-        'id="totp-secret">')[1].split("<")[0]
+    secret = (
+        browser.get("/mfa/enrol").get_data(as_text=True).split('id="totp-secret">')[1].split("<")[0]
+    )
     code = current_code(secret)
     browser.submit("/mfa/enrol", {"code": code})
     again = Browser(app).sign_in("nina@example.org", PASSWORD, code=code)
@@ -78,13 +80,16 @@ def test_wrong_enrolment_code_keeps_secret_inactive(app: Flask) -> None:
         assert user.totp_enabled_at is None
 
 
-@pytest.mark.parametrize(("password", "reason"), [
-    ("short pw 1", "at least 12"),
-    ("password1234", "too easy to guess"),
-    ("qwertyuiop123", "too easy to guess"),
-    ("nina-rocks-the-house-99", "email"),
-    ("Newcomer forever and ever 9", "name"),
-])
+@pytest.mark.parametrize(
+    ("password", "reason"),
+    [
+        ("short pw 1", "at least 12"),
+        ("password1234", "too easy to guess"),
+        ("qwertyuiop123", "too easy to guess"),
+        ("nina-rocks-the-house-99", "email"),
+        ("Newcomer forever and ever 9", "name"),
+    ],
+)
 def test_weak_passwords_refused(app: Flask, password: str, reason: str) -> None:
     browser = Browser(app)
     response = accept(browser, invite(app), password)
@@ -101,8 +106,10 @@ def test_breached_password_blocklist(make_app: Any, tmp_path: Path) -> None:
     browser = Browser(app)
     response = accept(browser, invite(app), listed)
     assert "breached or common" in response.get_data(as_text=True)
-    assert accept(Browser(app), invite(app, "o@example.org", "Olga Other"),
-                  NEW_PASSWORD).location == "/mfa/enrol"
+    assert (
+        accept(Browser(app), invite(app, "o@example.org", "Olga Other"), NEW_PASSWORD).location
+        == "/mfa/enrol"
+    )
 
 
 def test_invite_link_single_use(app: Flask) -> None:
@@ -132,11 +139,13 @@ def test_reset_needs_second_factor_and_is_single_use(app: Flask) -> None:
     assert "If an account uses that address" in sent.get_data(as_text=True)
     link = outbox_url(app, "reset")
     assert browser.submit(link).location == "/reset/new"
-    no_code = browser.submit("/reset/new", {"password": NEW_PASSWORD, "confirm": NEW_PASSWORD,
-                                            "code": "123456"})
+    no_code = browser.submit(
+        "/reset/new", {"password": NEW_PASSWORD, "confirm": NEW_PASSWORD, "code": "123456"}
+    )
     assert "not right" in no_code.get_data(as_text=True)
-    done = browser.submit("/reset/new", {"password": NEW_PASSWORD, "confirm": NEW_PASSWORD,
-                                         "code": next_code(secret)})
+    done = browser.submit(
+        "/reset/new", {"password": NEW_PASSWORD, "confirm": NEW_PASSWORD, "code": next_code(secret)}
+    )
     assert done.location == "/signin"
     with app.app_context():  # ASVS 2.2.3: the holder is told, with no personal details
         kinds = db.session.scalars(select(Notification.kind)).all()
@@ -154,13 +163,21 @@ def test_two_tabs_on_one_reset_link_change_the_password_once(app: Flask) -> None
     assert first.submit(link).location == "/reset/new"
     assert second.submit(link).location == "/reset/new"
     open_form = second.token("/reset/new")  # the second tab shows the form, then waits
-    done = first.submit("/reset/new", {"password": NEW_PASSWORD, "confirm": NEW_PASSWORD,
-                                       "code": next_code(secret)})
+    done = first.submit(
+        "/reset/new", {"password": NEW_PASSWORD, "confirm": NEW_PASSWORD, "code": next_code(secret)}
+    )
     assert done.location == "/signin"
     travel(timedelta(seconds=31))
     other = "Quartz meadow lantern ferry 58"
-    late = second.client.post("/reset/new", data={"csrf_token": open_form, "password": other,
-                                                  "confirm": other, "code": next_code(secret)})
+    late = second.client.post(
+        "/reset/new",
+        data={
+            "csrf_token": open_form,
+            "password": other,
+            "confirm": other,
+            "code": next_code(secret),
+        },
+    )
     assert late.status_code == 404
     travel(timedelta(minutes=2))
     assert Browser(app).sign_in("sam@example.org", other, secret).status_code != 302
@@ -205,9 +222,10 @@ def test_password_change_ends_other_sessions(app: Flask) -> None:
     other.sign_in("sam@example.org", PASSWORD, secret)
     mine = Browser(app)
     mine.sign_in("sam@example.org", PASSWORD, code=next_code(secret))
-    changed = mine.submit("/account/password", {"current_password": PASSWORD,
-                                                "password": NEW_PASSWORD,
-                                                "confirm": NEW_PASSWORD})
+    changed = mine.submit(
+        "/account/password",
+        {"current_password": PASSWORD, "password": NEW_PASSWORD, "confirm": NEW_PASSWORD},
+    )
     assert changed.location == "/account"
     assert mine.get("/account").status_code == 200
     assert other.get("/account").status_code == 302
@@ -217,11 +235,13 @@ def test_admin_pages_invite_and_disable(app: Flask) -> None:
     _, secret, _ = enrolled_user(app, role="admin", email="al@example.org", name="Al Admin")
     browser = Browser(app)
     browser.sign_in("al@example.org", PASSWORD, secret)
-    sent = browser.submit("/admin/users/new", {"role": "auditor", "email": "aud@example.org",
-                                               "name": "Ada Auditor"})
+    sent = browser.submit(
+        "/admin/users/new", {"role": "auditor", "email": "aud@example.org", "name": "Ada Auditor"}
+    )
     assert sent.location == "/admin/users"
-    duplicate = browser.submit("/admin/users/new", {"role": "auditor",
-                                                    "email": "aud@example.org", "name": "Ada"})
+    duplicate = browser.submit(
+        "/admin/users/new", {"role": "auditor", "email": "aud@example.org", "name": "Ada"}
+    )
     assert "already exists" in duplicate.get_data(as_text=True)
     with app.app_context():
         target = db.session.scalar(select(User).where(User.email == "aud@example.org"))
@@ -234,14 +254,18 @@ def test_admin_pages_invite_and_disable(app: Flask) -> None:
         assert db.session.get(User, target.id).disabled
 
 
-@pytest.mark.parametrize(("org_name", "password"), [
-    (None, "Pickup Portal forever 2024"),  # the product's name
-    (None, "P1ckupPorta1 lantern 77"),
-    (None, "Pickup Portal Demo Clinic 1987"),  # the embedded default organisation
-    ("Riverside Family Practice", "riverside-family-practice-77"),
-])
-def test_service_and_organisation_names_refused(make_app: Any, org_name: str | None,
-                                                password: str) -> None:
+@pytest.mark.parametrize(
+    ("org_name", "password"),
+    [
+        (None, "Pickup Portal forever 2024"),  # the product's name
+        (None, "P1ckupPorta1 lantern 77"),
+        (None, "Pickup Portal Demo Clinic 1987"),  # the embedded default organisation
+        ("Riverside Family Practice", "riverside-family-practice-77"),
+    ],
+)
+def test_service_and_organisation_names_refused(
+    make_app: Any, org_name: str | None, password: str
+) -> None:
     app = make_app(**({"ORG_NAME": org_name} if org_name else {}))
     response = accept(Browser(app), invite(app), password)
     assert response.status_code == 200

@@ -65,8 +65,7 @@ def test_half_signed_in_reaches_nothing_and_expires(app: Flask, staff: Any) -> N
     assert browser.get("/account").location.startswith("/signin")
     assert browser.get("/admin/users").status_code == 302
     travel(timedelta(minutes=6))
-    late = browser.submit("/signin/code", {"code": current_code(staff[1])},
-                          form_page="/signin")
+    late = browser.submit("/signin/code", {"code": current_code(staff[1])}, form_page="/signin")
     assert late.location.endswith("/signin")
 
 
@@ -91,8 +90,7 @@ def test_older_step_after_newer_refused(app: Flask, staff: Any) -> None:
 def test_clock_drift(app: Flask, offset: int, accepted: bool) -> None:
     _, secret, _ = enrolled_user(app)
     travel(timedelta(minutes=2))  # past the enrolment step, so -1 is still new
-    response = Browser(app).sign_in("sam@example.org", PASSWORD,
-                                    code=current_code(secret, offset))
+    response = Browser(app).sign_in("sam@example.org", PASSWORD, code=current_code(secret, offset))
     assert (response.status_code == 302) is accepted
 
 
@@ -141,6 +139,7 @@ def test_recovery_code_single_use_and_counted(app: Flask, staff: Any) -> None:
     assert "auth.recovery.used" in actions(app)
 
 
+@pytest.mark.real_argon2  # about the production parameters themselves
 def test_rehash_when_parameters_change(app: Flask, staff: Any) -> None:
     weak = passwords.make_hasher(time_cost=2, memory_cost=19456, parallelism=1)
     with app.app_context():
@@ -153,6 +152,7 @@ def test_rehash_when_parameters_change(app: Flask, staff: Any) -> None:
         assert f"m={passwords.MEMORY_COST_KIB},t={passwords.TIME_COST},p=1" in stored
 
 
+@pytest.mark.real_argon2  # about the production parameters themselves
 def test_stored_hash_meets_owasp_floor(app: Flask, staff: Any) -> None:
     with app.app_context():
         stored = db.session.get(User, staff[0].id).password_hash
@@ -186,8 +186,10 @@ def test_hundred_failures_need_a_reset(app: Flask, staff: Any) -> None:
 
 def test_address_rate_limit(app: Flask) -> None:
     browser = Browser(app)
-    statuses = [browser.submit("/signin", {"email": f"x{i}@example.org", "password": "x" * 12})
-                .status_code for i in range(22)]
+    statuses = [
+        browser.submit("/signin", {"email": f"x{i}@example.org", "password": "x" * 12}).status_code
+        for i in range(22)
+    ]
     assert statuses[-1] == 429
     assert 401 in statuses
 
@@ -201,20 +203,24 @@ def test_redis_rate_limit_storage(make_app: Any) -> None:
 
     assert "redis" in type(limiter.storage).__name__.lower()
     browser = Browser(app)
-    statuses = [browser.submit("/signin", {"email": f"y{i}@example.org", "password": "x" * 12})
-                .status_code for i in range(22)]
+    statuses = [
+        browser.submit("/signin", {"email": f"y{i}@example.org", "password": "x" * 12}).status_code
+        for i in range(22)
+    ]
     assert statuses[-1] == 429
     limiter.reset()
 
 
-@pytest.mark.parametrize(("target", "lands"), [
-    ("/account", "/account"),
-    ("https://evil.example/x", "/staff/"),
-    ("//evil.example/x", "/staff/"),
-    ("/\\evil.example", "/staff/"),
-])
-def test_next_accepts_internal_paths_only(app: Flask, staff: Any, target: str,
-                                          lands: str) -> None:
+@pytest.mark.parametrize(
+    ("target", "lands"),
+    [
+        ("/account", "/account"),
+        ("https://evil.example/x", "/staff/"),
+        ("//evil.example/x", "/staff/"),
+        ("/\\evil.example", "/staff/"),
+    ],
+)
+def test_next_accepts_internal_paths_only(app: Flask, staff: Any, target: str, lands: str) -> None:
     response = Browser(app).sign_in("sam@example.org", PASSWORD, staff[1], next_url=target)
     assert response.location == lands
 
@@ -256,8 +262,9 @@ def test_disabling_ends_sessions(app: Flask, staff: Any) -> None:
         from portal.audit import NO_REQUEST, SYSTEM
         from portal.services import admin
 
-        admin.set_disabled(db.session, db.session.get(User, staff[0].id), True, actor=SYSTEM,
-                           meta=NO_REQUEST)
+        admin.set_disabled(
+            db.session, db.session.get(User, staff[0].id), True, actor=SYSTEM, meta=NO_REQUEST
+        )
         db.session.commit()
     assert browser.get("/account").status_code == 302
 
@@ -265,12 +272,10 @@ def test_disabling_ends_sessions(app: Flask, staff: Any) -> None:
 def test_reauthentication_demanded(app: Flask, staff: Any) -> None:
     browser = Browser(app)
     browser.sign_in("sam@example.org", PASSWORD, staff[1])
-    fresh = browser.submit("/account/recovery-codes", {"back": "/account"},
-                           form_page="/account")
+    fresh = browser.submit("/account/recovery-codes", {"back": "/account"}, form_page="/account")
     assert fresh.status_code == 200  # within five minutes of signing in
     travel(timedelta(minutes=6))
-    stale = browser.submit("/account/recovery-codes", {"back": "/account"},
-                           form_page="/account")
+    stale = browser.submit("/account/recovery-codes", {"back": "/account"}, form_page="/account")
     assert stale.location.startswith("/reauth")
     proved = browser.submit(stale.location, {"code": next_code(staff[1])})
     assert proved.location == "/account"
@@ -284,8 +289,15 @@ def test_unenrolled_user_confined_to_enrolment(app: Flask) -> None:
     from portal.services import accounts
 
     with app.app_context():
-        accounts.create_user(db.session, role="admin", email="al@example.org", name="Al Admin",
-                             password=PASSWORD, actor=SYSTEM, meta=NO_REQUEST)
+        accounts.create_user(
+            db.session,
+            role="admin",
+            email="al@example.org",
+            name="Al Admin",
+            password=PASSWORD,
+            actor=SYSTEM,
+            meta=NO_REQUEST,
+        )
         db.session.commit()
     browser = Browser(app)
     first = browser.submit("/signin", {"email": "al@example.org", "password": PASSWORD})

@@ -54,8 +54,11 @@ def wrong_code(secret: str) -> str:
 
 def events(app: Flask, action: str) -> list[AuditEvent]:
     with app.app_context():
-        return list(db.session.scalars(select(AuditEvent).where(AuditEvent.action == action)
-                                       .order_by(AuditEvent.seq)))
+        return list(
+            db.session.scalars(
+                select(AuditEvent).where(AuditEvent.action == action).order_by(AuditEvent.seq)
+            )
+        )
 
 
 def details(event: AuditEvent) -> dict[str, Any]:
@@ -81,7 +84,8 @@ def pause_account(app: Flask) -> None:
 
 
 def test_a_flood_for_the_victims_email_locks_them_out_only_for_the_pause(
-        app: Flask, staff: Any) -> None:
+    app: Flask, staff: Any
+) -> None:
     for attempt in range(35):  # from seven addresses, each under its own limit
         attacker = from_address(app, f"203.0.113.{attempt // 5 + 1}")
         assert attacker.submit("/signin", {"email": EMAIL, "password": WRONG}).status_code == 401
@@ -93,20 +97,23 @@ def test_a_flood_for_the_victims_email_locks_them_out_only_for_the_pause(
 
 
 def test_rate_limit_logs_name_neither_the_account_nor_the_address(
-        app: Flask, staff: Any, caplog: pytest.LogCaptureFixture) -> None:
+    app: Flask, staff: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)  # every record of every logger, at every level
     statuses = []
     for attempt in range(64):  # past the per-account flood guard, from four addresses
         attacker = from_address(app, f"203.0.113.{attempt // 16 + 1}")
         statuses.append(attacker.submit("/signin", {"email": EMAIL}).status_code)
     prober = from_address(app, "203.0.113.99")  # past one address's limit
-    statuses += [prober.submit("/signin", {"email": f"x{i}@example.org"}).status_code
-                 for i in range(22)]
+    statuses += [
+        prober.submit("/signin", {"email": f"x{i}@example.org"}).status_code for i in range(22)
+    ]
     assert statuses.count(429) >= 2
     limiter_lines = [r.getMessage() for r in caplog.records if r.name == "flask-limiter"]
     assert any("exceeded" in line for line in limiter_lines)  # the breaches were logged
-    everything = " ".join(f"{r.name} {r.getMessage()} {r.args!r} {vars(r)!r}"
-                          for r in caplog.records)
+    everything = " ".join(
+        f"{r.name} {r.getMessage()} {r.args!r} {vars(r)!r}" for r in caplog.records
+    )
     assert EMAIL not in everything
     assert "@example.org" not in everything
     assert not any("203.0.113." in line for line in limiter_lines)
@@ -135,8 +142,7 @@ def test_redis_keys_name_no_account(make_app: Any) -> None:
 # -- re-authentication counts like sign-in ---------------------------------------------------
 
 
-def test_wrong_reauthentication_codes_count_and_pause_the_account(
-        app: Flask, staff: Any) -> None:
+def test_wrong_reauthentication_codes_count_and_pause_the_account(app: Flask, staff: Any) -> None:
     mine = Browser(app)
     mine.sign_in(EMAIL, PASSWORD, staff[1])
     travel(timedelta(minutes=6))
@@ -179,8 +185,9 @@ def reset_page(app: Flask) -> Browser:
 
 
 def reset(browser: Browser, code: str) -> Any:
-    return browser.submit("/reset/new", {"password": NEW_PASSWORD, "confirm": NEW_PASSWORD,
-                                         "code": code})
+    return browser.submit(
+        "/reset/new", {"password": NEW_PASSWORD, "confirm": NEW_PASSWORD, "code": code}
+    )
 
 
 def test_reset_refused_while_the_account_is_paused(app: Flask, staff: Any) -> None:
@@ -223,7 +230,8 @@ def test_wrong_reset_codes_count(app: Flask, staff: Any) -> None:
 
 
 def test_right_password_is_audited_and_a_wrong_one_is_not_called_right(
-        app: Flask, staff: Any) -> None:
+    app: Flask, staff: Any
+) -> None:
     Browser(app).submit("/signin", {"email": EMAIL, "password": WRONG})
     assert events(app, "auth.password.ok") == []
     Browser(app).sign_in(EMAIL, PASSWORD, staff[1])
@@ -251,8 +259,7 @@ def test_wrong_code_is_still_a_plain_failure(app: Flask, staff: Any) -> None:
     assert [details(e)["factor"] for e in events(app, "auth.signin.failed")] == ["code"]
 
 
-def test_replay_through_reauthentication_is_audited_as_a_replay(
-        app: Flask, staff: Any) -> None:
+def test_replay_through_reauthentication_is_audited_as_a_replay(app: Flask, staff: Any) -> None:
     mine = Browser(app)
     code = current_code(staff[1])
     mine.sign_in(EMAIL, PASSWORD, code=code)

@@ -30,9 +30,9 @@ from portal.audit import NO_REQUEST
 from portal.extensions import db
 from portal.services import accounts, messaging
 from portal.services.messages import Upload
-from tests.browser.conftest import VIEWPORTS, Portal
 from tests.browser_client import current_code, enrolled_user
 from tests.factories import BODY, FILENAME, PATIENT_DOB, SUBJECT, make_patient
+from tests.support.browser import VIEWPORTS, Portal
 
 pytestmark = pytest.mark.browser
 
@@ -44,7 +44,8 @@ PASSWORD = "Correct horse battery staple 42"  # tests.browser_client.enrolled_us
 NEW_PASSWORD = "Lantern orchard velvet compass 77"
 RETURNING_HINT = (
     "The link's own page carries the password for an enrolled recipient; a screen came back "
-    "between it and the code.")
+    "between it and the code."
+)
 
 
 # The page's widths, and the innermost elements that stick out on the right (tag.class only).
@@ -143,7 +144,7 @@ class Walk:
     def check_token_left_the_urls(self) -> None:
         assert self.continued_at is not None
         assert self.token in self.screens[0]
-        later = self.requests[self.continued_at:]
+        later = self.requests[self.continued_at :]
         posted = [(m, u) for m, u, _ in later if self.token in u]
         assert len(posted) == 1, "Continue should be the only request to the link after it"
         assert posted[0][0] == "POST"
@@ -166,8 +167,9 @@ class Walk:
     def screen_report(self) -> str:
         """The screens in order: heading and path (the token shown as <token>)."""
         paths = ["/" + u.split("/", 3)[-1].replace(self.token, "<token>") for u in self.screens]
-        return "; ".join(f"{n}. {h} ({p})" for n, (h, p) in
-                         enumerate(zip(self.headings, paths, strict=False), 1))
+        return "; ".join(
+            f"{n}. {h} ({p})" for n, (h, p) in enumerate(zip(self.headings, paths, strict=False), 1)
+        )
 
 
 def verdict(walk: Walk, who: str, goal: int, hint: str = "") -> None:
@@ -176,8 +178,10 @@ def verdict(walk: Walk, who: str, goal: int, hint: str = "") -> None:
     assert screens == len(walk.headings), walk.screen_report()
     problems = list(walk.too_wide)
     if screens > goal:
-        problems.append(f"a {who} patient passes {screens} screens from the email to the "
-                        f"document (goal {goal}): {walk.screen_report()}. {hint}")
+        problems.append(
+            f"a {who} patient passes {screens} screens from the email to the "
+            f"document (goal {goal}): {walk.screen_report()}. {hint}"
+        )
     assert not problems, "\n".join(problems)
 
 
@@ -189,9 +193,15 @@ def send_and_deliver(portal: Portal, upload: bytes) -> str:
         recipient = accounts.find_by_email(db.session, PATIENT_EMAIL)
         assert sender is not None
         assert recipient is not None
-        messaging.send(db.session, sender=sender, recipient=recipient, subject=SUBJECT,
-                       body=BODY, uploads=[Upload(FILENAME, io.BytesIO(upload))],
-                       meta=NO_REQUEST)
+        messaging.send(
+            db.session,
+            sender=sender,
+            recipient=recipient,
+            subject=SUBJECT,
+            body=BODY,
+            uploads=[Upload(FILENAME, io.BytesIO(upload))],
+            meta=NO_REQUEST,
+        )
         db.session.commit()
     stats = worker.drain(portal.app, "test")
     assert (stats.sent, stats.failed, stats.retrying) == (1, 0, 0), stats
@@ -209,7 +219,8 @@ def read_message(walk: Walk, upload: bytes, tmp_path: Path, viewport: str) -> No
 
 
 def test_first_time_patient_from_email_to_document(
-        portal_server: Portal, context: BrowserContext, viewport: str, tmp_path: Path) -> None:
+    portal_server: Portal, context: BrowserContext, viewport: str, tmp_path: Path
+) -> None:
     app = portal_server.app
     enrolled_user(app, role="staff", email=STAFF_EMAIL)
     with app.app_context():
@@ -238,11 +249,13 @@ def test_first_time_patient_from_email_to_document(
 
 
 def test_returning_patient_from_email_to_document(
-        portal_server: Portal, context: BrowserContext, viewport: str, tmp_path: Path) -> None:
+    portal_server: Portal, context: BrowserContext, viewport: str, tmp_path: Path
+) -> None:
     app = portal_server.app
     enrolled_user(app, role="staff", email=STAFF_EMAIL)
-    _, secret, _ = enrolled_user(app, role="patient", email=PATIENT_EMAIL,
-                                 name="Zebulon Quagmire-Phiseed")
+    _, secret, _ = enrolled_user(
+        app, role="patient", email=PATIENT_EMAIL, name="Zebulon Quagmire-Phiseed"
+    )
     upload = make_pdf()
     link = send_and_deliver(portal_server, upload)
     walk = Walk(context.new_page(), link.rsplit("/", 1)[1])

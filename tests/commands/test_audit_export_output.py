@@ -17,7 +17,6 @@ import pytest
 from click.testing import CliRunner, Result
 from flask import Flask
 
-import portal.commands.audit_export  # noqa: F401  (attaches `portal audit export`)
 from portal import cli
 from portal.extensions import db
 from portal.services import audit_query
@@ -37,8 +36,7 @@ def export(app: Flask) -> Export:
     env = {"PORTAL_DATABASE_URL": app.config["DATABASE_URL"]}
 
     def run(*args: str) -> Result:
-        return CliRunner().invoke(cli.main, ["audit", "export", "--format", "csv", *args],
-                                  env=env)
+        return CliRunner().invoke(cli.main, ["audit", "export", "--format", "csv", *args], env=env)
 
     return run
 
@@ -66,8 +64,7 @@ def test_new_file_is_0600_whatever_the_umask(export: Export, tmp_path: Path) -> 
     assert os.listdir(target.parent) == ["trail.csv"]  # no temporary file left behind
 
 
-def test_existing_file_is_refused_without_force(app: Flask, export: Export,
-                                                tmp_path: Path) -> None:
+def test_existing_file_is_refused_without_force(app: Flask, export: Export, tmp_path: Path) -> None:
     target = tmp_path / "keep.csv"
     target.write_text("keep me")
     target.chmod(0o640)
@@ -80,8 +77,9 @@ def test_existing_file_is_refused_without_force(app: Flask, export: Export,
     assert exports_recorded(app) == 0
 
 
-def test_force_replaces_the_file_with_a_new_private_one(app: Flask, export: Export,
-                                                        tmp_path: Path) -> None:
+def test_force_replaces_the_file_with_a_new_private_one(
+    app: Flask, export: Export, tmp_path: Path
+) -> None:
     target = tmp_path / "old.csv"
     target.write_text("old")
     target.chmod(0o644)
@@ -121,13 +119,17 @@ def test_character_device_is_written_as_it_is(export: Export, tmp_path: Path) ->
     assert result.exit_code == 0, result.output
     after = os.stat(device)
     assert stat.S_ISCHR(after.st_mode)
-    assert (after.st_mode, after.st_rdev, after.st_uid) == (before.st_mode, before.st_rdev,
-                                                            before.st_uid)
+    assert (after.st_mode, after.st_rdev, after.st_uid) == (
+        before.st_mode,
+        before.st_rdev,
+        before.st_uid,
+    )
     assert mode(device) == 0o666
 
 
-def test_fifo_receives_the_export_and_keeps_its_mode(app: Flask, export: Export,
-                                                     tmp_path: Path) -> None:
+def test_fifo_receives_the_export_and_keeps_its_mode(
+    app: Flask, export: Export, tmp_path: Path
+) -> None:
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     fifo.chmod(0o644)
@@ -159,8 +161,9 @@ def test_another_users_fifo_is_refused(app: Flask, export: Export, tmp_path: Pat
     assert exports_recorded(app) == 0
 
 
-def test_folder_that_does_not_exist_is_a_clear_error(app: Flask, export: Export,
-                                                     tmp_path: Path) -> None:
+def test_folder_that_does_not_exist_is_a_clear_error(
+    app: Flask, export: Export, tmp_path: Path
+) -> None:
     result = export("-o", str(tmp_path / "missing" / "trail.csv"))
     assert result.exit_code == 1
     assert "cannot write" in result.output

@@ -62,9 +62,14 @@ class Target:
         shutil.copy(source.config["KEYRING_PATH"], self.folder / "keyring.json")
 
     def app(self) -> Flask:
-        return create_app({"DATABASE_URL": self.url, "TESTING": True,
-                           "BLOB_DIR": str(self.blobs),
-                           "KEYRING_PATH": str(self.folder / "keyring.json")})
+        return create_app(
+            {
+                "DATABASE_URL": self.url,
+                "TESTING": True,
+                "BLOB_DIR": str(self.blobs),
+                "KEYRING_PATH": str(self.folder / "keyring.json"),
+            }
+        )
 
 
 @pytest.fixture
@@ -93,8 +98,9 @@ def target(app: Flask, backend: str, tmp_path: Path) -> Iterator[Target]:
 
 def run(app: Flask, *args: str) -> Result:
     """Run ``portal ARGS`` on the source instance."""
-    return CliRunner().invoke(cli.main, list(args),
-                              env={"PORTAL_DATABASE_URL": app.config["DATABASE_URL"]})
+    return CliRunner().invoke(
+        cli.main, list(args), env={"PORTAL_DATABASE_URL": app.config["DATABASE_URL"]}
+    )
 
 
 @pytest.fixture
@@ -110,8 +116,15 @@ def sent(app: Flask) -> dict[str, tuple[str, list[bytes]]]:
         patient = make_patient(db.session)
         for label, pdfs in [*files.items(), ("shredded", [MINIMAL_PDF])]:
             uploads = [Upload(f"{label}-{i}.pdf", io.BytesIO(pdf)) for i, pdf in enumerate(pdfs)]
-            done = messaging.send(db.session, sender=staff, recipient=patient, subject=SUBJECT,
-                                  body=f"{BODY} ({label})", uploads=uploads, meta=NO_REQUEST)
+            done = messaging.send(
+                db.session,
+                sender=staff,
+                recipient=patient,
+                subject=SUBJECT,
+                body=f"{BODY} ({label})",
+                uploads=uploads,
+                meta=NO_REQUEST,
+            )
             if label == "shredded":
                 content.shred(db.session, done.message, actor=SYSTEM, meta=NO_REQUEST)
             else:
@@ -126,8 +139,10 @@ def read_everything(app: Flask) -> dict[str, tuple[str, list[bytes]]]:
     found: dict[str, tuple[str, list[bytes]]] = {}
     with app.app_context():
         for message in db.session.scalars(select(Message).where(Message.destroyed_at.is_(None))):
-            files = [b"".join(content.open_attachment(db.session, attachment))
-                     for attachment in message.attachments]
+            files = [
+                b"".join(content.open_attachment(db.session, attachment))
+                for attachment in message.attachments
+            ]
             found[message.public_id] = (messages.read(db.session, message).body, files)
     return found
 
@@ -138,8 +153,8 @@ def audit_count(app: Flask) -> int:
 
 
 def test_restore_into_a_fresh_instance_reads_every_message_and_the_trail_is_intact(
-        app: Flask, sent: dict[str, tuple[str, list[bytes]]], target: Target,
-        tmp_path: Path) -> None:
+    app: Flask, sent: dict[str, tuple[str, list[bytes]]], target: Target, tmp_path: Path
+) -> None:
     events_at_backup = audit_count(app)
     made = run(app, "backup", str(tmp_path / "bk"))
     assert made.exit_code == 0, made.output
@@ -166,7 +181,8 @@ def test_restore_into_a_fresh_instance_reads_every_message_and_the_trail_is_inta
 
 
 def test_backup_is_private_named_in_the_manifest_and_leaves_the_keyring_out(
-        app: Flask, sent: dict[str, tuple[str, list[bytes]]], tmp_path: Path) -> None:
+    app: Flask, sent: dict[str, tuple[str, list[bytes]]], tmp_path: Path
+) -> None:
     folder = tmp_path / "bk"
     made = run(app, "backup", str(folder))
     assert made.exit_code == 0, made.output
@@ -175,8 +191,12 @@ def test_backup_is_private_named_in_the_manifest_and_leaves_the_keyring_out(
 
     manifest = json.loads((folder / "manifest.json").read_text())
     with app.app_context():
-        live = {a.blob_id for m in db.session.scalars(select(Message)) if m.destroyed_at is None
-                for a in m.attachments}
+        live = {
+            a.blob_id
+            for m in db.session.scalars(select(Message))
+            if m.destroyed_at is None
+            for a in m.attachments
+        }
         assert manifest["schema_revision"] == schema_state(db.engine)[1]
     blobs = {name.rsplit("/", 1)[1] for name in manifest["files"] if name.startswith("blobs/")}
     assert blobs == live  # the orphan and the shredded message's blob stay behind
@@ -189,20 +209,23 @@ def test_backup_is_private_named_in_the_manifest_and_leaves_the_keyring_out(
         assert stat.S_IMODE(path.stat().st_mode) == (0o700 if path.is_dir() else 0o600), path
         assert "keyring" not in path.name
     key_material = json.loads(Path(app.config["KEYRING_PATH"]).read_text())["keys"]["1"]
-    assert not any(key_material.encode() in p.read_bytes() for p in folder.rglob("*")
-                   if p.is_file())
+    assert not any(
+        key_material.encode() in p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    )
     assert audit_count(app)
     assert _last_action(app) == "backup.create"
 
 
 def _last_action(app: Flask) -> str:
     with app.app_context():
-        return str(db.session.scalar(select(AuditEvent.action).order_by(AuditEvent.seq.desc())
-                                     .limit(1)))
+        return str(
+            db.session.scalar(select(AuditEvent.action).order_by(AuditEvent.seq.desc()).limit(1))
+        )
 
 
 def test_backup_refuses_an_existing_folder_and_leaves_it_alone(
-        app: Flask, sent: Any, tmp_path: Path) -> None:
+    app: Flask, sent: Any, tmp_path: Path
+) -> None:
     folder = tmp_path / "taken"
     folder.mkdir(mode=0o755)
     folder.chmod(0o755)
@@ -214,10 +237,12 @@ def test_backup_refuses_an_existing_folder_and_leaves_it_alone(
 
 
 def test_backup_fails_loudly_when_a_named_blob_is_missing(
-        app: Flask, sent: dict[str, tuple[str, list[bytes]]], tmp_path: Path) -> None:
+    app: Flask, sent: dict[str, tuple[str, list[bytes]]], tmp_path: Path
+) -> None:
     with app.app_context():
-        message = db.session.scalars(select(Message).where(
-            Message.public_id == next(iter(sent)))).one()
+        message = db.session.scalars(
+            select(Message).where(Message.public_id == next(iter(sent)))
+        ).one()
         content.blob_store().delete(message.attachments[0].blob_id)
     events = audit_count(app)
     failed = run(app, "backup", str(tmp_path / "bk"))
@@ -235,8 +260,9 @@ def backup_dir(app: Flask, sent: Any, tmp_path: Path) -> Path:
 
 
 def assert_nothing_restored(target: Target) -> None:
-    blob_files = [p for p in target.blobs.rglob("*") if p.is_file()] if target.blobs.exists() \
-        else []
+    blob_files = (
+        [p for p in target.blobs.rglob("*") if p.is_file()] if target.blobs.exists() else []
+    )
     assert blob_files == []
     engine = create_engine(target.url)
     try:
@@ -244,9 +270,12 @@ def assert_nothing_restored(target: Target) -> None:
             if engine.dialect.name == "sqlite":
                 tables = connection.execute(text("SELECT count(*) FROM sqlite_master")).scalar()
             else:
-                tables = connection.execute(text(
-                    "SELECT count(*) FROM information_schema.tables "
-                    "WHERE table_schema = current_schema()")).scalar()
+                tables = connection.execute(
+                    text(
+                        "SELECT count(*) FROM information_schema.tables "
+                        "WHERE table_schema = current_schema()"
+                    )
+                ).scalar()
     finally:
         engine.dispose()
     assert tables == 0
@@ -258,7 +287,8 @@ def _blob_file(folder: Path) -> Path:
 
 @pytest.mark.parametrize("victim", ["blob", "database"])
 def test_restore_refuses_a_tampered_file_and_writes_nothing(
-        backup_dir: Path, target: Target, victim: str) -> None:
+    backup_dir: Path, target: Target, victim: str
+) -> None:
     path = _blob_file(backup_dir) if victim == "blob" else next(backup_dir.glob("database.*"))
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -285,8 +315,9 @@ def test_restore_refuses_an_unfinished_backup(backup_dir: Path, target: Target) 
     assert_nothing_restored(target)
 
 
-def test_restore_refuses_a_non_empty_target(app: Flask, backup_dir: Path, target: Target,
-                                            tmp_path: Path) -> None:
+def test_restore_refuses_a_non_empty_target(
+    app: Flask, backup_dir: Path, target: Target, tmp_path: Path
+) -> None:
     into_source = run(app, "restore", str(backup_dir))
     assert into_source.exit_code == 1
     assert "not empty" in into_source.output
@@ -315,7 +346,8 @@ def test_restore_refuses_a_backup_of_a_newer_schema(backup_dir: Path, target: Ta
 
 
 def test_restore_refuses_a_manifest_naming_paths_outside_the_backup(
-        backup_dir: Path, target: Target, tmp_path: Path) -> None:
+    backup_dir: Path, target: Target, tmp_path: Path
+) -> None:
     manifest = json.loads((backup_dir / "manifest.json").read_text())
     outside = tmp_path / "outside.txt"
     outside.write_text("not part of any backup")
@@ -328,7 +360,8 @@ def test_restore_refuses_a_manifest_naming_paths_outside_the_backup(
 
 
 def test_restore_without_the_keyring_warns_and_creates_none(
-        backup_dir: Path, target: Target) -> None:
+    backup_dir: Path, target: Target
+) -> None:
     restored = target.run("restore", str(backup_dir))
     assert restored.exit_code == 0, restored.output
     assert "WARNING: no keyring at" in restored.output

@@ -187,7 +187,8 @@ def test_200_mib_round_trip_keeps_memory_flat(store: FilesystemBlobStore) -> Non
 
 
 def test_put_at_restores_a_blob_under_its_id_and_never_overwrites(
-        store: FilesystemBlobStore) -> None:
+    store: FilesystemBlobStore,
+) -> None:
     blob_id = "ab" + "0" * 30
     store.put_at(blob_id, [b"cipher", b"text"])
     assert store.open(blob_id).read() == b"ciphertext"

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from portal.config import MIB, SETTINGS
 from portal.models import AuditEvent
 from portal.security import otp
-from tests.deploy.conftest import (
+from tests.support.deploy import (
     CLIENT_ADDRESS,
     NGINX_SAMPLE,
     PASSWORD,
@@ -55,13 +55,19 @@ class Patient:
 
     def headers(self) -> dict[str, str]:
         cookie = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
-        return {"X-Forwarded-For": SPOOFED, "X-Real-IP": SPOOFED, "Forwarded": f"for={SPOOFED}",
-                **({"Cookie": cookie} if cookie else {})}
+        return {
+            "X-Forwarded-For": SPOOFED,
+            "X-Real-IP": SPOOFED,
+            "Forwarded": f"for={SPOOFED}",
+            **({"Cookie": cookie} if cookie else {}),
+        }
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                extra: dict[str, str] | None = None) -> http.client.HTTPResponse:
-        self.connection.request(method, path, body=body, headers={**self.headers(),
-                                                                  **(extra or {})})
+    def request(
+        self, method: str, path: str, body: bytes | None = None, extra: dict[str, str] | None = None
+    ) -> http.client.HTTPResponse:
+        self.connection.request(
+            method, path, body=body, headers={**self.headers(), **(extra or {})}
+        )
         response = self.connection.getresponse()
         for header in response.headers.get_all("Set-Cookie") or []:
             name, _, rest = header.partition("=")
@@ -73,8 +79,12 @@ class Patient:
         found = _CSRF.search(page.read().decode())
         assert found, f"no form on {path} ({page.status})"
         body = urllib.parse.urlencode({"csrf_token": found.group(1), **fields}).encode()
-        response = self.request("POST", path, body, {
-            "Content-Type": "application/x-www-form-urlencoded", "Origin": self.origin})
+        response = self.request(
+            "POST",
+            path,
+            body,
+            {"Content-Type": "application/x-www-form-urlencoded", "Origin": self.origin},
+        )
         response.read()
         return response
 
@@ -113,7 +123,8 @@ def directive(name: str) -> str:
 
 
 def test_pickup_through_nginx_audits_the_patients_address_not_the_proxys(
-        nginx: Nginx, portal: Portal, make_pickup: Callable[[str], Pickup]) -> None:
+    nginx: Nginx, portal: Portal, make_pickup: Callable[[str], Pickup]
+) -> None:
     pickup = make_pickup("pat-audit@example.org")
     patient = Patient(nginx)
     patient.sign_in(pickup)
@@ -127,7 +138,8 @@ def test_pickup_through_nginx_audits_the_patients_address_not_the_proxys(
 
 
 def test_nginx_streams_downloads_without_spooling_them_to_disk(
-        nginx: Nginx, make_pickup: Callable[[str], Pickup]) -> None:
+    nginx: Nginx, make_pickup: Callable[[str], Pickup]
+) -> None:
     pickup = make_pickup("pat-stream@example.org")
     assert stalled_download_spools(nginx, pickup) == []
     assert all(not any(folder.iterdir()) for folder in nginx.temp_dirs)
@@ -138,7 +150,8 @@ def test_nginx_streams_uploads_without_spooling_them_to_disk(nginx: Nginx) -> No
 
 
 def test_the_spool_checks_catch_a_buffering_proxy(
-        start_nginx: Callable[..., Nginx], make_pickup: Callable[[str], Pickup]) -> None:
+    start_nginx: Callable[..., Nginx], make_pickup: Callable[[str], Pickup]
+) -> None:
     # The same sample with buffering switched back on (nginx's defaults): the checks above
     # must see its temp files, or they prove nothing.
     def buffering(text: str) -> str:
@@ -184,8 +197,9 @@ def stalled_upload_spools(nginx: Nginx) -> list[str]:
 
 
 def test_plain_http_only_redirects_to_the_https_origin(nginx: Nginx) -> None:
-    connection = http.client.HTTPConnection(PROXY_ADDRESS, nginx.http_port, timeout=10,
-                                            source_address=(CLIENT_ADDRESS, 0))
+    connection = http.client.HTTPConnection(
+        PROXY_ADDRESS, nginx.http_port, timeout=10, source_address=(CLIENT_ADDRESS, 0)
+    )
     connection.request("GET", "/signin")
     response = connection.getresponse()
     assert response.status == 301
@@ -208,14 +222,14 @@ def test_the_body_limit_is_the_portals_default_upload_plus_its_form_allowance() 
     assert directive("client_max_body_size") == f"{(default + MIB) // MIB}m"
 
 
-@pytest.mark.parametrize("name", ["proxy_read_timeout", "proxy_send_timeout", "send_timeout",
-                                  "client_body_timeout"])
+@pytest.mark.parametrize(
+    "name", ["proxy_read_timeout", "proxy_send_timeout", "send_timeout", "client_body_timeout"]
+)
 def test_transfer_timeouts_allow_a_stalling_client(name: str) -> None:
     assert int(directive(name).removesuffix("s")) >= 300
 
 
-def test_the_access_log_holds_no_urls(
-        nginx: Nginx, make_pickup: Callable[[str], Pickup]) -> None:
+def test_the_access_log_holds_no_urls(nginx: Nginx, make_pickup: Callable[[str], Pickup]) -> None:
     pickup = make_pickup("pat-log@example.org")
     patient = Patient(nginx)
     patient.request("GET", "/p/ThisTokenMustNotBeLogged0123456789abcdefgh").read()

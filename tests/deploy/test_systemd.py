@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.conftest import DEPLOY
+from tests.support.deploy import DEPLOY
 
 UNITS = DEPLOY / "systemd"
 SERVICES = sorted(UNITS.glob("*.service"))
@@ -24,10 +24,17 @@ INSTALL_PREFIX = "/opt/pickup-portal/venv"
 SYSTEMD_ANALYZE = "/usr/bin/systemd-analyze"
 EXPOSURE_LIMIT = 20  # systemd-analyze security's "2.0 OK", in its tenths
 REQUIRED = {
-    "User": "pickup", "Group": "pickup", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
-    "ProtectHome": "yes", "PrivateTmp": "yes", "PrivateDevices": "yes",
-    "CapabilityBoundingSet": "", "ReadWritePaths": "/var/lib/pickup-portal",
-    "Environment": "PORTAL_INSTANCE_DIR=/var/lib/pickup-portal", "UMask": "0077",
+    "User": "pickup",
+    "Group": "pickup",
+    "NoNewPrivileges": "yes",
+    "ProtectSystem": "strict",
+    "ProtectHome": "yes",
+    "PrivateTmp": "yes",
+    "PrivateDevices": "yes",
+    "CapabilityBoundingSet": "",
+    "ReadWritePaths": "/var/lib/pickup-portal",
+    "Environment": "PORTAL_INSTANCE_DIR=/var/lib/pickup-portal",
+    "UMask": "0077",
 }
 
 
@@ -53,13 +60,17 @@ def installed_copies(tmp_path: Path, edit: str = "") -> list[Path]:
 
 
 def analyze(*argv: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([SYSTEMD_ANALYZE, *map(str, argv)], capture_output=True, text=True,
-                          check=False, timeout=60)
+    return subprocess.run(
+        [SYSTEMD_ANALYZE, *map(str, argv)], capture_output=True, text=True, check=False, timeout=60
+    )
 
 
 def test_the_units_are_the_portal_the_notifier_and_a_retention_timer() -> None:
     assert [unit.name for unit in SERVICES] == [
-        "pickup-notifier.service", "pickup-portal.service", "pickup-retention.service"]
+        "pickup-notifier.service",
+        "pickup-portal.service",
+        "pickup-retention.service",
+    ]
     commands = {unit.name: settings(unit)["ExecStart"] for unit in SERVICES}
     assert commands["pickup-portal.service"][0].startswith(f"{INSTALL_PREFIX}/bin/portal serve")
     assert commands["pickup-notifier.service"] == [f"{INSTALL_PREFIX}/bin/notifier run"]
@@ -79,8 +90,13 @@ def test_every_service_is_hardened(unit: Path) -> None:
 
 
 def test_every_service_shares_one_hardening_block() -> None:
-    blocks = {unit.name: unit.read_text().split("# The instance folder", 1)[1]
-              .split("[Install]", 1)[0].strip() for unit in SERVICES}
+    blocks = {
+        unit.name: unit.read_text()
+        .split("# The instance folder", 1)[1]
+        .split("[Install]", 1)[0]
+        .strip()
+        for unit in SERVICES
+    }
     assert len(set(blocks.values())) == 1, "the hardening differs between units"
 
 

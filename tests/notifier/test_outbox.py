@@ -33,14 +33,22 @@ def session(app: Flask) -> Iterator[Any]:
 @pytest.fixture
 def staff(session: Any) -> User:
     """A staff member to send notices to."""
-    return accounts.create_user(session, role="staff", email="ada.staff@clinic.example.org",
-                                name="Ada Staff", actor=SYSTEM, meta=NO_REQUEST).user
+    return accounts.create_user(
+        session,
+        role="staff",
+        email="ada.staff@clinic.example.org",
+        name="Ada Staff",
+        actor=SYSTEM,
+        meta=NO_REQUEST,
+    ).user
 
 
 def queue(session: Any, user: User, n: int = 1, due: datetime = T0) -> list[int]:
     """Queue ``n`` invite notices due at ``due``, committed; returns their ids."""
-    ids = [notices.enqueue(session, kind="invite", recipient=user, url=f"{URL}{i}", due=due).id
-           for i in range(n)]
+    ids = [
+        notices.enqueue(session, kind="invite", recipient=user, url=f"{URL}{i}", due=due).id
+        for i in range(n)
+    ]
     session.commit()
     return ids
 
@@ -83,7 +91,8 @@ def test_claim_respects_the_batch_size(session: Any, staff: User) -> None:
 
 
 def test_a_crashed_workers_rows_are_claimed_again_after_the_lease(
-        session: Any, staff: User) -> None:
+    session: Any, staff: User
+) -> None:
     ids = queue(session, staff, 2)
     assert outbox.claim(session, "dead", now=T0) == ids
 
@@ -113,7 +122,10 @@ def test_mark_sent_erases_the_url_and_audits(session: Any, staff: User) -> None:
     assert row.smtp_response == "250 2.0.0 OK queued as 17"
     event = session.scalar(select(AuditEvent).where(AuditEvent.action == "notice.sent"))
     assert (event.target_type, event.target_id, event.patient_id) == (
-        "notification", row.public_id, None)
+        "notification",
+        row.public_id,
+        None,
+    )
     assert json.loads(event.details) == {"kind": "invite", "attempts": 1}
 
 
@@ -123,10 +135,15 @@ def test_mark_failed_erases_the_url_and_audits_the_reason(session: Any, staff: U
     row = outbox.mark_failed(session, notice_id, "starttls-unavailable")
 
     assert (row.status, row.payload_sealed, row.failure_reason) == (
-        "failed", None, "starttls-unavailable")
+        "failed",
+        None,
+        "starttls-unavailable",
+    )
     event = session.scalar(select(AuditEvent).where(AuditEvent.action == "notice.failed"))
     assert (event.outcome, json.loads(event.details)["reason"]) == (
-        "failure", "starttls-unavailable")
+        "failure",
+        "starttls-unavailable",
+    )
 
 
 def test_mark_retry_backs_off_exponentially(session: Any, staff: User) -> None:
@@ -154,7 +171,10 @@ def test_mark_retry_gives_up_after_about_a_day(session: Any, staff: User) -> Non
 
     assert timedelta(hours=20) <= waited <= outbox.RETRY_WINDOW
     assert (row.status, row.failure_reason, row.payload_sealed) == (
-        "failed", "connect-failed", None)
+        "failed",
+        "connect-failed",
+        None,
+    )
     assert session.scalar(select(AuditEvent).where(AuditEvent.action == "notice.failed"))
 
 
@@ -171,22 +191,35 @@ def test_release_hands_rows_back(session: Any, staff: User) -> None:
 def _message(session: Any, sender: User, recipient: User) -> Message:
     key_row, key = keys.create(session, "message")
     pid = new_public_id()
-    message = Message(public_id=pid, sender_id=sender.id, recipient_id=recipient.id,
-                      data_key_id=key_row.id, expires_at=T0 + timedelta(days=7),
-                      subject_sealed=keys.seal_text(key, "messages", "subject", pid, "s"),
-                      body_sealed=keys.seal_text(key, "messages", "body", pid, "b"))
+    message = Message(
+        public_id=pid,
+        sender_id=sender.id,
+        recipient_id=recipient.id,
+        data_key_id=key_row.id,
+        expires_at=T0 + timedelta(days=7),
+        subject_sealed=keys.seal_text(key, "messages", "subject", pid, "s"),
+        body_sealed=keys.seal_text(key, "messages", "body", pid, "b"),
+    )
     session.add(message)
     session.flush()
     return message
 
 
 def test_cancel_and_status_for_message(session: Any, staff: User) -> None:
-    patient = accounts.create_user(session, role="patient", email="pat@patients.example.org",
-                                   name="Pat Example", issue_access_code=True, actor=SYSTEM,
-                                   meta=NO_REQUEST).user
+    patient = accounts.create_user(
+        session,
+        role="patient",
+        email="pat@patients.example.org",
+        name="Pat Example",
+        issue_access_code=True,
+        actor=SYSTEM,
+        meta=NO_REQUEST,
+    ).user
     message = _message(session, staff, patient)
-    first, second = (notices.enqueue(session, kind="pickup", recipient=patient, url=URL,
-                                     message=message, due=T0) for _ in range(2))
+    first, second = (
+        notices.enqueue(session, kind="pickup", recipient=patient, url=URL, message=message, due=T0)
+        for _ in range(2)
+    )
     session.commit()
     outbox.claim(session, "w1", batch=1, now=T0)
 

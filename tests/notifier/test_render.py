@@ -21,10 +21,20 @@ from portal.services import accounts, keys, notices
 
 URL = "https://portal.example.org/p/Zq3x-Ab_9kLmNoPqRsTuVwXyZ0123456789abcdefgH"
 EXPIRES = datetime(2031, 6, 7, 12, 0, tzinfo=UTC)
-ORG = {"org_name": "Riverside Family Practice", "org_address": "4 Mill Lane, Riverside",
-       "support_contact": "reception on 01234 567890"}
-ALLOWED_CONTEXT = {"url", "org_name", "org_address", "support_contact", "expires_on",
-                   "valid_hours", "valid_minutes"}
+ORG = {
+    "org_name": "Riverside Family Practice",
+    "org_address": "4 Mill Lane, Riverside",
+    "support_contact": "reception on 01234 567890",
+}
+ALLOWED_CONTEXT = {
+    "url",
+    "org_name",
+    "org_address",
+    "support_contact",
+    "expires_on",
+    "valid_hours",
+    "valid_minutes",
+}
 
 
 def notice(kind: str) -> Notification:
@@ -34,10 +44,15 @@ def notice(kind: str) -> Notification:
 
 def rendered(kind: str, **overrides: Any) -> Any:
     """``kind`` rendered with the demo organisation."""
-    values: dict[str, Any] = {**ORG, "url": URL, "expires_at": EXPIRES,
-                              "mail_from": "no-reply@portal.example.org",
-                              "to_address": "pat@patients.example.org",
-                              "message_id_domain": "portal.example.org", **overrides}
+    values: dict[str, Any] = {
+        **ORG,
+        "url": URL,
+        "expires_at": EXPIRES,
+        "mail_from": "no-reply@portal.example.org",
+        "to_address": "pat@patients.example.org",
+        "message_id_domain": "portal.example.org",
+        **overrides,
+    }
     return render.render(notice(kind), **values)
 
 
@@ -51,8 +66,9 @@ def test_every_kind_renders_text_and_html_with_the_link(kind: str) -> None:
     assert f'href="{URL}"' in html.get_content()
     assert "Riverside Family Practice" in msg["Subject"]
     assert "\n" not in msg["Subject"]
-    assert msg["Message-ID"] == make_message_id("0123456789abcdef0123456789abcdef",
-                                                "portal.example.org")
+    assert msg["Message-ID"] == make_message_id(
+        "0123456789abcdef0123456789abcdef", "portal.example.org"
+    )
     assert msg["Auto-Submitted"] == "auto-generated"
     assert msg["From"] == "Riverside Family Practice <no-reply@portal.example.org>"
     assert msg["To"] == "pat@patients.example.org"
@@ -132,8 +148,7 @@ def test_name_terms_keep_short_parts_only_in_the_whole_name() -> None:
 
 def test_subject_and_body_terms_skip_stopwords_and_short_words() -> None:
     assert phi.subject_terms("Your scan from today") == {"Your scan from today", "scan"}
-    assert phi.body_terms("Please could you bring these inhalers tomorrow") == {
-        "bring", "inhalers"}
+    assert phi.body_terms("Please could you bring these inhalers tomorrow") == {"bring", "inhalers"}
 
 
 @pytest.fixture
@@ -143,46 +158,88 @@ def session(app: Flask) -> Iterator[Any]:
         yield db.session
 
 
-def _message(session: Any, sender: Any, recipient: Any, subject: str, body: str,
-             filename: str | None = None) -> Message:
+def _message(
+    session: Any, sender: Any, recipient: Any, subject: str, body: str, filename: str | None = None
+) -> Message:
     key_row, key = keys.create(session, "message")
     pid = new_public_id()
-    message = Message(public_id=pid, sender_id=sender.id, recipient_id=recipient.id,
-                      data_key_id=key_row.id, expires_at=datetime.now(UTC) + timedelta(days=7),
-                      subject_sealed=keys.seal_text(key, "messages", "subject", pid, subject),
-                      body_sealed=keys.seal_text(key, "messages", "body", pid, body))
+    message = Message(
+        public_id=pid,
+        sender_id=sender.id,
+        recipient_id=recipient.id,
+        data_key_id=key_row.id,
+        expires_at=datetime.now(UTC) + timedelta(days=7),
+        subject_sealed=keys.seal_text(key, "messages", "subject", pid, subject),
+        body_sealed=keys.seal_text(key, "messages", "body", pid, body),
+    )
     session.add(message)
     session.flush()
     if filename:
         apid = new_public_id()
-        session.add(Attachment(public_id=apid, message_id=message.id, blob_id=apid,
-                               filename_sealed=keys.seal_text(key, "attachments", "filename",
-                                                              apid, filename),
-                               size=1, sha256="0" * 64))
+        session.add(
+            Attachment(
+                public_id=apid,
+                message_id=message.id,
+                blob_id=apid,
+                filename_sealed=keys.seal_text(key, "attachments", "filename", apid, filename),
+                size=1,
+                sha256="0" * 64,
+            )
+        )
         session.flush()
     return message
 
 
 def _people(session: Any) -> tuple[Any, Any]:
-    staff = accounts.create_user(session, role="staff", email="dr@clinic.example.org",
-                                 name="Gregory Marwick", actor=SYSTEM, meta=NO_REQUEST).user
-    patient = accounts.create_user(session, role="patient", email="pq@patients.example.org",
-                                   name="Philippa Quenby", dob=date(1984, 3, 7), actor=SYSTEM,
-                                   meta=NO_REQUEST).user
+    staff = accounts.create_user(
+        session,
+        role="staff",
+        email="dr@clinic.example.org",
+        name="Gregory Marwick",
+        actor=SYSTEM,
+        meta=NO_REQUEST,
+    ).user
+    patient = accounts.create_user(
+        session,
+        role="patient",
+        email="pq@patients.example.org",
+        name="Philippa Quenby",
+        dob=date(1984, 3, 7),
+        actor=SYSTEM,
+        meta=NO_REQUEST,
+    ).user
     return staff, patient
 
 
 def test_phi_terms_of_a_pickup_notice(session: Any) -> None:
     staff, patient = _people(session)
-    message = _message(session, staff, patient, "Biopsy outcome",
-                       "Your secure message: thyroid carcinoma confirmed.", "quenby-lab.pdf")
+    message = _message(
+        session,
+        staff,
+        patient,
+        "Biopsy outcome",
+        "Your secure message: thyroid carcinoma confirmed.",
+        "quenby-lab.pdf",
+    )
     row = notices.enqueue(session, kind="pickup", recipient=patient, url=URL, message=message)
 
     terms = phi.phi_terms(session, row)
 
-    assert {"Philippa Quenby", "Philippa", "Quenby", "1984-03-07", "7 March 1984",
-            "Biopsy outcome", "Biopsy", "outcome", "thyroid", "carcinoma", "confirmed",
-            "quenby-lab.pdf", "quenby-lab"} <= terms
+    assert {
+        "Philippa Quenby",
+        "Philippa",
+        "Quenby",
+        "1984-03-07",
+        "7 March 1984",
+        "Biopsy outcome",
+        "Biopsy",
+        "outcome",
+        "thyroid",
+        "carcinoma",
+        "confirmed",
+        "quenby-lab.pdf",
+        "quenby-lab",
+    } <= terms
     assert not {"secure", "message", "Your secure message"} & terms  # the template says them
     assert "Gregory Marwick" not in terms
 
@@ -194,15 +251,29 @@ def test_phi_terms_of_a_reply_notice_name_the_patient_who_wrote(session: Any) ->
 
     terms = phi.phi_terms(session, row)
 
-    assert {"Philippa Quenby", "Quenby", "07/03/1984", "inhaler", "dosage",
-            "breathing", "Gregory Marwick"} <= terms
+    assert {
+        "Philippa Quenby",
+        "Quenby",
+        "07/03/1984",
+        "inhaler",
+        "dosage",
+        "breathing",
+        "Gregory Marwick",
+    } <= terms
 
 
 def test_a_patient_named_like_the_organisation_does_not_block_notices(
-        session: Any, app: Flask) -> None:
-    patient = accounts.create_user(session, role="patient", email="x@patients.example.org",
-                                   name="Demo Clinic", issue_access_code=True,
-                                   actor=SYSTEM, meta=NO_REQUEST).user
+    session: Any, app: Flask
+) -> None:
+    patient = accounts.create_user(
+        session,
+        role="patient",
+        email="x@patients.example.org",
+        name="Demo Clinic",
+        issue_access_code=True,
+        actor=SYSTEM,
+        meta=NO_REQUEST,
+    ).user
     row = notices.enqueue(session, kind="pickup", recipient=patient, url=URL)
 
     terms = phi.phi_terms(session, row)
@@ -215,10 +286,10 @@ def test_a_patient_named_like_the_organisation_does_not_block_notices(
 
 # -- credential-change notices ------------------------------------------------------------
 
-CHANGE_NOTICES = [(NoticeKind.MFA_CHANGED, "Your Riverside Family Practice portal sign-in "
-                   "settings changed"),
-                  (NoticeKind.PASSWORD_CHANGED, "Your Riverside Family Practice portal "
-                   "password changed")]
+CHANGE_NOTICES = [
+    (NoticeKind.MFA_CHANGED, "Your Riverside Family Practice portal sign-in settings changed"),
+    (NoticeKind.PASSWORD_CHANGED, "Your Riverside Family Practice portal password changed"),
+]
 
 
 @pytest.mark.parametrize(("kind", "subject"), CHANGE_NOTICES)
@@ -245,8 +316,9 @@ def test_locked_notice_says_whom_to_contact_to_unlock(session: Any) -> None:
 
 
 @pytest.mark.parametrize(("kind", "subject"), CHANGE_NOTICES)
-def test_change_notices_to_a_patient_pass_the_phi_guard(session: Any, kind: str,
-                                                        subject: str) -> None:
+def test_change_notices_to_a_patient_pass_the_phi_guard(
+    session: Any, kind: str, subject: str
+) -> None:
     _, patient = _people(session)
     row = notices.enqueue(session, kind=kind, recipient=patient, url=None)
     terms = phi.phi_terms(session, row)

@@ -27,6 +27,7 @@ from notifier.sink import MailSink
 from notifier.smtp import SmtpTransport, make_message_id
 from portal import audit
 from portal.audit import NO_REQUEST, SYSTEM
+from portal.config import settings_of
 from portal.extensions import db
 from portal.models import (
     Attachment,
@@ -44,16 +45,34 @@ PATIENT_EMAIL = "p.quenby@patients.example.org"
 PATIENT_NAME = "Philippa Quenby"
 DOB = date(1984, 3, 7)
 SUBJECT = "Histopathology biopsy outcome"
-BODY = ("Your thyroid biopsy showed papillary carcinoma. An oncology referral is arranged "
-        "with Dr Marwick at Ashcombe infirmary.")
+BODY = (
+    "Your thyroid biopsy showed papillary carcinoma. An oncology referral is arranged "
+    "with Dr Marwick at Ashcombe infirmary."
+)
 FILENAME = "quenby-histology-report.pdf"
 STAFF_EMAIL = "g.marwick@staff.example.org"
 BASE_URL = "https://portal.example.org"
 MAIL_FROM = "no-reply@portal.example.org"
 DOMAIN = "portal.example.org"
-LEAKS = [PATIENT_NAME, "Philippa", "Quenby", "1984-03-07", "07/03/1984", "03/07/1984",
-         "7 March 1984", SUBJECT, "Histopathology", "biopsy", "thyroid", "papillary",
-         "carcinoma", "oncology", "Ashcombe", FILENAME, "quenby-histology-report"]
+LEAKS = [
+    PATIENT_NAME,
+    "Philippa",
+    "Quenby",
+    "1984-03-07",
+    "07/03/1984",
+    "03/07/1984",
+    "7 March 1984",
+    SUBJECT,
+    "Histopathology",
+    "biopsy",
+    "thyroid",
+    "papillary",
+    "carcinoma",
+    "oncology",
+    "Ashcombe",
+    FILENAME,
+    "quenby-histology-report",
+]
 
 Clock = Callable[[], datetime]
 
@@ -73,44 +92,82 @@ class Seeded:
     urls: list[str]
 
 
-def app_for(make_app: Callable[..., Flask], port: int, ca_file: str | Path | None,
-            **overrides: Any) -> Flask:
+def app_for(
+    make_app: Callable[..., Flask], port: int, ca_file: str | Path | None, **overrides: Any
+) -> Flask:
     """An app whose notifier talks to the sink on ``port`` and trusts ``ca_file``."""
-    return make_app(SMTP_HOST="127.0.0.1", SMTP_PORT=port,
-                    SMTP_CA_FILE=str(ca_file) if ca_file else None, BASE_URL=BASE_URL,
-                    MAIL_FROM=MAIL_FROM, ORG_NAME="Riverside Family Practice",
-                    ORG_ADDRESS="4 Mill Lane, Riverside", SUPPORT_CONTACT="reception",
-                    **overrides)
+    return make_app(
+        SMTP_HOST="127.0.0.1",
+        SMTP_PORT=port,
+        SMTP_CA_FILE=str(ca_file) if ca_file else None,
+        BASE_URL=BASE_URL,
+        MAIL_FROM=MAIL_FROM,
+        ORG_NAME="Riverside Family Practice",
+        ORG_ADDRESS="4 Mill Lane, Riverside",
+        SUPPORT_CONTACT="reception",
+        **overrides,
+    )
 
 
 def make_people(session: Any) -> tuple[User, User]:
     """A staff sender and a patient recipient with a name and a date of birth."""
-    staff = accounts.create_user(session, role="staff", email=STAFF_EMAIL, name="Gregory Marwick",
-                                 actor=SYSTEM, meta=NO_REQUEST).user
-    patient = accounts.create_user(session, role="patient", email=PATIENT_EMAIL,
-                                   name=PATIENT_NAME, dob=DOB, actor=SYSTEM,
-                                   meta=NO_REQUEST).user
+    staff = accounts.create_user(
+        session,
+        role="staff",
+        email=STAFF_EMAIL,
+        name="Gregory Marwick",
+        actor=SYSTEM,
+        meta=NO_REQUEST,
+    ).user
+    patient = accounts.create_user(
+        session,
+        role="patient",
+        email=PATIENT_EMAIL,
+        name=PATIENT_NAME,
+        dob=DOB,
+        actor=SYSTEM,
+        meta=NO_REQUEST,
+    ).user
     return staff, patient
 
 
-def make_message(session: Any, sender: User, recipient: User, *, created_at: datetime | None = None,
-                 expires_at: datetime | None = None, **state: Any) -> Message:
+def make_message(
+    session: Any,
+    sender: User,
+    recipient: User,
+    *,
+    created_at: datetime | None = None,
+    expires_at: datetime | None = None,
+    **state: Any,
+) -> Message:
     """A message with sealed subject, body and one attachment name (as the send service will)."""
     key_row, key = keys.create(session, "message")
     pid = new_public_id()
     created = created_at or datetime.now(UTC)
-    message = Message(public_id=pid, sender_id=sender.id, recipient_id=recipient.id,
-                      data_key_id=key_row.id, created_at=created,
-                      expires_at=expires_at or created + timedelta(days=7),
-                      subject_sealed=keys.seal_text(key, "messages", "subject", pid, SUBJECT),
-                      body_sealed=keys.seal_text(key, "messages", "body", pid, BODY), **state)
+    message = Message(
+        public_id=pid,
+        sender_id=sender.id,
+        recipient_id=recipient.id,
+        data_key_id=key_row.id,
+        created_at=created,
+        expires_at=expires_at or created + timedelta(days=7),
+        subject_sealed=keys.seal_text(key, "messages", "subject", pid, SUBJECT),
+        body_sealed=keys.seal_text(key, "messages", "body", pid, BODY),
+        **state,
+    )
     session.add(message)
     session.flush()
     apid = new_public_id()
-    session.add(Attachment(public_id=apid, message_id=message.id, blob_id=secrets.token_hex(16),
-                           filename_sealed=keys.seal_text(key, "attachments", "filename", apid,
-                                                          FILENAME),
-                           size=1234, sha256="0" * 64))
+    session.add(
+        Attachment(
+            public_id=apid,
+            message_id=message.id,
+            blob_id=secrets.token_hex(16),
+            filename_sealed=keys.seal_text(key, "attachments", "filename", apid, FILENAME),
+            size=1234,
+            sha256="0" * 64,
+        )
+    )
     session.flush()
     return message
 
@@ -118,13 +175,18 @@ def make_message(session: Any, sender: User, recipient: User, *, created_at: dat
 def queue_pickup(session: Any, message: Message, recipient: User) -> tuple[int, str]:
     """A pickup link and its notice, as the send service creates them; returns (id, url)."""
     token = new_token()
-    link = PickupLink(message_id=message.id, recipient_id=recipient.id,
-                      token_hash=token_hash(token), expires_at=message.expires_at)
+    link = PickupLink(
+        message_id=message.id,
+        recipient_id=recipient.id,
+        token_hash=token_hash(token),
+        expires_at=message.expires_at,
+    )
     session.add(link)
     session.flush()
     url = f"{BASE_URL}/p/{token}"
-    row = notices.enqueue(session, kind="pickup", recipient=recipient, url=url, message=message,
-                          link_id=link.id)
+    row = notices.enqueue(
+        session, kind="pickup", recipient=recipient, url=url, message=message, link_id=link.id
+    )
     return row.id, url
 
 
@@ -136,8 +198,9 @@ def seed(app: Flask, notices_count: int = 1) -> Seeded:
         message = make_message(session, staff, patient)
         queued = [queue_pickup(session, message, patient) for _ in range(notices_count)]
         session.commit()
-        return Seeded(patient.id, staff.id, message.id, [i for i, _ in queued],
-                      [u for _, u in queued])
+        return Seeded(
+            patient.id, staff.id, message.id, [i for i, _ in queued], [u for _, u in queued]
+        )
 
 
 def row(app: Flask, notice_id: int) -> Notification:
@@ -169,8 +232,11 @@ def readable(msg: EmailMessage) -> str:
 
 
 def test_happy_path_sends_a_phi_free_notice_and_erases_the_link(
-        make_app: Callable[..., Flask], sink: MailSink,
-        delivered: Callable[[MailSink], list[EmailMessage]], t0: datetime) -> None:
+    make_app: Callable[..., Flask],
+    sink: MailSink,
+    delivered: Callable[[MailSink], list[EmailMessage]],
+    t0: datetime,
+) -> None:
     app = app_for(make_app, sink.port, sink.cert_file)
     seeded = seed(app)
 
@@ -199,7 +265,8 @@ def test_happy_path_sends_a_phi_free_notice_and_erases_the_link(
 
 
 def test_sending_is_audited_and_the_chain_verifies(
-        make_app: Callable[..., Flask], sink: MailSink, t0: datetime) -> None:
+    make_app: Callable[..., Flask], sink: MailSink, t0: datetime
+) -> None:
     app = app_for(make_app, sink.port, sink.cert_file)
     seeded = seed(app)
 
@@ -211,13 +278,17 @@ def test_sending_is_audited_and_the_chain_verifies(
         event = db.session.scalar(select(AuditEvent).where(AuditEvent.action == "notice.sent"))
         assert event is not None
         assert (event.target_id, event.patient_id, event.message_id) == (
-            notice.public_id, seeded.patient_id, seeded.message_id)
+            notice.public_id,
+            seeded.patient_id,
+            seeded.message_id,
+        )
         assert json.loads(event.details)["kind"] == "pickup"
         assert audit.verify(db.session).ok
 
 
 def test_a_second_pass_sends_nothing_again(
-        make_app: Callable[..., Flask], sink: MailSink, t0: datetime) -> None:
+    make_app: Callable[..., Flask], sink: MailSink, t0: datetime
+) -> None:
     app = app_for(make_app, sink.port, sink.cert_file)
     seed(app, notices_count=3)
 
@@ -228,9 +299,14 @@ def test_a_second_pass_sends_nothing_again(
 
 
 def test_server_down_then_up_retries_later_and_loses_nothing(
-        make_app: Callable[..., Flask], sink_factory: Callable[..., MailSink], free_port: int,
-        tmp_path: Path, delivered: Callable[[MailSink], list[EmailMessage]],
-        other_ca_file: str, t0: datetime) -> None:
+    make_app: Callable[..., Flask],
+    sink_factory: Callable[..., MailSink],
+    free_port: int,
+    tmp_path: Path,
+    delivered: Callable[[MailSink], list[EmailMessage]],
+    other_ca_file: str,
+    t0: datetime,
+) -> None:
     ca_file = tmp_path / "late" / "cert.pem"  # the sink overwrites it with its own when it starts
     ca_file.parent.mkdir()
     ca_file.write_bytes(Path(other_ca_file).read_bytes())
@@ -255,8 +331,8 @@ def test_server_down_then_up_retries_later_and_loses_nothing(
 
 
 def test_server_without_starttls_gets_nothing(
-        make_app: Callable[..., Flask], plain_sink: MailSink, other_ca_file: str,
-        t0: datetime) -> None:
+    make_app: Callable[..., Flask], plain_sink: MailSink, other_ca_file: str, t0: datetime
+) -> None:
     app = app_for(make_app, plain_sink.port, other_ca_file)
     seeded = seed(app)
 
@@ -270,8 +346,8 @@ def test_server_without_starttls_gets_nothing(
 
 
 def test_untrusted_certificate_gets_nothing(
-        make_app: Callable[..., Flask], sink: MailSink, other_ca_file: str,
-        t0: datetime) -> None:
+    make_app: Callable[..., Flask], sink: MailSink, other_ca_file: str, t0: datetime
+) -> None:
     app = app_for(make_app, sink.port, other_ca_file)
     seeded = seed(app)
 
@@ -287,8 +363,8 @@ def test_untrusted_certificate_gets_nothing(
 
 
 def test_4xx_is_retried_then_sent(
-        make_app: Callable[..., Flask], refusing_sink: Callable[..., MailSink],
-        t0: datetime) -> None:
+    make_app: Callable[..., Flask], refusing_sink: Callable[..., MailSink], t0: datetime
+) -> None:
     sink = refusing_sink(rcpt_reply="451 4.3.0 try again later")
     app = app_for(make_app, sink.port, sink.cert_file)
     seeded = seed(app)
@@ -304,8 +380,8 @@ def test_4xx_is_retried_then_sent(
 
 
 def test_5xx_fails_at_once(
-        make_app: Callable[..., Flask], refusing_sink: Callable[..., MailSink],
-        t0: datetime) -> None:
+    make_app: Callable[..., Flask], refusing_sink: Callable[..., MailSink], t0: datetime
+) -> None:
     sink = refusing_sink(data_reply="550 5.7.1 rejected")
     app = app_for(make_app, sink.port, sink.cert_file)
     seeded = seed(app)
@@ -314,15 +390,18 @@ def test_5xx_fails_at_once(
 
     assert (stats.failed, stats.retrying) == (1, 0)
     stored = row(app, seeded.notice_ids[0])
-    assert (stored.status, stored.failure_reason, stored.attempts) == (
-        "failed", "smtp-5xx:550", 1)
+    assert (stored.status, stored.failure_reason, stored.attempts) == ("failed", "smtp-5xx:550", 1)
     assert stored.payload_sealed is None
 
 
 @pytest.mark.parametrize("leak", [SUBJECT, "Quenby", "07/03/1984", "carcinoma", FILENAME])
 def test_a_template_that_leaks_phi_is_stopped_by_the_guard(
-        make_app: Callable[..., Flask], sink: MailSink, monkeypatch: pytest.MonkeyPatch,
-        t0: datetime, leak: str) -> None:
+    make_app: Callable[..., Flask],
+    sink: MailSink,
+    monkeypatch: pytest.MonkeyPatch,
+    t0: datetime,
+    leak: str,
+) -> None:
     def leaky(**kwargs: Any) -> dict[str, Any]:
         return {**render.pickup_context(**kwargs), "support_contact": f"us ({leak})"}
 
@@ -340,7 +419,8 @@ def test_a_template_that_leaks_phi_is_stopped_by_the_guard(
 
 
 def test_a_revoked_message_is_not_announced(
-        make_app: Callable[..., Flask], sink: MailSink, t0: datetime) -> None:
+    make_app: Callable[..., Flask], sink: MailSink, t0: datetime
+) -> None:
     app = app_for(make_app, sink.port, sink.cert_file)
     seeded = seed(app)
     with app.app_context():
@@ -357,27 +437,34 @@ def test_a_revoked_message_is_not_announced(
 
 
 def test_notices_are_dkim_signed_when_a_key_is_set(
-        make_app: Callable[..., Flask], sink: MailSink, tmp_path: Path, t0: datetime) -> None:
+    make_app: Callable[..., Flask], sink: MailSink, tmp_path: Path, t0: datetime
+) -> None:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(serialization.Encoding.PEM,
-                            serialization.PrivateFormat.TraditionalOpenSSL,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
     key_file = tmp_path / "dkim.pem"
     key_file.write_bytes(pem)
-    public = key.public_key().public_bytes(serialization.Encoding.DER,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
-    app = app_for(make_app, sink.port, sink.cert_file, DKIM_KEY=str(key_file),
-                  DKIM_SELECTOR="s1")
+    app = app_for(make_app, sink.port, sink.cert_file, DKIM_KEY=str(key_file), DKIM_SELECTOR="s1")
     seed(app)
 
     worker.drain(app, "w1", clock=fixed(t0))
 
     [stored_key] = sink.handler.mailbox.keys()
     raw = sink.handler.mailbox.get_bytes(stored_key)
-    signed = raw[raw.index(b"DKIM-Signature:"):]
-    assert dkim.verify(signed, dnsfunc=lambda name, timeout=5: (
-        record if name == b"s1._domainkey.portal.example.org." else None))
+    signed = raw[raw.index(b"DKIM-Signature:") :]
+    assert dkim.verify(
+        signed,
+        dnsfunc=lambda name, timeout=5: (
+            record if name == b"s1._domainkey.portal.example.org." else None
+        ),
+    )
 
 
 def _delivered_ids(sink: MailSink) -> Counter[str]:
@@ -391,7 +478,8 @@ def _delivered_ids(sink: MailSink) -> Counter[str]:
 
 
 def test_two_workers_send_each_notice_exactly_once(
-        make_app: Callable[..., Flask], sink: MailSink, backend: str, t0: datetime) -> None:
+    make_app: Callable[..., Flask], sink: MailSink, backend: str, t0: datetime
+) -> None:
     count = 500 if backend == "postgresql" else 60
     app = app_for(make_app, sink.port, sink.cert_file)
     seeded = seed(app, notices_count=count)
@@ -424,8 +512,8 @@ def test_two_workers_send_each_notice_exactly_once(
 
 
 def test_a_crash_mid_batch_loses_nothing_and_sends_nothing_twice(
-        make_app: Callable[..., Flask], sink: MailSink, monkeypatch: pytest.MonkeyPatch,
-        t0: datetime) -> None:
+    make_app: Callable[..., Flask], sink: MailSink, monkeypatch: pytest.MonkeyPatch, t0: datetime
+) -> None:
     app = app_for(make_app, sink.port, sink.cert_file)
     seed(app, notices_count=10)
     real_send = SmtpTransport.send
@@ -455,8 +543,9 @@ def test_a_crash_mid_batch_loses_nothing_and_sends_nothing_twice(
 
 
 @pytest.fixture
-def reminder_world(make_app: Callable[..., Flask], sink: MailSink,
-                   t0: datetime) -> Iterator[tuple[Flask, dict[str, int]]]:
+def reminder_world(
+    make_app: Callable[..., Flask], sink: MailSink, t0: datetime
+) -> Iterator[tuple[Flask, dict[str, int]]]:
     """Messages in every state a reminder cares about, named."""
     app = app_for(make_app, sink.port, sink.cert_file)
     old = t0 - timedelta(days=4)
@@ -467,8 +556,9 @@ def reminder_world(make_app: Callable[..., Flask], sink: MailSink,
             "due": make_message(session, staff, patient, created_at=old),
             "opened": make_message(session, staff, patient, created_at=old, first_opened_at=t0),
             "revoked": make_message(session, staff, patient, created_at=old, revoked_at=t0),
-            "expired": make_message(session, staff, patient, created_at=old,
-                                    expires_at=t0 - timedelta(hours=1)),
+            "expired": make_message(
+                session, staff, patient, created_at=old, expires_at=t0 - timedelta(hours=1)
+            ),
             "recent": make_message(session, staff, patient, created_at=t0 - timedelta(hours=2)),
             "to_staff": make_message(session, patient, staff, created_at=old),
         }
@@ -477,12 +567,16 @@ def reminder_world(make_app: Callable[..., Flask], sink: MailSink,
 
 
 def test_one_reminder_only_for_an_unopened_live_message(
-        reminder_world: tuple[Flask, dict[str, int]], sink: MailSink, t0: datetime,
-        delivered: Callable[[MailSink], list[EmailMessage]]) -> None:
+    reminder_world: tuple[Flask, dict[str, int]],
+    sink: MailSink,
+    t0: datetime,
+    delivered: Callable[[MailSink], list[EmailMessage]],
+) -> None:
     app, ids = reminder_world
     with app.app_context():
-        assert worker.enqueue_reminders(db.session, t0) == 1
-        assert worker.enqueue_reminders(db.session, t0 + timedelta(hours=1)) == 0
+        settings = settings_of(app)
+        assert worker.enqueue_reminders(db.session, t0, settings) == 1
+        assert worker.enqueue_reminders(db.session, t0 + timedelta(hours=1), settings) == 0
         [notice] = db.session.scalars(select(Notification)).all()
         url = notices.open_payload(db.session, notice)
         link = db.session.get(PickupLink, notice.link_id)
@@ -506,8 +600,12 @@ def test_one_reminder_only_for_an_unopened_live_message(
 
 
 def test_log_lines_name_rows_by_id_only(
-        make_app: Callable[..., Flask], sink: MailSink, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch, t0: datetime) -> None:
+    make_app: Callable[..., Flask],
+    sink: MailSink,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    t0: datetime,
+) -> None:
     app = app_for(make_app, sink.port, sink.cert_file)
     seeded = seed(app, notices_count=2)
     capsys.readouterr()
@@ -521,12 +619,16 @@ def test_log_lines_name_rows_by_id_only(
         message = make_message(db.session, staff, patient)
         queue_pickup(db.session, message, patient)
         db.session.commit()
-    monkeypatch.setitem(render.CONTEXTS, "pickup", lambda **kw: {
-        **render.pickup_context(**kw), "org_name": PATIENT_NAME})
+    monkeypatch.setitem(
+        render.CONTEXTS,
+        "pickup",
+        lambda **kw: {**render.pickup_context(**kw), "org_name": PATIENT_NAME},
+    )
     worker.drain(app, "w1", clock=fixed(t0), stop=None)
 
-    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()
-             if line.startswith("{")]
+    lines = [
+        json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")
+    ]
     ours = [entry for entry in lines if entry["logger"].startswith(("notifier", "portal"))]
     assert any("sent" in entry["message"] for entry in ours)
     assert any("PHI guard" in entry["message"] for entry in ours)
@@ -537,16 +639,22 @@ def test_log_lines_name_rows_by_id_only(
 
 
 def test_cli_run_once_reports_counts(
-        make_app: Callable[..., Flask], sink: MailSink, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_app: Callable[..., Flask], sink: MailSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from click.testing import CliRunner
 
     from notifier.cli import main
 
     app = app_for(make_app, sink.port, sink.cert_file)
     seed(app, notices_count=2)
-    for name, value in {"DATABASE_URL": app.config["DATABASE_URL"], "SMTP_HOST": "127.0.0.1",
-                        "SMTP_PORT": str(sink.port), "SMTP_CA_FILE": str(sink.cert_file),
-                        "MAIL_FROM": MAIL_FROM, "BASE_URL": BASE_URL}.items():
+    for name, value in {
+        "DATABASE_URL": app.config["DATABASE_URL"],
+        "SMTP_HOST": "127.0.0.1",
+        "SMTP_PORT": str(sink.port),
+        "SMTP_CA_FILE": str(sink.cert_file),
+        "MAIL_FROM": MAIL_FROM,
+        "BASE_URL": BASE_URL,
+    }.items():
         monkeypatch.setenv(f"PORTAL_{name}", value)
 
     result = CliRunner().invoke(main, ["run", "--once"])
@@ -556,8 +664,9 @@ def test_cli_run_once_reports_counts(
     assert sink.handler.stored == 2
 
 
-def test_cli_reports_a_bad_setting_in_one_line(monkeypatch: pytest.MonkeyPatch,
-                                              instance: Path) -> None:
+def test_cli_reports_a_bad_setting_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, instance: Path
+) -> None:
     from click.testing import CliRunner
 
     from notifier.cli import main
@@ -567,7 +676,8 @@ def test_cli_reports_a_bad_setting_in_one_line(monkeypatch: pytest.MonkeyPatch,
 
     assert result.exit_code == 2
     assert result.output.strip() == (
-        "portal: configuration error: PORTAL_SMTP_TLS: expected starttls or implicit")
+        "portal: configuration error: PORTAL_SMTP_TLS: expected starttls or implicit"
+    )
 
 
 def test_cli_offers_the_sink() -> None:
@@ -582,8 +692,11 @@ def test_cli_offers_the_sink() -> None:
 
 
 def test_a_reply_notice_tells_staff_without_naming_the_patient(
-        make_app: Callable[..., Flask], sink: MailSink, t0: datetime,
-        delivered: Callable[[MailSink], list[EmailMessage]]) -> None:
+    make_app: Callable[..., Flask],
+    sink: MailSink,
+    t0: datetime,
+    delivered: Callable[[MailSink], list[EmailMessage]],
+) -> None:
     app = app_for(make_app, sink.port, sink.cert_file)
     with app.app_context():
         staff, patient = make_people(db.session)
@@ -603,8 +716,12 @@ def test_a_reply_notice_tells_staff_without_naming_the_patient(
 
 @pytest.mark.parametrize("kind", ["mfa_changed", "password_changed", "account_locked"])
 def test_a_credential_change_notice_is_sent_without_phi(
-        make_app: Callable[..., Flask], sink: MailSink, t0: datetime, kind: str,
-        delivered: Callable[[MailSink], list[EmailMessage]]) -> None:
+    make_app: Callable[..., Flask],
+    sink: MailSink,
+    t0: datetime,
+    kind: str,
+    delivered: Callable[[MailSink], list[EmailMessage]],
+) -> None:
     app = app_for(make_app, sink.port, sink.cert_file)
     with app.app_context():
         _, patient = make_people(db.session)
@@ -622,11 +739,13 @@ def test_a_credential_change_notice_is_sent_without_phi(
 
 
 def test_run_forever_sends_and_stops_when_asked(
-        make_app: Callable[..., Flask], sink: MailSink) -> None:
+    make_app: Callable[..., Flask], sink: MailSink
+) -> None:
     app = app_for(make_app, sink.port, sink.cert_file)
     stop = threading.Event()
-    runner = threading.Thread(target=worker.run_forever, args=(app, "w1"),
-                              kwargs={"poll_seconds": 0.05, "stop": stop})
+    runner = threading.Thread(
+        target=worker.run_forever, args=(app, "w1"), kwargs={"poll_seconds": 0.05, "stop": stop}
+    )
     runner.start()
     try:
         seed(app, notices_count=2)

@@ -15,7 +15,7 @@ from portal.extensions import db
 from portal.models import PatientProfile, PickupLink, User
 from tests.browser_client import Browser, current_code
 from tests.factories import BODY, SUBJECT, make_patient
-from tests.pickup.conftest import (
+from tests.support.pickup import (
     NEW_PASSWORD,
     PASSWORD,
     STAFF_EMAIL,
@@ -80,9 +80,9 @@ def finish(walk: Walk, codes: TestResponse) -> TestResponse:
 
 
 @pytest.mark.parametrize("typed", ["1961-07-23", "23/07/1961"])
-def test_first_time_patient_with_date_of_birth(app: Flask, staff: Any, patient: User,
-                                               typed: str,
-                                               capfd: pytest.CaptureFixture[str]) -> None:
+def test_first_time_patient_with_date_of_birth(
+    app: Flask, staff: Any, patient: User, typed: str, capfd: pytest.CaptureFixture[str]
+) -> None:
     sent = send(app)
     walk, codes = first_pickup(app, sent.path, typed)
     assert "Your recovery codes" in codes.get_data(as_text=True)
@@ -102,8 +102,7 @@ def test_first_time_patient_with_date_of_birth(app: Flask, staff: Any, patient: 
         assert profile
         assert profile.verified_at
     verified = events(app, "auth.identity.verify")
-    assert [(e.outcome, json.loads(e.details)["method"]) for e in verified] == [
-        ("success", "dob")]
+    assert [(e.outcome, json.loads(e.details)["method"]) for e in verified] == [("success", "dob")]
     assert events(app, "message.view")
     logged = capfd.readouterr().err
     assert '"rule": "/pickup/verify"' in logged
@@ -118,9 +117,15 @@ def test_first_time_patient_with_access_code(app: Flask, staff: Any) -> None:
         from portal.audit import NO_REQUEST, SYSTEM
         from portal.services import accounts
 
-        made = accounts.create_user(db.session, role="patient", email="ac@example.org",
-                                    name="Ada Codeholder", actor=SYSTEM, meta=NO_REQUEST,
-                                    issue_access_code=True)
+        made = accounts.create_user(
+            db.session,
+            role="patient",
+            email="ac@example.org",
+            name="Ada Codeholder",
+            actor=SYSTEM,
+            meta=NO_REQUEST,
+            issue_access_code=True,
+        )
         db.session.commit()
     assert made.access_code
     sent = send(app, to="ac@example.org")
@@ -139,14 +144,17 @@ def test_five_wrong_answers_lock_the_link(app: Flask, staff: Any, patient: User)
     sent = send(app)
     browser = Browser(app)
     browser.submit(sent.path)
-    statuses = [browser.submit("/pickup/verify", {"answer": f"0{day}/01/1970"}).status_code
-                for day in range(1, 6)]
+    statuses = [
+        browser.submit("/pickup/verify", {"answer": f"0{day}/01/1970"}).status_code
+        for day in range(1, 6)
+    ]
     assert statuses == [401, 401, 401, 401, 403]
     page = browser.get("/pickup/verify")
     assert page.status_code == 403
     assert "locked" in page.get_data(as_text=True)
-    right = browser.client.post("/pickup/verify", data={
-        "csrf_token": browser.token(sent.path), "answer": "1961-07-23"})
+    right = browser.client.post(
+        "/pickup/verify", data={"csrf_token": browser.token(sent.path), "answer": "1961-07-23"}
+    )
     assert right.status_code == 403
     with app.app_context():
         link = db.session.scalar(select(PickupLink))

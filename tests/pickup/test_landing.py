@@ -27,7 +27,7 @@ from portal.security import tokens
 from portal.services import messaging
 from tests.browser_client import Browser, outbox_url
 from tests.factories import PHI_STRINGS
-from tests.pickup.conftest import SentMessage, chain_ok, events, send, strip_csrf
+from tests.support.pickup import SentMessage, chain_ok, events, send, strip_csrf
 
 DOMAIN_TABLES = (Message, Attachment, PickupLink, Notification, User, PatientProfile)
 
@@ -50,8 +50,9 @@ def expire(app: Flask, public_id: str) -> None:
         assert message is not None
         past = utcnow() - timedelta(hours=1)
         message.expires_at = past
-        for link in db.session.scalars(select(PickupLink).where(
-                PickupLink.message_id == message.id)):
+        for link in db.session.scalars(
+            select(PickupLink).where(PickupLink.message_id == message.id)
+        ):
             link.expires_at = past
         db.session.commit()
 
@@ -65,7 +66,8 @@ def revoke(app: Flask, public_id: str) -> None:
 
 
 def test_get_twenty_times_consumes_nothing_and_reveals_nothing(
-        app: Flask, staff: Any, patient: User) -> None:
+    app: Flask, staff: Any, patient: User
+) -> None:
     sent = send(app)
     before = snapshot(app)
     browser = Browser(app)
@@ -87,18 +89,26 @@ def test_get_twenty_times_consumes_nothing_and_reveals_nothing(
         assert link.verify_failures == 0
         assert link.locked_at is None
     assert {(e.target_type, e.target_id, e.outcome) for e in opened} == {
-        ("link", link.public_id, "success")}
+        ("link", link.public_id, "success")
+    }
     assert all(sent.token not in (e.details + (e.target_id or "")) for e in opened)
     assert chain_ok(app)
 
 
 def test_unknown_expired_revoked_and_malformed_links_look_the_same(
-        app: Flask, staff: Any, patient: User) -> None:
+    app: Flask, staff: Any, patient: User
+) -> None:
     expired, revoked = send(app), send(app)
     expire(app, expired.public_id)
     revoke(app, revoked.public_id)
-    paths = [expired.path, revoked.path, f"/p/{tokens.new_token()}", "/p/short",
-             "/p/" + "!" * 43, "/p/" + "a" * 300]
+    paths = [
+        expired.path,
+        revoked.path,
+        f"/p/{tokens.new_token()}",
+        "/p/short",
+        "/p/" + "!" * 43,
+        "/p/" + "a" * 300,
+    ]
     browser = Browser(app)
     pages = [browser.get(path) for path in paths]
     assert {page.status_code for page in pages} == {404}
@@ -111,8 +121,7 @@ def test_unknown_expired_revoked_and_malformed_links_look_the_same(
 
 def pickup_notices(app: Flask) -> int:
     with app.app_context():
-        return db.session.scalar(select(func.count()).where(
-            Notification.kind == "pickup")) or 0
+        return db.session.scalar(select(func.count()).where(Notification.kind == "pickup")) or 0
 
 
 def expire_link_only(app: Flask, public_id: str) -> None:
@@ -120,27 +129,30 @@ def expire_link_only(app: Flask, public_id: str) -> None:
     with app.app_context():
         message = db.session.scalar(select(Message).where(Message.public_id == public_id))
         assert message is not None
-        for link in db.session.scalars(select(PickupLink).where(
-                PickupLink.message_id == message.id)):
+        for link in db.session.scalars(
+            select(PickupLink).where(PickupLink.message_id == message.id)
+        ):
             link.expires_at = utcnow() - timedelta(minutes=1)
         db.session.commit()
 
 
 def message_expiry(app: Flask, public_id: str) -> Any:
     with app.app_context():
-        return db.session.scalar(select(Message.expires_at).where(
-            Message.public_id == public_id))
+        return db.session.scalar(select(Message.expires_at).where(Message.public_id == public_id))
 
 
 def test_renew_answers_the_same_and_sends_only_for_a_real_expired_link(
-        app: Flask, staff: Any, patient: User) -> None:
+    app: Flask, staff: Any, patient: User
+) -> None:
     expired, revoked = send(app), send(app)
     expire_link_only(app, expired.public_id)
     revoke(app, revoked.public_id)
     before = pickup_notices(app)
     browser = Browser(app)
-    answers = [browser.submit(path, {"intent": "renew"})
-               for path in (f"/p/{tokens.new_token()}", revoked.path, expired.path)]
+    answers = [
+        browser.submit(path, {"intent": "renew"})
+        for path in (f"/p/{tokens.new_token()}", revoked.path, expired.path)
+    ]
     assert {a.status_code for a in answers} == {200}
     assert len({strip_csrf(a) for a in answers}) == 1
     assert "If this link can be renewed" in answers[0].get_data(as_text=True)
@@ -152,14 +164,19 @@ def test_renew_answers_the_same_and_sends_only_for_a_real_expired_link(
     assert again.status_code == 200
     assert pickup_notices(app) == before + 1
     outcomes = [(json.loads(e.details)["state"], e.outcome) for e in events(app, "link.reissue")]
-    assert outcomes == [("unknown", "denied"), ("revoked", "denied"), ("expired", "success"),
-                        ("revoked", "denied")]
+    assert outcomes == [
+        ("unknown", "denied"),
+        ("revoked", "denied"),
+        ("expired", "success"),
+        ("revoked", "denied"),
+    ]
     assert events(app, "message.resend")
     assert chain_ok(app)
 
 
 def test_renew_never_outlives_the_availability_staff_chose(
-        app: Flask, staff: Any, patient: User) -> None:
+    app: Flask, staff: Any, patient: User
+) -> None:
     """Issue 10 item 20: a message sent for 2 hours is not made available for 7 days."""
     sent = send(app, expires_in=timedelta(hours=2))
     chosen = message_expiry(app, sent.public_id)
@@ -180,7 +197,8 @@ def test_renew_never_outlives_the_availability_staff_chose(
 
 
 def test_renewed_link_expires_with_the_message_not_the_default(
-        app: Flask, staff: Any, patient: User) -> None:
+    app: Flask, staff: Any, patient: User
+) -> None:
     """Issue 10 item 20: a renewal within the sender's window keeps the sender's end time."""
     sent = send(app, expires_in=timedelta(hours=2))
     chosen = message_expiry(app, sent.public_id)
@@ -189,10 +207,14 @@ def test_renewed_link_expires_with_the_message_not_the_default(
     assert browser.submit(sent.path, {"intent": "renew"}).status_code == 200
     assert message_expiry(app, sent.public_id) == chosen
     with app.app_context():
-        message_id = db.session.scalar(select(Message.id).where(
-            Message.public_id == sent.public_id))
-        fresh = db.session.scalars(select(PickupLink).where(
-            PickupLink.message_id == message_id, PickupLink.revoked_at.is_(None))).all()
+        message_id = db.session.scalar(
+            select(Message.id).where(Message.public_id == sent.public_id)
+        )
+        fresh = db.session.scalars(
+            select(PickupLink).where(
+                PickupLink.message_id == message_id, PickupLink.revoked_at.is_(None)
+            )
+        ).all()
     assert [link.expires_at for link in fresh] == [chosen]
     assert browser.get(outbox_url(app, "pickup")).status_code == 200  # the new link works
     travel(timedelta(hours=2, minutes=1))
@@ -207,7 +229,8 @@ def test_renew_is_rate_limited_per_link(app: Flask, staff: Any, patient: User) -
 
 
 def test_continue_moves_the_link_out_of_the_url(
-        app: Flask, staff: Any, patient: User, capfd: pytest.CaptureFixture[str]) -> None:
+    app: Flask, staff: Any, patient: User, capfd: pytest.CaptureFixture[str]
+) -> None:
     sent = send(app)
     browser = Browser(app)
     locations = []
@@ -222,8 +245,9 @@ def test_continue_moves_the_link_out_of_the_url(
     assert sent.token not in response.get_data(as_text=True)
     with app.app_context():
         stored = " ".join(db.session.scalars(select(WebSession.data)))
-        audit_text = " ".join(f"{e.target_id} {e.details}" for e in db.session.scalars(
-            select(AuditEvent)))
+        audit_text = " ".join(
+            f"{e.target_id} {e.details}" for e in db.session.scalars(select(AuditEvent))
+        )
     assert sent.token not in stored
     assert sent.token not in audit_text
     logged = capfd.readouterr().err

@@ -15,8 +15,8 @@ from portal.database import utcnow
 from portal.extensions import db
 from portal.services import accounts, messages
 from tests.factories import BODY, SUBJECT
-from tests.pickup.conftest import PATIENT_EMAIL, STAFF_EMAIL, chain_ok, enrolled_patient, events
-from tests.pickup.conftest import signed_in as sign_in
+from tests.support.pickup import PATIENT_EMAIL, STAFF_EMAIL, chain_ok, enrolled_patient, events
+from tests.support.pickup import signed_in as sign_in
 
 MIB = 1024 * 1024
 SIZE_MIB = 200
@@ -30,7 +30,7 @@ def write_record(path: Path) -> str:
     with path.open("wb") as out:
         for index in range(SIZE_MIB):
             prefix = b"%PDF-1.4\n" if index == 0 else index.to_bytes(8, "big")
-            chunk = prefix + block[len(prefix):]
+            chunk = prefix + block[len(prefix) :]
             out.write(chunk)
             digest.update(chunk)
     return digest.hexdigest()
@@ -45,15 +45,22 @@ def store(app: Flask, path: Path) -> tuple[str, str]:
         assert recipient is not None
         with path.open("rb") as stream:
             message = messages.create(
-                db.session, sender=sender, recipient=recipient, subject=SUBJECT, body=BODY,
+                db.session,
+                sender=sender,
+                recipient=recipient,
+                subject=SUBJECT,
+                body=BODY,
                 expires_at=utcnow() + timedelta(days=7),
-                uploads=[messages.Upload("record.pdf", stream)], validate=None)
+                uploads=[messages.Upload("record.pdf", stream)],
+                validate=None,
+            )
         db.session.commit()
         return message.public_id, message.attachments[0].public_id
 
 
 def test_200_mib_download_is_byte_identical_in_flat_memory(
-        app: Flask, staff: Any, tmp_path: Path) -> None:
+    app: Flask, staff: Any, tmp_path: Path
+) -> None:
     _, secret = enrolled_patient(app)
     source = tmp_path / "record.pdf"
     expected = write_record(source)

@@ -23,7 +23,7 @@ from portal.models import Attachment, AuditEvent, Message, Notification, User
 from portal.services import content, messaging, notices
 from tests.browser_client import Browser, current_code
 from tests.factories import BODY, FILENAME, MINIMAL_PDF, PHI_STRINGS, SUBJECT
-from tests.pickup.conftest import (
+from tests.support.pickup import (
     PASSWORD,
     STAFF_EMAIL,
     SentMessage,
@@ -68,7 +68,8 @@ def set_message(app: Flask, public_id: str, **values: Any) -> None:
 
 
 def test_message_page_shows_everything_and_marks_it_read(
-        app: Flask, reader: tuple[Browser, SentMessage]) -> None:
+    app: Flask, reader: tuple[Browser, SentMessage]
+) -> None:
     browser, sent = reader
     inbox = browser.get("/inbox").get_data(as_text=True)
     assert SUBJECT in inbox
@@ -77,8 +78,15 @@ def test_message_page_shows_everything_and_marks_it_read(
     page = browser.get(f"/messages/{sent.public_id}")
     body = page.get_data(as_text=True)
     attachment = attachment_of(app, sent.public_id)
-    for expected in (SUBJECT, BODY, FILENAME, "Sam Staffer", attachment.sha256,
-                     "Download as PDF", "Your reply"):
+    for expected in (
+        SUBJECT,
+        BODY,
+        FILENAME,
+        "Sam Staffer",
+        attachment.sha256,
+        "Download as PDF",
+        "Your reply",
+    ):
         assert expected in body
     assert page.headers["Cache-Control"] == "no-store"
     assert 'class="unread' not in browser.get("/inbox").get_data(as_text=True)
@@ -91,8 +99,11 @@ def test_message_page_shows_everything_and_marks_it_read(
 
 def test_markdown_body_is_sanitised(app: Flask, staff: Any) -> None:
     _, secret = enrolled_patient(app)
-    sent = send(app, body="**Hi** <script>alert(1)</script> <img src=x onerror=alert(1)>",
-                body_format="markdown")
+    sent = send(
+        app,
+        body="**Hi** <script>alert(1)</script> <img src=x onerror=alert(1)>",
+        body_format="markdown",
+    )
     page = signed_in(app, "zq@example.org", secret).get(f"/messages/{sent.public_id}")
     html = page.get_data(as_text=True)
     assert "<strong>Hi</strong>" in html
@@ -101,7 +112,8 @@ def test_markdown_body_is_sanitised(app: Flask, staff: Any) -> None:
 
 
 def test_download_is_byte_identical_with_safe_headers(
-        app: Flask, reader: tuple[Browser, SentMessage]) -> None:
+    app: Flask, reader: tuple[Browser, SentMessage]
+) -> None:
     browser, sent = reader
     attachment = attachment_of(app, sent.public_id)
     response = browser.get(download_url(sent, attachment))
@@ -114,7 +126,8 @@ def test_download_is_byte_identical_with_safe_headers(
     assert headers["Cache-Control"] == "no-store"
     assert headers["X-Content-Type-Options"] == "nosniff"
     assert headers["Content-Disposition"] == (
-        f"attachment; filename=\"{FILENAME}\"; filename*=UTF-8''{FILENAME}")
+        f"attachment; filename=\"{FILENAME}\"; filename*=UTF-8''{FILENAME}"
+    )
     assert [e.target_id for e in events(app, "attachment.download")] == [attachment.public_id]
 
 
@@ -123,7 +136,8 @@ def test_non_ascii_file_name_gets_an_ascii_fallback(app: Flask, staff: Any) -> N
     sent = send(app, files=[('Résumé "x"\r\n.pdf', MINIMAL_PDF)])
     browser = signed_in(app, "zq@example.org", secret)
     disposition = browser.get(download_url(sent, attachment_of(app, sent.public_id))).headers[
-        "Content-Disposition"]
+        "Content-Disposition"
+    ]
     assert disposition.startswith('attachment; filename="Resume x.pdf"; ')
     assert "filename*=UTF-8''R%C3%A9sum%C3%A9%20x.pdf" in disposition
     assert "\r" not in disposition
@@ -141,15 +155,15 @@ def test_view_inline_under_a_sandbox(app: Flask, reader: tuple[Browser, SentMess
     assert len(events(app, "attachment.view")) == 1
 
 
-def test_download_as_pdf_contains_the_body(app: Flask,
-                                           reader: tuple[Browser, SentMessage]) -> None:
+def test_download_as_pdf_contains_the_body(app: Flask, reader: tuple[Browser, SentMessage]) -> None:
     browser, sent = reader
     response = browser.get(f"/messages/{sent.public_id}/pdf")
     assert response.status_code == 200
     assert response.mimetype == "application/pdf"
     assert response.headers["Content-Disposition"].startswith("attachment; ")
     words = " ".join(
-        page.extract_text() for page in PdfReader(io.BytesIO(response.data)).pages).split()
+        page.extract_text() for page in PdfReader(io.BytesIO(response.data)).pages
+    ).split()
     flat = " ".join(words)
     assert "Xylophonoma biopsy shows Quasirandomitis" in flat
     assert SUBJECT in flat
@@ -158,7 +172,8 @@ def test_download_as_pdf_contains_the_body(app: Flask,
 
 
 def test_download_fails_closed_when_the_audit_event_cannot_be_written(
-        app: Flask, reader: tuple[Browser, SentMessage], monkeypatch: pytest.MonkeyPatch) -> None:
+    app: Flask, reader: tuple[Browser, SentMessage], monkeypatch: pytest.MonkeyPatch
+) -> None:
     browser, sent = reader
     url = download_url(sent, attachment_of(app, sent.public_id))
 
@@ -194,7 +209,8 @@ def test_download_fails_closed_when_the_audit_event_cannot_be_written(
 
 
 def test_revoke_during_an_open_session_stops_the_next_download(
-        app: Flask, reader: tuple[Browser, SentMessage]) -> None:
+    app: Flask, reader: tuple[Browser, SentMessage]
+) -> None:
     browser, sent = reader
     url = download_url(sent, attachment_of(app, sent.public_id))
     assert browser.get(url).status_code == 200
@@ -204,8 +220,9 @@ def test_revoke_during_an_open_session_stops_the_next_download(
         assert stopped.status_code == 410
         assert b"%PDF" not in stopped.data
         assert BODY not in stopped.get_data(as_text=True)
-    reply = browser.submit(f"/messages/{sent.public_id}/reply", {"body": "Thanks"},
-                           form_page="/inbox")
+    reply = browser.submit(
+        f"/messages/{sent.public_id}/reply", {"body": "Thanks"}, form_page="/inbox"
+    )
     assert reply.status_code == 410
     inbox = browser.get("/inbox").get_data(as_text=True)
     assert "Withdrawn" in inbox
@@ -216,7 +233,8 @@ def test_revoke_during_an_open_session_stops_the_next_download(
 
 
 def test_expired_message_stops_in_an_open_session(
-        app: Flask, reader: tuple[Browser, SentMessage]) -> None:
+    app: Flask, reader: tuple[Browser, SentMessage]
+) -> None:
     browser, sent = reader
     set_message(app, sent.public_id, expires_at=utcnow() - timedelta(minutes=1))
     page = browser.get(f"/messages/{sent.public_id}")
@@ -236,13 +254,18 @@ def test_shredded_message_says_deleted(app: Flask, reader: tuple[Browser, SentMe
 
 
 def test_wrong_patient_gets_404_and_an_audit_event(
-        app: Flask, reader: tuple[Browser, SentMessage]) -> None:
+    app: Flask, reader: tuple[Browser, SentMessage]
+) -> None:
     _, sent = reader
     _, secret = enrolled_patient(app, email="other@example.org", name="Olive Other")
     other = signed_in(app, "other@example.org", secret)
     attachment = attachment_of(app, sent.public_id)
-    for path in (f"/messages/{sent.public_id}", download_url(sent, attachment),
-                 download_url(sent, attachment, "view"), f"/messages/{sent.public_id}/pdf"):
+    for path in (
+        f"/messages/{sent.public_id}",
+        download_url(sent, attachment),
+        download_url(sent, attachment, "view"),
+        f"/messages/{sent.public_id}/pdf",
+    ):
         refused = other.get(path)
         assert refused.status_code == 404
         assert not [phi for phi in PHI_STRINGS if phi in refused.get_data(as_text=True)]
@@ -255,12 +278,15 @@ def test_wrong_patient_gets_404_and_an_audit_event(
     assert {e.actor_id for e in denied} == {other_id}
 
 
-def test_unknown_and_malformed_ids_are_404(app: Flask,
-                                           reader: tuple[Browser, SentMessage]) -> None:
+def test_unknown_and_malformed_ids_are_404(app: Flask, reader: tuple[Browser, SentMessage]) -> None:
     browser, sent = reader
-    for path in ("/messages/" + "0" * 32, "/messages/x'--", "/messages/" + "a" * 500,
-                 f"/messages/{sent.public_id}/attachments/{'0' * 32}/download",
-                 f"/messages/{sent.public_id}/attachments/nope/view"):
+    for path in (
+        "/messages/" + "0" * 32,
+        "/messages/x'--",
+        "/messages/" + "a" * 500,
+        f"/messages/{sent.public_id}/attachments/{'0' * 32}/download",
+        f"/messages/{sent.public_id}/attachments/nope/view",
+    ):
         assert browser.get(path).status_code == 404
     assert events(app, "access.denied") == []
 
@@ -274,11 +300,15 @@ def test_anonymous_visitors_are_sent_to_sign_in(app: Flask, staff: Any) -> None:
 
 
 def test_reply_is_stored_encrypted_and_notifies_staff_without_phi(
-        app: Flask, reader: tuple[Browser, SentMessage]) -> None:
+    app: Flask, reader: tuple[Browser, SentMessage]
+) -> None:
     browser, sent = reader
     reply_text = "Thank you, Dr Phiseedwell: Quasirandomitis noted, calling Tuesday."
-    done = browser.submit(f"/messages/{sent.public_id}/reply", {"body": reply_text},
-                          form_page=f"/messages/{sent.public_id}")
+    done = browser.submit(
+        f"/messages/{sent.public_id}/reply",
+        {"body": reply_text},
+        form_page=f"/messages/{sent.public_id}",
+    )
     assert done.status_code == 302
     page = browser.get(done.location).get_data(as_text=True)
     assert "Sent by you" in page
@@ -300,10 +330,16 @@ def test_reply_is_stored_encrypted_and_notifies_staff_without_phi(
         url = notices.open_payload(db.session, notice)
         assert url == f"{app.config['BASE_URL']}/"
         email = render.render(
-            notice, url=url, org_name=app.config["ORG_NAME"],
-            org_address=app.config["ORG_ADDRESS"], support_contact="the desk",
-            expires_at=None, mail_from="no-reply@example.org", to_address=STAFF_EMAIL,
-            message_id_domain="example.org")
+            notice,
+            url=url,
+            org_name=app.config["ORG_NAME"],
+            org_address=app.config["ORG_ADDRESS"],
+            support_contact="the desk",
+            expires_at=None,
+            mail_from="no-reply@example.org",
+            to_address=STAFF_EMAIL,
+            message_id_domain="example.org",
+        )
         texts = [t.replace(url, " ") for t in render.readable_texts(email)]
         assert not phi.find_phi(texts, phi.phi_terms(db.session, notice))
         assert not [s for s in (*PHI_STRINGS, "Tuesday") if any(s in t for t in texts)]
@@ -311,8 +347,9 @@ def test_reply_is_stored_encrypted_and_notifies_staff_without_phi(
     assert chain_ok(app)
 
 
-def test_over_long_or_empty_reply_is_refused(app: Flask,
-                                             reader: tuple[Browser, SentMessage]) -> None:
+def test_over_long_or_empty_reply_is_refused(
+    app: Flask, reader: tuple[Browser, SentMessage]
+) -> None:
     browser, sent = reader
     url = f"/messages/{sent.public_id}/reply"
     for body in ("x" * 10_001, "   "):
@@ -321,8 +358,7 @@ def test_over_long_or_empty_reply_is_refused(app: Flask,
         assert 'class="error"' in refused.get_data(as_text=True)
     assert browser.client.post(url, data={"body": "no token"}).status_code == 400
     with app.app_context():
-        assert db.session.scalar(select(Message).where(Message.in_reply_to_id.is_not(None))) \
-            is None
+        assert db.session.scalar(select(Message).where(Message.in_reply_to_id.is_not(None))) is None
     assert events(app, "message.reply") == []
 
 
@@ -346,8 +382,16 @@ def test_history_lists_every_access(app: Flask, reader: tuple[Browser, SentMessa
     staff_browser.get(f"/staff/messages/{sent.public_id}")
     assert staff_browser.get("/history").status_code == 403  # patients only
     page = browser.get("/history").get_data(as_text=True)
-    for expected in ("Read the message", "Downloaded an attachment", "Sent you a message",
-                     "Sam Staffer", "(staff, ", "You", "127.0.0.1", SUBJECT):
+    for expected in (
+        "Read the message",
+        "Downloaded an attachment",
+        "Sent you a message",
+        "Sam Staffer",
+        "(staff, ",
+        "You",
+        "127.0.0.1",
+        SUBJECT,
+    ):
         assert expected in page, expected
     rows = re.findall(r"<tr>", page)[1:]  # after the header row
     with app.app_context():
@@ -373,8 +417,9 @@ def _nosy_patient_denied(app: Flask, sent: SentMessage) -> None:
     assert [e.client_ip for e in denied] == [NOSY_IP]
 
 
-def test_history_never_names_another_patient(app: Flask,
-                                             reader: tuple[Browser, SentMessage]) -> None:
+def test_history_never_names_another_patient(
+    app: Flask, reader: tuple[Browser, SentMessage]
+) -> None:
     """Issue 10 item 4: other patients' attempts show without name, email or address."""
     browser, sent = reader
     _nosy_patient_denied(app, sent)
@@ -386,19 +431,20 @@ def test_history_never_names_another_patient(app: Flask,
     assert "Sam Staffer" in page
 
 
-def test_disclosure_pdf_never_names_another_patient(app: Flask,
-                                                    reader: tuple[Browser, SentMessage]) -> None:
+def test_disclosure_pdf_never_names_another_patient(
+    app: Flask, reader: tuple[Browser, SentMessage]
+) -> None:
     """Issue 10 item 4: the same rule in the patient's accounting of disclosures."""
     browser, sent = reader
     _nosy_patient_denied(app, sent)
     today = utcnow().date().isoformat()
-    response = browser.submit("/history/disclosures.pdf", {"since": today, "until": today},
-                              form_page="/history")
+    response = browser.submit(
+        "/history/disclosures.pdf", {"since": today, "until": today}, form_page="/history"
+    )
     assert response.mimetype == "application/pdf"
     text_ = " ".join(p.extract_text() for p in PdfReader(io.BytesIO(response.data)).pages)
     spaced, squeezed = " ".join(text_.split()), "".join(text_.split())
-    assert not [leak for leak in NOSY_LEAKS
-                if leak in spaced or leak.replace(" ", "") in squeezed]
+    assert not [leak for leak in NOSY_LEAKS if leak in spaced or leak.replace(" ", "") in squeezed]
     assert "Another patient" in spaced
     assert "access attempt denied" in spaced
     assert "Sam Staffer" in spaced
@@ -415,7 +461,8 @@ def test_history_view_is_audited(app: Flask, reader: tuple[Browser, SentMessage]
         patient_id = db.session.scalar(select(User.id).where(User.email == "zq@example.org"))
     assert len(viewed) == 2
     assert {(e.actor_id, e.patient_id, e.client_ip) for e in viewed} == {
-        (patient_id, patient_id, "127.0.0.1")}
+        (patient_id, patient_id, "127.0.0.1")
+    }
     assert "Viewed this access history" in browser.get("/history").get_data(as_text=True)
     assert chain_ok(app)
 
@@ -447,11 +494,20 @@ def test_a_whole_pickup_leaves_a_complete_verified_trail(app: Flask, staff: Any)
     browser.get(download_url(sent, attachment))
     browser.get(download_url(sent, attachment, "view"))
     browser.get(f"/messages/{sent.public_id}/pdf")
-    browser.submit(f"/messages/{sent.public_id}/reply", {"body": "Thank you."},
-                   form_page=landed.location)
+    browser.submit(
+        f"/messages/{sent.public_id}/reply", {"body": "Thank you."}, form_page=landed.location
+    )
     actions = [e.action for e in events(app)]
-    expected = ["message.send", "link.open", "auth.signin", "message.view",
-                "attachment.download", "attachment.view", "message.pdf", "message.reply"]
+    expected = [
+        "message.send",
+        "link.open",
+        "auth.signin",
+        "message.view",
+        "attachment.download",
+        "attachment.view",
+        "message.pdf",
+        "message.reply",
+    ]
     assert [a for a in dict.fromkeys(actions) if a in expected] == expected  # first of each
     with app.app_context():
         patient_id = db.session.scalar(select(User.id).where(User.email == "zq@example.org"))
@@ -468,17 +524,21 @@ def test_patient_downloads_own_disclosure_record(app: Flask) -> None:
 
     _, secret, _ = enrolled_user(app, role="patient", email="pat@example.org", name="Pat Ient")
     browser = Browser(app)
-    assert browser.sign_in("pat@example.org", "Correct horse battery staple 42",
-                           secret).status_code == 302
+    assert (
+        browser.sign_in("pat@example.org", "Correct horse battery staple 42", secret).status_code
+        == 302
+    )
     browser.get("/inbox")
     today = utcnow().date().isoformat()
-    response = browser.submit("/history/disclosures.pdf", {"since": today, "until": today},
-                              form_page="/history")
+    response = browser.submit(
+        "/history/disclosures.pdf", {"since": today, "until": today}, form_page="/history"
+    )
     assert response.mimetype == "application/pdf"
     pdf_text = " ".join(p.extract_text() for p in PdfReader(io.BytesIO(response.data)).pages)
     assert "Pat Ient" in " ".join(pdf_text.split())
-    bad = browser.submit("/history/disclosures.pdf", {"since": today, "until": "2000-01-01"},
-                         form_page="/history")
+    bad = browser.submit(
+        "/history/disclosures.pdf", {"since": today, "until": "2000-01-01"}, form_page="/history"
+    )
     assert bad.status_code == 400  # the history page again, the error under "To (inclusive)"
     assert "The last day is before the first." in bad.get_data(as_text=True)
     with app.app_context():

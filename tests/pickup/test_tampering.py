@@ -28,7 +28,7 @@ from portal.services import accounts, content, messages
 from portal.web.errors import TAMPERED_MESSAGE
 from tests.browser_client import Browser
 from tests.factories import BODY, MINIMAL_PDF, PHI_STRINGS, SUBJECT
-from tests.pickup.conftest import (
+from tests.support.pickup import (
     PATIENT_EMAIL,
     STAFF_EMAIL,
     SentMessage,
@@ -77,12 +77,18 @@ def flip_sealed_body(app: Flask, public_id: str) -> None:
 
 def assert_alerted(caplog: pytest.LogCaptureFixture, stage: str) -> dict[str, Any]:
     """The CRITICAL line: present, ids only. Returns its extras."""
-    alerts = [r for r in caplog.records if r.levelno >= logging.ERROR
-              and getattr(r, "event", None) == "content_tampered"]
+    alerts = [
+        r
+        for r in caplog.records
+        if r.levelno >= logging.ERROR and getattr(r, "event", None) == "content_tampered"
+    ]
     assert len(alerts) == 1
     assert alerts[0].levelno == logging.CRITICAL
-    extras = {k: v for k, v in vars(alerts[0]).items()
-              if k in {"stage", "target_type", "target_id", "message_id", "actor_id"}}
+    extras = {
+        k: v
+        for k, v in vars(alerts[0]).items()
+        if k in {"stage", "target_type", "target_id", "message_id", "actor_id"}
+    }
     assert extras["stage"] == stage
     logged = caplog.text + json.dumps(extras, default=str)
     assert not [s for s in PHI_STRINGS if s in logged]
@@ -109,8 +115,8 @@ def assert_handled_page(response: Any) -> None:
 
 
 def test_tampered_sealed_body_is_a_handled_audited_error(
-        app: Flask, reader: tuple[Browser, SentMessage],
-        caplog: pytest.LogCaptureFixture) -> None:
+    app: Flask, reader: tuple[Browser, SentMessage], caplog: pytest.LogCaptureFixture
+) -> None:
     browser, sent = reader
     flip_sealed_body(app, sent.public_id)
     caplog.set_level(logging.INFO)
@@ -125,8 +131,8 @@ def test_tampered_sealed_body_is_a_handled_audited_error(
 
 
 def test_tampered_first_segment_is_refused_before_the_response(
-        app: Flask, reader: tuple[Browser, SentMessage],
-        caplog: pytest.LogCaptureFixture) -> None:
+    app: Flask, reader: tuple[Browser, SentMessage], caplog: pytest.LogCaptureFixture
+) -> None:
     browser, sent = reader
     attachment = attachment_of(app, sent.public_id)
     flip_blob_byte(app, attachment.blob_id, HEADER_SIZE + 3)
@@ -140,7 +146,8 @@ def test_tampered_first_segment_is_refused_before_the_response(
 
 
 def test_tampered_later_segment_aborts_the_stream_and_is_audited(
-        app: Flask, staff: Any, caplog: pytest.LogCaptureFixture) -> None:
+    app: Flask, staff: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     _, secret = enrolled_patient(app)
     record = MINIMAL_PDF + bytes(range(256)) * (3 * SEGMENT_SIZE // 256)  # four segments
     with app.app_context():
@@ -149,9 +156,15 @@ def test_tampered_later_segment_aborts_the_stream_and_is_audited(
         assert sender is not None
         assert recipient is not None
         message = messages.create(
-            db.session, sender=sender, recipient=recipient, subject=SUBJECT, body=BODY,
+            db.session,
+            sender=sender,
+            recipient=recipient,
+            subject=SUBJECT,
+            body=BODY,
             expires_at=utcnow() + timedelta(days=7),
-            uploads=[messages.Upload("record.pdf", io.BytesIO(record))], validate=None)
+            uploads=[messages.Upload("record.pdf", io.BytesIO(record))],
+            validate=None,
+        )
         db.session.commit()
         message_id, attachment = message.public_id, message.attachments[0]
     flip_blob_byte(app, attachment.blob_id, HEADER_SIZE + 2 * (SEGMENT_SIZE + TAG_SIZE) + 5)
@@ -171,7 +184,8 @@ def test_tampered_later_segment_aborts_the_stream_and_is_audited(
 
 
 def test_tampered_subject_on_the_staff_status_page_names_the_message(
-        app: Flask, staff: Any, caplog: pytest.LogCaptureFixture) -> None:
+    app: Flask, staff: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     """Staff routes name the message ``public_id``: the event must still carry it."""
     _, staff_secret, _ = staff
     enrolled_patient(app)

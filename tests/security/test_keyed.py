@@ -27,8 +27,10 @@ def test_keyed_hash_hides_the_value_and_depends_on_the_secret() -> None:
     assert digest != keyed.keyed_hash(other, "sam@example.org")
 
 
-@pytest.mark.parametrize(("secret", "purpose", "why"), [
-    ("", keyed.RATE_LIMIT_ACCOUNT, "empty"), ("s", "no-such-purpose", "no salt")])
+@pytest.mark.parametrize(
+    ("secret", "purpose", "why"),
+    [("", keyed.RATE_LIMIT_ACCOUNT, "empty"), ("s", "no-such-purpose", "no salt")],
+)
 def test_empty_secret_or_unknown_purpose_refused(secret: str, purpose: str, why: str) -> None:
     with pytest.raises(ValueError, match=why):
         keyed.derive_secret(secret, purpose)

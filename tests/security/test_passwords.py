@@ -221,27 +221,33 @@ ORG = "Riverside Family Practice"
 SERVICE_NAME_REASON = "name of this service or of the organisation"
 
 
-@pytest.mark.parametrize("password", [
-    "Pickup Portal forever 2024",  # the product, as is
-    "pickupportal!!lantern9",  # without the space, lower case
-    "P1ckup Porta1 lantern 77",  # common substitutions
-    "PikupPortl winter 2025 x",  # a near-copy
-    _wide("PickupPortal") + " 2024 lantern",  # full-width letters (NFKC)
-    "Riverside Family Practice 1987",  # the organisation
-    "riverside-family-practice-77",
-    "Rivrside Family Practise 9",
-])
+@pytest.mark.parametrize(
+    "password",
+    [
+        "Pickup Portal forever 2024",  # the product, as is
+        "pickupportal!!lantern9",  # without the space, lower case
+        "P1ckup Porta1 lantern 77",  # common substitutions
+        "PikupPortl winter 2025 x",  # a near-copy
+        _wide("PickupPortal") + " 2024 lantern",  # full-width letters (NFKC)
+        "Riverside Family Practice 1987",  # the organisation
+        "riverside-family-practice-77",
+        "Rivrside Family Practise 9",
+    ],
+)
 def test_product_and_organisation_names_refused(password: str) -> None:
     reasons = check_password(password, organisation=ORG)
     assert any(SERVICE_NAME_REASON in r for r in reasons), reasons
     assert not any(password in r for r in reasons)
 
 
-@pytest.mark.parametrize("password", [
-    "Velvet lighthouse quarrel 77",
-    "pick up the portable radio 42",  # the words apart, not the name
-    "A riverside walk on Sundays 7",  # one word of the organisation is not its name
-])
+@pytest.mark.parametrize(
+    "password",
+    [
+        "Velvet lighthouse quarrel 77",
+        "pick up the portable radio 42",  # the words apart, not the name
+        "A riverside walk on Sundays 7",  # one word of the organisation is not its name
+    ],
+)
 def test_passwords_near_but_not_the_names_pass(password: str) -> None:
     assert check_password(password, organisation=ORG) == []
 
@@ -257,3 +263,32 @@ def test_short_organisation_name_refuses_nothing_on_its_own() -> None:
 def test_name_check_work_is_bounded_for_huge_input() -> None:
     reasons = check_password("x" * 100_000 + "Pickup Portal", organisation=ORG)
     assert reasons == ["Use at most 128 characters."]  # the name sits past the checked part
+
+
+# --- the test-only hasher -------------------------------------------------------------
+
+
+def test_insecure_test_hasher_is_cheap_and_its_hashes_are_replaced_at_sign_in() -> None:
+    cheap = passwords.insecure_hasher_for_tests()
+    stored = cheap.hash_password(STRONG_12)
+    assert _params(stored) == (8, 1, 1)
+    assert cheap.verify_password(stored, STRONG_12)
+    assert verify_password(stored, STRONG_12)  # the parameters travel with the hash
+    assert needs_rehash(stored)  # so a cheap hash that reached a real database is replaced
+
+
+def test_floor_still_refuses_the_test_parameters_by_the_ordinary_path() -> None:
+    with pytest.raises(ValueError, match="below the floor"):
+        make_hasher(**passwords.INSECURE_TEST_PARAMETERS)
+    with pytest.raises(ValueError, match="below the floor"):
+        passwords.PasswordHasher(**passwords.INSECURE_TEST_PARAMETERS)
+
+
+def test_dummy_hash_follows_the_hasher_parameters(
+    fast_hasher: passwords.PasswordHasher,
+) -> None:
+    assert passwords.default_hasher().dummy_hash == DUMMY_HASH
+    assert _params(fast_hasher.dummy_hash) == (19_456, 2, 1)
+    cheap = passwords.insecure_hasher_for_tests()
+    assert _params(cheap.dummy_hash) == (8, 1, 1)
+    assert not cheap.verify_password(cheap.dummy_hash, STRONG_12)

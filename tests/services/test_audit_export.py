@@ -36,8 +36,14 @@ EVIL_NAME = '=HYPERLINK("http://attacker.example","click")'
 MIB = 1024 * 1024
 
 
-def record(session: Session, action: Action = Action.MESSAGE_VIEW, *, actor: User | None = None,
-           ua: str | None = None, **kwargs: Any) -> AuditEvent:
+def record(
+    session: Session,
+    action: Action = Action.MESSAGE_VIEW,
+    *,
+    actor: User | None = None,
+    ua: str | None = None,
+    **kwargs: Any,
+) -> AuditEvent:
     meta = RequestMeta(client_ip="192.0.2.5", user_agent=ua, request_id="req-7")
     who = Actor(actor.id, actor.role) if actor else audit.SYSTEM
     return audit.record(session, action, actor=who, meta=meta, **kwargs)
@@ -57,15 +63,25 @@ def trail(app: Flask) -> dict[str, Any]:
         staff = make_user(s, "staff", "staff@example.org", "Sam Staffer")
         patient = make_patient(s)
         message = make_message(s, staff, patient)
-        record(s, actor=staff, patient_id=patient.id, message_id=message.id,
-               target_type="message", target_id=message.public_id, details={"bytes": 12})
+        record(
+            s,
+            actor=staff,
+            patient_id=patient.id,
+            message_id=message.id,
+            target_type="message",
+            target_id=message.public_id,
+            details={"bytes": 12},
+        )
         record(s, Action.AUTH_SIGNIN_FAILED, outcome=Outcome.FAILURE, ua="curl/8")
-        record(s, Action.ACCESS_DENIED, actor=staff, patient_id=patient.id,
-               outcome=Outcome.DENIED)
+        record(s, Action.ACCESS_DENIED, actor=staff, patient_id=patient.id, outcome=Outcome.DENIED)
         record(s, Action.KEY_ROTATE, target_type="keyring", target_id="v2")
         s.commit()
-        return {"staff": staff.public_id, "patient": patient.public_id,
-                "message": message.public_id, "patient_id": patient.id}
+        return {
+            "staff": staff.public_id,
+            "patient": patient.public_id,
+            "message": message.public_id,
+            "patient_id": patient.id,
+        }
 
 
 def test_csv_neutralises_formula_cells(app: Flask) -> None:
@@ -104,9 +120,24 @@ def test_jsonl_round_trips_and_rechecks_the_chain(app: Flask, trail: dict[str, A
     assert lines == expected
     prev = audit.GENESIS_HASH
     for line in lines:  # the export alone is enough to recompute the chain
-        fields = [line[n] for n in ("seq", "occurred_at", "actor_id", "actor_role", "action",
-                                    "target_type", "target_id", "patient_id", "message_id",
-                                    "outcome", "client_ip", "user_agent", "request_id")]
+        fields = [
+            line[n]
+            for n in (
+                "seq",
+                "occurred_at",
+                "actor_id",
+                "actor_role",
+                "action",
+                "target_type",
+                "target_id",
+                "patient_id",
+                "message_id",
+                "outcome",
+                "client_ip",
+                "user_agent",
+                "request_id",
+            )
+        ]
         details = json.dumps(line["details"], sort_keys=True, separators=(",", ":"))
         assert line["prev_hash"] == prev
         assert audit._hash_fields(*fields, details, prev) == line["hash"]
@@ -155,8 +186,7 @@ def test_fhir_bundle_validates_as_r4(app: Flask, trail: dict[str, Any]) -> None:
     assert by_action["key.rotate"]["action"] == "U"
 
 
-def test_fhir_patient_actor_is_only_a_patient_reference(app: Flask,
-                                                        trail: dict[str, Any]) -> None:
+def test_fhir_patient_actor_is_only_a_patient_reference(app: Flask, trail: dict[str, Any]) -> None:
     """Issue 10 item 9: a patient acting appears as Patient/<public id>, never by name."""
     with app.app_context():
         patient = db.session.get(User, trail["patient_id"])
@@ -190,29 +220,43 @@ def test_every_action_has_a_fhir_action_code() -> None:
 def test_record_export_audits_format_and_filters(app: Flask) -> None:
     with app.app_context():
         flt = AuditFilter(patient_id=4, action="auth.")
-        event = audit_export.record_export(db.session, flt, "fhir", Actor(2, "auditor"),
-                                           RequestMeta(client_ip="192.0.2.1"))
+        event = audit_export.record_export(
+            db.session, flt, "fhir", Actor(2, "auditor"), RequestMeta(client_ip="192.0.2.1")
+        )
         assert event.action == "audit.export"
         assert event.patient_id == 4
         assert json.loads(event.details) == {"format": "fhir", "patient_id": 4, "action": "auth."}
 
 
 @pytest.mark.parametrize("fmt", ["csv", "json", "fhir"])
-def test_cli_export_to_private_file(app: Flask, trail: dict[str, Any], tmp_path: Path,
-                                    fmt: str) -> None:
+def test_cli_export_to_private_file(
+    app: Flask, trail: dict[str, Any], tmp_path: Path, fmt: str
+) -> None:
     target = tmp_path / f"trail.{fmt}"
     env = {"PORTAL_DATABASE_URL": app.config["DATABASE_URL"]}
     today = utcnow().date()
-    args = ["audit", "export", "--format", fmt, "--patient", "zq@example.org",
-            "--since", today.isoformat(), "--until", (today + timedelta(days=1)).isoformat(),
-            "-o", str(target)]
+    args = [
+        "audit",
+        "export",
+        "--format",
+        fmt,
+        "--patient",
+        "zq@example.org",
+        "--since",
+        today.isoformat(),
+        "--until",
+        (today + timedelta(days=1)).isoformat(),
+        "-o",
+        str(target),
+    ]
     result = CliRunner().invoke(cli.main, args, env=env)
     assert result.exit_code == 0, result.output
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     body = target.read_text(encoding="utf-8")
     if fmt == "json":
         assert {json.loads(line)["patient_id"] for line in body.splitlines()} == {
-            trail["patient_id"]}
+            trail["patient_id"]
+        }
     elif fmt == "fhir":
         assert len(json.loads(body)["entry"]) == 3
     else:
@@ -228,7 +272,8 @@ def test_cli_export_to_private_file(app: Flask, trail: dict[str, Any], tmp_path:
 
 
 def test_cli_export_to_stdout_and_existing_file_replaced_with_force(
-        app: Flask, trail: dict[str, Any], tmp_path: Path) -> None:
+    app: Flask, trail: dict[str, Any], tmp_path: Path
+) -> None:
     env = {"PORTAL_DATABASE_URL": app.config["DATABASE_URL"]}
     result = CliRunner().invoke(cli.main, ["audit", "export", "--format", "json"], env=env)
     assert result.exit_code == 0, result.output
@@ -237,19 +282,22 @@ def test_cli_export_to_stdout_and_existing_file_replaced_with_force(
     target = tmp_path / "old.csv"
     target.write_text("old")
     os.chmod(target, 0o644)
-    again = CliRunner().invoke(cli.main, ["audit", "export", "--format", "csv", "--force",
-                                          "-o", str(target)], env=env)
+    again = CliRunner().invoke(
+        cli.main, ["audit", "export", "--format", "csv", "--force", "-o", str(target)], env=env
+    )
     assert again.exit_code == 0, again.output
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     assert "old" not in target.read_text()
 
 
-def test_cli_unknown_patient_exits_without_echoing_email(app: Flask, trail: dict[str, Any],
-                                                         tmp_path: Path) -> None:
+def test_cli_unknown_patient_exits_without_echoing_email(
+    app: Flask, trail: dict[str, Any], tmp_path: Path
+) -> None:
     env = {"PORTAL_DATABASE_URL": app.config["DATABASE_URL"]}
     for email in ("nobody@example.org", "staff@example.org"):
-        result = CliRunner().invoke(cli.main, ["audit", "export", "--format", "csv",
-                                               "--patient", email], env=env)
+        result = CliRunner().invoke(
+            cli.main, ["audit", "export", "--format", "csv", "--patient", email], env=env
+        )
         assert result.exit_code == 1
         assert "portal: no patient with that email" in result.output
         assert email not in result.output
@@ -257,15 +305,16 @@ def test_cli_unknown_patient_exits_without_echoing_email(app: Flask, trail: dict
         assert audit_query.count(db.session, AuditFilter(action="audit.export")) == 0
 
 
-@pytest.mark.parametrize("day", ["9999-12-31", "0001-01-01", "garbage",
-                                 "\u0662\u0660\u0662\u0664-01-01"])
-def test_cli_out_of_range_dates_export_nothing(app: Flask, trail: dict[str, Any],
-                                               day: str) -> None:
+@pytest.mark.parametrize(
+    "day", ["9999-12-31", "0001-01-01", "garbage", "\u0662\u0660\u0662\u0664-01-01"]
+)
+def test_cli_out_of_range_dates_export_nothing(app: Flask, trail: dict[str, Any], day: str) -> None:
     """Issue 10 item 8: --since/--until have the web's bounds; a refusal exports nothing."""
     env = {"PORTAL_DATABASE_URL": app.config["DATABASE_URL"]}
     for option in ("--since", "--until"):
-        result = CliRunner().invoke(cli.main, ["audit", "export", "--format", "csv",
-                                               option, day], env=env)
+        result = CliRunner().invoke(
+            cli.main, ["audit", "export", "--format", "csv", option, day], env=env
+        )
         assert result.exit_code == 1
         assert "enter a date as YYYY-MM-DD, between 2000-01-01 and 2100-12-31" in result.output
         assert "seq,occurred_at" not in result.output
@@ -280,12 +329,23 @@ def bulk_events(session: Session, n: int, actors: list[User], patients: list[Use
     seq, prev, now, rows = head.seq, head.hash, utcnow(), []
     for i in range(n):
         seq += 1
-        fields = {"seq": seq, "occurred_at": now, "actor_id": actors[i % len(actors)].id,
-                  "actor_role": "staff", "action": "message.view", "target_type": "message",
-                  "target_id": f"{i:032x}", "patient_id": patients[i % len(patients)].id,
-                  "message_id": None, "outcome": "success", "client_ip": "198.51.100.20",
-                  "user_agent": "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0",
-                  "request_id": f"{i:016x}", "details": '{"bytes":1024}', "prev_hash": prev}
+        fields = {
+            "seq": seq,
+            "occurred_at": now,
+            "actor_id": actors[i % len(actors)].id,
+            "actor_role": "staff",
+            "action": "message.view",
+            "target_type": "message",
+            "target_id": f"{i:032x}",
+            "patient_id": patients[i % len(patients)].id,
+            "message_id": None,
+            "outcome": "success",
+            "client_ip": "198.51.100.20",
+            "user_agent": "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0",
+            "request_id": f"{i:016x}",
+            "details": '{"bytes":1024}',
+            "prev_hash": prev,
+        }
         prev = audit._hash_fields(*fields.values())
         rows.append({**fields, "hash": prev})
     session.execute(insert(AuditEvent), rows)
@@ -295,10 +355,15 @@ def bulk_events(session: Session, n: int, actors: list[User], patients: list[Use
 
 def test_export_memory_stays_flat(app: Flask) -> None:
     with app.app_context():
-        actors = [make_user(db.session, "staff", f"s{i}@example.org", f"Staff {i}")
-                  for i in range(3)]
-        patients = [make_user(db.session, "patient", f"p{i}@example.org", f"Patient {i}",
-                              dob=utcnow().date()) for i in range(3)]
+        actors = [
+            make_user(db.session, "staff", f"s{i}@example.org", f"Staff {i}") for i in range(3)
+        ]
+        patients = [
+            make_user(
+                db.session, "patient", f"p{i}@example.org", f"Patient {i}", dob=utcnow().date()
+            )
+            for i in range(3)
+        ]
         bulk_events(db.session, 20_000, actors, patients)
         db.session.expunge_all()
         gc.collect()

@@ -31,12 +31,20 @@ def head_seq(session: Session) -> int:
     return int(session.scalar(select(AuditHead.seq)) or 0)
 
 
-def event(session: Session, action: Action = Action.MESSAGE_VIEW, *, actor: User | None = None,
-          ip: str | None = None, ua: str | None = None, **kwargs: Any) -> int:
+def event(
+    session: Session,
+    action: Action = Action.MESSAGE_VIEW,
+    *,
+    actor: User | None = None,
+    ip: str | None = None,
+    ua: str | None = None,
+    **kwargs: Any,
+) -> int:
     """Record one event and return its seq."""
     meta = RequestMeta(client_ip=ip, user_agent=ua, request_id="req-1")
-    return audit.record(session, action, actor=actor_of(actor) if actor else audit.SYSTEM,
-                        meta=meta, **kwargs).seq
+    return audit.record(
+        session, action, actor=actor_of(actor) if actor else audit.SYSTEM, meta=meta, **kwargs
+    ).seq
 
 
 def seqs(session: Session, flt: AuditFilter) -> set[int]:
@@ -67,8 +75,15 @@ def test_each_filter_alone_and_combined(app: Flask) -> None:
         e3 = event(s, Action.AUTH_SIGNIN_FAILED, outcome=Outcome.FAILURE, ip="198.51.100.7")
         t1 = pause()
         e4 = event(s, Action.AUTH_SIGNIN, actor=staff, ip="192.0.2.1")
-        e5 = event(s, Action.ACCESS_DENIED, actor=p2, patient_id=p1.id, message_id=11,
-                   outcome=Outcome.DENIED, ip="2001:db8::1")
+        e5 = event(
+            s,
+            Action.ACCESS_DENIED,
+            actor=p2,
+            patient_id=p1.id,
+            message_id=11,
+            outcome=Outcome.DENIED,
+            ip="2001:db8::1",
+        )
         e6 = event(s, Action.MESSAGE_SEND, actor=staff, patient_id=p2.id, message_id=13)
         t2 = pause()
         s.commit()
@@ -112,8 +127,16 @@ def test_rows_carry_names_and_public_ids(app: Flask) -> None:
         patient = make_patient(s)
         message = make_message(s, staff, patient)
         gone = make_user(s, "staff", "gone@example.org", "Gone Person")
-        event(s, actor=staff, patient_id=patient.id, message_id=message.id, target_type="message",
-              target_id=message.public_id, ua="Firefox", details={"bytes": 5})
+        event(
+            s,
+            actor=staff,
+            patient_id=patient.id,
+            message_id=message.id,
+            target_type="message",
+            target_id=message.public_id,
+            ua="Firefox",
+            details={"bytes": 5},
+        )
         event(s, Action.NOTICE_SENT)
         event(s, actor=gone)
         event(s, Action.MESSAGE_VIEW, patient_id=999_999)
@@ -179,23 +202,44 @@ def test_page_limit_is_bounded(app: Flask) -> None:
 
 
 def test_from_args_parses_form_strings() -> None:
-    flt = audit_query.from_args(patient_id="3", actor_id="", action="auth.", outcome="Denied",
-                                message_id=None, client_ip=" 192.0.2.1 ", since="2026-01-01",
-                                until="2026-02-01T12:30:00+01:00")
-    assert flt == AuditFilter(patient_id=3, action="auth.", outcome="denied",
-                              client_ip="192.0.2.1",
-                              since=datetime(2026, 1, 1, tzinfo=UTC),
-                              until=datetime(2026, 2, 1, 11, 30, tzinfo=UTC))
-    assert flt.to_details() == {"patient_id": 3, "action": "auth.", "outcome": "denied",
-                                "client_ip": "192.0.2.1", "since": "2026-01-01",
-                                "until": "2026-02-01T11:30:00Z"}
+    flt = audit_query.from_args(
+        patient_id="3",
+        actor_id="",
+        action="auth.",
+        outcome="Denied",
+        message_id=None,
+        client_ip=" 192.0.2.1 ",
+        since="2026-01-01",
+        until="2026-02-01T12:30:00+01:00",
+    )
+    assert flt == AuditFilter(
+        patient_id=3,
+        action="auth.",
+        outcome="denied",
+        client_ip="192.0.2.1",
+        since=datetime(2026, 1, 1, tzinfo=UTC),
+        until=datetime(2026, 2, 1, 11, 30, tzinfo=UTC),
+    )
+    assert flt.to_details() == {
+        "patient_id": 3,
+        "action": "auth.",
+        "outcome": "denied",
+        "client_ip": "192.0.2.1",
+        "since": "2026-01-01",
+        "until": "2026-02-01T11:30:00Z",
+    }
     assert AuditFilter().to_details() == {}
 
 
 def test_from_args_lists_every_problem() -> None:
     with pytest.raises(ServiceError) as caught:
-        audit_query.from_args(patient_id="x", action="drop table", outcome="maybe",
-                              client_ip="999.1.1.1", since="yesterday")
+        audit_query.from_args(
+            patient_id="x",
+            action="drop table",
+            outcome="maybe",
+            client_ip="999.1.1.1",
+            since="yesterday",
+        )
     assert len(caught.value.messages) == 5
     with pytest.raises(ServiceError, match="later"):
         audit_query.from_args(since="2026-02-01", until="2026-01-01")
@@ -205,8 +249,9 @@ def test_from_args_lists_every_problem() -> None:
 
 def test_record_search_writes_filters_not_results(app: Flask) -> None:
     with app.app_context():
-        flt = AuditFilter(patient_id=3, action="message.view",
-                          since=datetime(2026, 1, 1, tzinfo=UTC))
+        flt = AuditFilter(
+            patient_id=3, action="message.view", since=datetime(2026, 1, 1, tzinfo=UTC)
+        )
         auditor = Actor(9, "auditor")
         meta = RequestMeta(client_ip="192.0.2.9")
         audit_query.record_search(db.session, flt, auditor, meta)
@@ -222,15 +267,18 @@ def rewrite_history(session: Session, backend: str, seq: int) -> None:
     if backend == "postgresql":
         session.execute(text("SET LOCAL session_replication_role = replica"))
     prev = rows[seq - 2][-1] if seq > 1 else audit.GENESIS_HASH
-    for row in rows[seq - 1:]:
+    for row in rows[seq - 1 :]:
         fields = list(row[:-1])
         if fields[0] == seq:
             fields[10] = "203.0.113.66"  # client_ip
         fields[-1] = prev
         prev = audit._hash_fields(*fields)
-        session.execute(text("UPDATE audit_events SET client_ip = :ip, prev_hash = :p, "
-                             "hash = :h WHERE seq = :s"),
-                        {"ip": fields[10], "p": fields[-1], "h": prev, "s": fields[0]})
+        session.execute(
+            text(
+                "UPDATE audit_events SET client_ip = :ip, prev_hash = :p, hash = :h WHERE seq = :s"
+            ),
+            {"ip": fields[10], "p": fields[-1], "h": prev, "s": fields[0]},
+        )
     session.execute(text("UPDATE audit_head SET hash = :h"), {"h": prev})
     session.commit()
 
@@ -254,8 +302,9 @@ def test_verify_from_head(app: Flask, backend: str) -> None:
         assert audit.verify(s).ok
         broken = audit_query.verify_from_head(s, noted)
         assert not broken.ok
-        assert broken.problem == (f"the noted head {noted[:12]} is not in the trail "
-                                  "(history rewritten?)")
+        assert broken.problem == (
+            f"the noted head {noted[:12]} is not in the trail (history rewritten?)"
+        )
 
 
 def test_verify_from_head_reports_a_broken_chain_first(app: Flask, backend: str) -> None:

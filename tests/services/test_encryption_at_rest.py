@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flask import Flask
@@ -30,6 +31,13 @@ from tests.factories import (
 )
 
 
+def rotate(**kwargs: Any) -> keys.RotationResult:
+    """Rotate as ``portal keys rotate`` does: the caller commits at each checkpoint."""
+    return keys.rotate(
+        db.session, actor=SYSTEM, meta=NO_REQUEST, checkpoint=db.session.commit, **kwargs
+    )
+
+
 def seed(n_messages: int = 3) -> list[Message]:
     staff = make_user(db.session)
     patient = make_patient(db.session)
@@ -42,8 +50,9 @@ def read_all() -> list[str]:
     out = []
     for message in db.session.query(Message).all():
         readable = messages.read(db.session, message)
-        data = b"".join(b"".join(content.open_attachment(db.session, a))
-                        for a in message.attachments)
+        data = b"".join(
+            b"".join(content.open_attachment(db.session, a)) for a in message.attachments
+        )
         assert data == MINIMAL_PDF
         out.append(readable.subject)
     for user in db.session.query(User).all():
@@ -90,16 +99,20 @@ def test_keyring_file_private(app: Flask) -> None:
 def test_rotation_rewraps_without_touching_content(app: Flask) -> None:
     with app.app_context():
         seed(3)
-        before_blobs = {a: os.stat(content.blob_store()._path(a)).st_mtime_ns
-                        for a in content.blob_store().iter_ids()}
+        before_blobs = {
+            a: os.stat(content.blob_store()._path(a)).st_mtime_ns
+            for a in content.blob_store().iter_ids()
+        }
         before_subjects = [m.subject_sealed for m in db.session.query(Message)]
-        result = keys.rotate(db.session, actor=SYSTEM, meta=NO_REQUEST, batch_size=2)
+        result = rotate(batch_size=2)
         assert result.version == 2
         assert result.rewrapped == db.session.query(DataKey).count()
         assert keys.status(db.session) == {2: result.rewrapped}
         assert [m.subject_sealed for m in db.session.query(Message)] == before_subjects
-        assert {a: os.stat(content.blob_store()._path(a)).st_mtime_ns
-                for a in content.blob_store().iter_ids()} == before_blobs
+        assert {
+            a: os.stat(content.blob_store()._path(a)).st_mtime_ns
+            for a in content.blob_store().iter_ids()
+        } == before_blobs
         assert SUBJECT in read_all()
         assert db.session.query(AuditEvent).filter_by(action="key.rotate").count() >= 2
         assert audit.verify(db.session).ok
@@ -115,13 +128,12 @@ def test_interrupted_rotation_resumes(app: Flask) -> None:
                 raise RuntimeError("power cut")
 
         with pytest.raises(RuntimeError):
-            keys.rotate(db.session, actor=SYSTEM, meta=NO_REQUEST, batch_size=2,
-                        after_batch=crash)
+            rotate(batch_size=2, after_batch=crash)
         db.session.rollback()
         spread = keys.status(db.session)
         assert set(spread) == {1, 2}
         assert PATIENT_NAME in read_all()  # readable mid-rotation
-        result = keys.rotate(db.session, actor=SYSTEM, meta=NO_REQUEST, batch_size=2)
+        result = rotate(batch_size=2)
         assert result.resumed
         assert result.version == 2
         assert keys.status(db.session) == {2: total}
@@ -138,7 +150,7 @@ def test_kek_still_in_use_cannot_be_removed(app: Flask) -> None:
             keys.remove_kek(db.session, 1)
         with pytest.raises(ServiceError, match="active"):
             keys.remove_kek(db.session, 2)
-        assert keys.rotate(db.session, actor=SYSTEM, meta=NO_REQUEST).resumed
+        assert rotate().resumed
         keys.remove_kek(db.session, 1)
         assert keys.keyring().versions() == [2]
         assert SUBJECT in read_all()
@@ -201,8 +213,13 @@ def test_failed_transaction_leaves_no_blob(app: Flask) -> None:
                 raise ServiceError("second.pdf is not a PDF.")
 
         with pytest.raises(ServiceError):
-            make_message(db.session, staff, patient, validate=refuse_second,
-                         files=[("first.pdf", MINIMAL_PDF), ("second.pdf", b"nope")])
+            make_message(
+                db.session,
+                staff,
+                patient,
+                validate=refuse_second,
+                files=[("first.pdf", MINIMAL_PDF), ("second.pdf", b"nope")],
+            )
         db.session.rollback()
         assert list(content.blob_store().iter_ids()) == []
         assert db.session.query(Message).count() == 0
@@ -227,8 +244,15 @@ def test_no_phi_in_database_or_blob_folder(app: Flask, backend: str) -> None:
             path = Path(app.config["DATABASE_URL"].removeprefix("sqlite:///"))
             dumps += [p.read_bytes() for p in path.parent.glob(path.name + "*")]
         else:
-            for table in ("users", "patient_profiles", "messages", "attachments", "data_keys",
-                          "audit_events", "notifications"):
+            for table in (
+                "users",
+                "patient_profiles",
+                "messages",
+                "attachments",
+                "data_keys",
+                "audit_events",
+                "notifications",
+            ):
                 rows = db.session.execute(text(f"SELECT * FROM {table}")).all()
                 dumps.append(repr(rows).encode())
     blob = b"\n".join(dumps)
@@ -250,8 +274,9 @@ def test_cli_retention_run_sweeps_and_audits(app: Flask) -> None:
         orphan = content.blob_store().put([b"orphan"])
         old = clock.time() - 7200
         os.utime(content.blob_store()._path(orphan), (old, old))
-    result = CliRunner().invoke(cli.main, ["retention", "run"],
-                                env={"PORTAL_DATABASE_URL": app.config["DATABASE_URL"]})
+    result = CliRunner().invoke(
+        cli.main, ["retention", "run"], env={"PORTAL_DATABASE_URL": app.config["DATABASE_URL"]}
+    )
     assert result.exit_code == 0, result.output
     assert "1 orphan blobs removed" in result.output
     assert "expired sessions removed" in result.output

@@ -4,6 +4,7 @@ reported by id and audited, and the command exits non-zero (issue 10 item 16).""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -16,6 +17,13 @@ from portal.extensions import db
 from portal.models import AuditEvent, DataKey, Message
 from portal.services import keys, messages
 from tests.factories import PHI_STRINGS, SUBJECT, make_message, make_patient, make_user
+
+
+def rotate(**kwargs: Any) -> keys.RotationResult:
+    """Rotate as ``portal keys rotate`` does: the caller commits at each checkpoint."""
+    return keys.rotate(
+        db.session, actor=SYSTEM, meta=NO_REQUEST, checkpoint=db.session.commit, **kwargs
+    )
 
 
 def seed_with_one_corrupted_key(app: Flask) -> tuple[int, bytes, int]:
@@ -35,14 +43,15 @@ def seed_with_one_corrupted_key(app: Flask) -> tuple[int, bytes, int]:
 
 def failure_events(app: Flask) -> list[AuditEvent]:
     with app.app_context():
-        return list(db.session.scalars(
-            select(AuditEvent).where(AuditEvent.action == "key.rewrap.failed")))
+        return list(
+            db.session.scalars(select(AuditEvent).where(AuditEvent.action == "key.rewrap.failed"))
+        )
 
 
 def test_rotation_skips_a_corrupted_key_and_finishes_the_rest(app: Flask) -> None:
     bad_id, bad_bytes, total = seed_with_one_corrupted_key(app)
     with app.app_context():
-        result = keys.rotate(db.session, actor=SYSTEM, meta=NO_REQUEST, batch_size=1)
+        result = rotate(batch_size=1)
         assert result.failed == (bad_id,)
         assert result.rewrapped == total - 1
         assert keys.status(db.session) == {1: 1, 2: total - 1}
@@ -54,18 +63,25 @@ def test_rotation_skips_a_corrupted_key_and_finishes_the_rest(app: Flask) -> Non
         assert [messages.read(db.session, m).subject for m in readable] == [SUBJECT, SUBJECT]
         assert audit.verify(db.session).ok
     [event] = failure_events(app)
-    assert (event.outcome, event.target_type, event.target_id) == ("failure", "data_key",
-                                                                   str(bad_id))
+    assert (event.outcome, event.target_type, event.target_id) == (
+        "failure",
+        "data_key",
+        str(bad_id),
+    )
     assert json.loads(event.details or "{}") == {"kek_version": 1, "purpose": "message"}
 
 
 def test_rotating_again_retries_the_bad_key_without_a_new_kek(app: Flask) -> None:
     bad_id, _, _ = seed_with_one_corrupted_key(app)
     with app.app_context():
-        keys.rotate(db.session, actor=SYSTEM, meta=NO_REQUEST)
-        again = keys.rotate(db.session, actor=SYSTEM, meta=NO_REQUEST)
+        rotate()
+        again = rotate()
         assert (again.resumed, again.version, again.rewrapped, again.failed) == (
-            True, 2, 0, (bad_id,))
+            True,
+            2,
+            0,
+            (bad_id,),
+        )
         assert keys.keyring().versions() == [1, 2]
     assert len(failure_events(app)) == 2
 
@@ -97,11 +113,11 @@ def test_a_key_locked_throughout_is_reported_not_claimed_done(app: Flask) -> Non
     with engine.connect() as other:
         other.execute(text("SELECT id FROM data_keys WHERE id = :i FOR UPDATE"), {"i": held_id})
         with app.app_context():
-            result = keys.rotate(db.session, actor=SYSTEM, meta=NO_REQUEST, batch_size=1)
+            result = rotate(batch_size=1)
             assert (result.failed, result.left) == ((), 1)
         other.rollback()
     engine.dispose()
     with app.app_context():
-        again = keys.rotate(db.session, actor=SYSTEM, meta=NO_REQUEST)
+        again = rotate()
         assert (again.resumed, again.left, again.rewrapped) == (True, 0, 1)
         assert set(keys.status(db.session)) == {again.version}

@@ -41,8 +41,9 @@ class CountingBytesIO(io.BytesIO):
 
 @pytest.fixture(scope="module")
 def multipage_pdf() -> bytes:
-    html = "".join(f"<h1>Page {n}</h1><p>{'Lorem ipsum dolor sit amet. ' * 200}</p>"
-                   for n in range(6))
+    html = "".join(
+        f"<h1>Page {n}</h1><p>{'Lorem ipsum dolor sit amet. ' * 200}</p>" for n in range(6)
+    )
     pdf = weasyprint.HTML(string=html).write_pdf()
     assert pdf is not None
     return pdf
@@ -99,8 +100,9 @@ def test_real_multipage_pdf_passes(multipage_pdf: bytes) -> None:
 HTML_POLYGLOT = b"<html><body><script>alert(document.cookie)</script></body></html>\n"
 
 
-@pytest.mark.parametrize("prefix", [b"\x00" * 200, b" ", HTML_POLYGLOT],
-                         ids=["nul", "space", "html"])
+@pytest.mark.parametrize(
+    "prefix", [b"\x00" * 200, b" ", HTML_POLYGLOT], ids=["nul", "space", "html"]
+)
 def test_header_must_be_at_offset_zero(prefix: bytes) -> None:
     """Issue 10 item 14: readers tolerate junk before %PDF-; a polyglot must not pass."""
     message, stream = refusal(prefix + MINIMAL_PDF)
@@ -108,13 +110,16 @@ def test_header_must_be_at_offset_zero(prefix: bytes) -> None:
     assert stream.tell() == 0
 
 
-@pytest.mark.parametrize(("data", "why"), [
-    (b"Dear patient,\nyour results are normal.\n", "text"),
-    (PNG, "png"),
-    (b"", "empty"),
-    (b" " * 1024 + MINIMAL_PDF, "header after the first KiB"),
-    (b"%PD", "shorter than the magic"),
-])
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"Dear patient,\nyour results are normal.\n", "text"),
+        (PNG, "png"),
+        (b"", "empty"),
+        (b" " * 1024 + MINIMAL_PDF, "header after the first KiB"),
+        (b"%PD", "shorter than the magic"),
+    ],
+)
 def test_not_a_pdf(data: bytes, why: str) -> None:
     message, stream = refusal(data)
     assert message == NOT_A_PDF, why
@@ -127,11 +132,14 @@ def test_truncated_pdf_is_damaged(multipage_pdf: bytes) -> None:
     assert stream.tell() == 0
 
 
-@pytest.mark.parametrize("tail", [
-    b"garbage\x00\xff not a pdf at all" * 10,
-    b"1.4\n1 0 obj<</Type/Catalog/Pages 9 0 R>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n",
-    b"1.7\n%%EOF\n",
-])
+@pytest.mark.parametrize(
+    "tail",
+    [
+        b"garbage\x00\xff not a pdf at all" * 10,
+        b"1.4\n1 0 obj<</Type/Catalog/Pages 9 0 R>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n",
+        b"1.7\n%%EOF\n",
+    ],
+)
 def test_garbage_after_magic_is_damaged(tail: bytes) -> None:
     message, stream = refusal(b"%PDF-" + tail)
     assert message == DAMAGED
@@ -165,7 +173,8 @@ def test_parser_messages_never_reach_the_user() -> None:
 
 
 def test_pypdf_warnings_quoting_content_stay_out_of_the_logs(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.DEBUG)
     refusal(b"Xylophonoma " + MINIMAL_PDF)  # refused before pypdf could quote its header
     refusal(b"%PDF-1.4 Xylophonoma")

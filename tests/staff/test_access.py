@@ -23,8 +23,11 @@ from tests.factories import FILENAME, MINIMAL_PDF, PATIENT_NAME, SUBJECT, make_p
 PASSWORD = "Correct horse battery staple 42"
 OTHER_EMAIL = "sid@example.org"
 # Every per-message staff route except the cover form itself (the way in, tested below).
-MESSAGE_ROUTES = [("GET", "/staff/messages/{id}"), ("POST", "/staff/messages/{id}/revoke"),
-                  ("POST", "/staff/messages/{id}/resend")]
+MESSAGE_ROUTES = [
+    ("GET", "/staff/messages/{id}"),
+    ("POST", "/staff/messages/{id}/revoke"),
+    ("POST", "/staff/messages/{id}/resend"),
+]
 COVER_ROUTES = {"/staff/messages/<public_id>/cover"}
 Colleague = tuple[Browser, int, str]
 
@@ -49,9 +52,15 @@ def sent(app: Flask, sam: tuple[User, str]) -> str:
     with app.app_context():
         patient = make_patient(db.session)
         staff = db.session.get(User, sender.id)
-        done = messaging.send(db.session, sender=staff, recipient=patient, subject=SUBJECT,
-                              body="Body", uploads=[Upload(FILENAME, io.BytesIO(MINIMAL_PDF))],
-                              meta=NO_REQUEST)
+        done = messaging.send(
+            db.session,
+            sender=staff,
+            recipient=patient,
+            subject=SUBJECT,
+            body="Body",
+            uploads=[Upload(FILENAME, io.BytesIO(MINIMAL_PDF))],
+            meta=NO_REQUEST,
+        )
         db.session.commit()
         return done.message.public_id
 
@@ -73,8 +82,11 @@ def hit(browser: Browser, method: str, url: str) -> TestResponse:
 
 def events(app: Flask, action: str) -> list[AuditEvent]:
     with app.app_context():
-        return list(db.session.scalars(select(AuditEvent).where(AuditEvent.action == action)
-                                       .order_by(AuditEvent.seq)))
+        return list(
+            db.session.scalars(
+                select(AuditEvent).where(AuditEvent.action == action).order_by(AuditEvent.seq)
+            )
+        )
 
 
 def cover(browser: Browser, public_id: str, reason: str) -> TestResponse:
@@ -83,14 +95,18 @@ def cover(browser: Browser, public_id: str, reason: str) -> TestResponse:
 
 
 def test_every_per_message_route_is_in_the_denial_test(app: Flask) -> None:
-    rules = {r.rule for r in app.url_map.iter_rules()
-             if r.endpoint.startswith("staff.") and "<public_id>" in r.rule}
+    rules = {
+        r.rule
+        for r in app.url_map.iter_rules()
+        if r.endpoint.startswith("staff.") and "<public_id>" in r.rule
+    }
     assert rules == {u.replace("{id}", "<public_id>") for _, u in MESSAGE_ROUTES} | COVER_ROUTES
 
 
 @pytest.mark.parametrize(("method", "route"), MESSAGE_ROUTES)
 def test_other_staff_get_404_and_the_refusal_is_audited(
-        app: Flask, sent: str, colleague: Colleague, method: str, route: str) -> None:
+    app: Flask, sent: str, colleague: Colleague, method: str, route: str
+) -> None:
     browser, other_id, _ = colleague
     response = hit(browser, method, route.format(id=sent))
     assert response.status_code == 404
@@ -110,7 +126,8 @@ def test_other_staff_get_404_and_the_refusal_is_audited(
 
 @pytest.mark.parametrize(("method", "route"), MESSAGE_ROUTES)
 def test_missing_message_looks_the_same_and_records_nothing(
-        app: Flask, sent: str, colleague: Colleague, method: str, route: str) -> None:
+    app: Flask, sent: str, colleague: Colleague, method: str, route: str
+) -> None:
     browser, _, _ = colleague
     missing = "0" * 32
     response = hit(browser, method, route.format(id=missing))
@@ -120,7 +137,8 @@ def test_missing_message_looks_the_same_and_records_nothing(
 
 
 def test_cover_lets_a_colleague_act_for_the_rest_of_the_session(
-        app: Flask, sent: str, colleague: Colleague) -> None:
+    app: Flask, sent: str, colleague: Colleague
+) -> None:
     browser, other_id, _ = colleague
     form = browser.get(f"/staff/messages/{sent}/cover")
     assert form.status_code == 200
@@ -139,8 +157,7 @@ def test_cover_lets_a_colleague_act_for_the_rest_of_the_session(
     assert [e.actor_id for e in events(app, "message.revoke")] == [other_id]
 
 
-def test_cover_ends_with_the_session(app: Flask, sent: str,
-                                     colleague: Colleague) -> None:
+def test_cover_ends_with_the_session(app: Flask, sent: str, colleague: Colleague) -> None:
     browser, _, secret = colleague
     assert cover(browser, sent, "on_call").status_code == 302
     assert browser.get(f"/staff/messages/{sent}").status_code == 200
@@ -150,16 +167,21 @@ def test_cover_ends_with_the_session(app: Flask, sent: str,
     assert len(events(app, "access.denied")) == 1
 
 
-def test_cover_survives_for_that_message_only(app: Flask, sent: str,
-                                              colleague: Colleague) -> None:
+def test_cover_survives_for_that_message_only(app: Flask, sent: str, colleague: Colleague) -> None:
     browser, _, _ = colleague
     with app.app_context():
         sender = accounts.find_by_email(db.session, "sam@example.org")
         patient = accounts.find_by_email(db.session, "zq@example.org")
         assert sender is not None
         assert patient is not None
-        second = messaging.send(db.session, sender=sender, recipient=patient, subject=SUBJECT,
-                                body="Body", meta=NO_REQUEST).message.public_id
+        second = messaging.send(
+            db.session,
+            sender=sender,
+            recipient=patient,
+            subject=SUBJECT,
+            body="Body",
+            meta=NO_REQUEST,
+        ).message.public_id
         db.session.commit()
     cover(browser, sent, "patient_request")
     assert browser.get(f"/staff/messages/{sent}").status_code == 200
@@ -167,7 +189,8 @@ def test_cover_survives_for_that_message_only(app: Flask, sent: str,
 
 
 def test_covering_colleague_still_reauthenticates_to_revoke(
-        app: Flask, sent: str, colleague: Colleague) -> None:
+    app: Flask, sent: str, colleague: Colleague
+) -> None:
     browser, _, _ = colleague
     cover(browser, sent, "sender_request")
     travel(timedelta(minutes=6))
@@ -177,12 +200,19 @@ def test_covering_colleague_still_reauthenticates_to_revoke(
     assert not events(app, "message.revoke")
 
 
-@pytest.mark.parametrize("reason", [
-    "", "Zebulon Quagmire-Phiseed asked me", "sender_absent ", "SENDER_ABSENT", "other",
-])
-def test_cover_takes_only_a_reason_from_the_list(app: Flask, sent: str,
-                                                 colleague: Colleague,
-                                                 reason: str) -> None:
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "",
+        "Zebulon Quagmire-Phiseed asked me",
+        "sender_absent ",
+        "SENDER_ABSENT",
+        "other",
+    ],
+)
+def test_cover_takes_only_a_reason_from_the_list(
+    app: Flask, sent: str, colleague: Colleague, reason: str
+) -> None:
     browser, _, _ = colleague
     response = cover(browser, sent, reason)
     assert response.status_code == 400
@@ -193,25 +223,29 @@ def test_cover_takes_only_a_reason_from_the_list(app: Flask, sent: str,
 
 def test_cover_needs_csrf(app: Flask, sent: str, colleague: Colleague) -> None:
     browser, _, _ = colleague
-    response = browser.client.post(f"/staff/messages/{sent}/cover",
-                                   data={"reason": "sender_absent"})
+    response = browser.client.post(
+        f"/staff/messages/{sent}/cover", data={"reason": "sender_absent"}
+    )
     assert response.status_code == 400
     assert not events(app, "message.cover")
     assert browser.get(f"/staff/messages/{sent}").status_code == 404
 
 
 @pytest.mark.parametrize("public_id", ["0" * 32, "not-an-id", "x" * 33])
-def test_cover_for_no_message_is_404(app: Flask, sent: str, colleague: Colleague,
-                                     public_id: str) -> None:
+def test_cover_for_no_message_is_404(
+    app: Flask, sent: str, colleague: Colleague, public_id: str
+) -> None:
     browser, _, _ = colleague
-    response = browser.submit(f"/staff/messages/{public_id}/cover", {"reason": "on_call"},
-                              form_page="/staff/patients")
+    response = browser.submit(
+        f"/staff/messages/{public_id}/cover", {"reason": "on_call"}, form_page="/staff/patients"
+    )
     assert response.status_code == 404
     assert not events(app, "message.cover")
 
 
-def test_sender_sees_the_cover_in_the_history(app: Flask, sam: tuple[User, str], sent: str,
-                                              colleague: Colleague) -> None:
+def test_sender_sees_the_cover_in_the_history(
+    app: Flask, sam: tuple[User, str], sent: str, colleague: Colleague
+) -> None:
     browser, _, _ = colleague
     cover(browser, sent, "sender_absent")
     sender = Browser(app)

@@ -52,8 +52,9 @@ def find(browser: Browser, email: str) -> TestResponse:
     return browser.submit("/staff/patients", {"intent": "find", "email": email})
 
 
-def test_lookup_is_a_post_audited_and_links_by_public_id(app: Flask, browser: Browser,
-                                                         patient_id: str) -> None:
+def test_lookup_is_a_post_audited_and_links_by_public_id(
+    app: Flask, browser: Browser, patient_id: str
+) -> None:
     response = find(browser, EMAIL)
     assert response.status_code == 200
     page = response.get_data(as_text=True)
@@ -96,15 +97,18 @@ def test_lookup_miss_is_audited_without_the_address(app: Flask, browser: Browser
     assert "Register them below" in response.get_data(as_text=True)
     looked = events(app, "patient.lookup")
     assert [(e.patient_id, e.target_id, e.details) for e in looked] == [
-        (None, None, '{"found":false}')]
+        (None, None, '{"found":false}')
+    ]
     with app.app_context():
-        assert not db.session.scalars(select(AuditEvent).where(
-            AuditEvent.details.contains("nobody-known"))).first()
+        assert not db.session.scalars(
+            select(AuditEvent).where(AuditEvent.details.contains("nobody-known"))
+        ).first()
 
 
 @pytest.mark.parametrize("email", ["", "   ", "a" * 250 + "@example.org"])
-def test_lookup_bad_input_is_an_error_not_a_search(app: Flask, browser: Browser,
-                                                   patient_id: str, email: str) -> None:
+def test_lookup_bad_input_is_an_error_not_a_search(
+    app: Flask, browser: Browser, patient_id: str, email: str
+) -> None:
     response = find(browser, email)
     assert response.status_code == 200
     page = response.get_data(as_text=True)
@@ -122,8 +126,9 @@ def test_staff_user_is_not_found_as_a_patient(app: Flask, browser: Browser) -> N
 
 
 def test_register_leaves_the_address_out_of_every_url(app: Flask, browser: Browser) -> None:
-    done = browser.submit("/staff/patients", {"email": EMAIL, "name": PATIENT_NAME,
-                                              "dob": "1961-07-23"})
+    done = browser.submit(
+        "/staff/patients", {"email": EMAIL, "name": PATIENT_NAME, "dob": "1961-07-23"}
+    )
     assert done.status_code == 200
     with app.app_context():
         public_id = db.session.scalar(select(User.public_id).where(User.email == EMAIL))
@@ -142,8 +147,9 @@ def test_compose_page_is_audited(app: Flask, browser: Browser, patient_id: str) 
     assert viewed[0].patient_id is not None
 
 
-def test_compose_page_redisplayed_after_bad_input_is_audited(app: Flask, browser: Browser,
-                                                             patient_id: str) -> None:
+def test_compose_page_redisplayed_after_bad_input_is_audited(
+    app: Flask, browser: Browser, patient_id: str
+) -> None:
     url = f"/staff/messages/new?to={patient_id}"
     response = browser.submit(url, {"subject": "", "body": "", "expires_days": "7"})
     assert response.status_code == 200
@@ -153,8 +159,9 @@ def test_compose_page_redisplayed_after_bad_input_is_audited(app: Flask, browser
 
 
 @pytest.mark.parametrize("to", ["", "0" * 32, "not-a-patient"])
-def test_compose_for_no_patient_is_404_and_shows_nothing(app: Flask, browser: Browser,
-                                                         patient_id: str, to: str) -> None:
+def test_compose_for_no_patient_is_404_and_shows_nothing(
+    app: Flask, browser: Browser, patient_id: str, to: str
+) -> None:
     response = browser.get(f"/staff/messages/new?to={to}")
     assert response.status_code == 404
     assert not events(app, "patient.view")
@@ -166,15 +173,22 @@ def test_staff_home_listing_is_audited(app: Flask, browser: Browser, patient_id:
         patient = accounts.find_by_email(db.session, EMAIL)
         assert sender is not None
         assert patient is not None
-        messaging.send(db.session, sender=sender, recipient=patient, subject=SUBJECT,
-                       body="Body", meta=NO_REQUEST)
+        messaging.send(
+            db.session,
+            sender=sender,
+            recipient=patient,
+            subject=SUBJECT,
+            body="Body",
+            meta=NO_REQUEST,
+        )
         db.session.commit()
         sender_id = sender.id
     page = browser.get("/staff/").get_data(as_text=True)
     assert SUBJECT in page
     listed = events(app, "message.list")
     assert [(e.actor_id, e.details) for e in listed] == [
-        (sender_id, '{"count":1,"page":"staff_index"}')]
+        (sender_id, '{"count":1,"page":"staff_index"}')
+    ]
 
 
 def test_patient_history_names_the_lookup_in_words(app: Flask, browser: Browser) -> None:

@@ -20,8 +20,21 @@ from tests.browser_client import Browser, enrolled_user
 
 PASSWORD = "Correct horse battery staple 42"
 ROLES = ("patient", "staff", "auditor", "admin")
-QUERY_NAMES = ("message", "patient_id", "actor_id", "to", "before", "since", "until",
-               "action", "outcome", "ip", "head", "next", "page")
+QUERY_NAMES = (
+    "message",
+    "patient_id",
+    "actor_id",
+    "to",
+    "before",
+    "since",
+    "until",
+    "action",
+    "outcome",
+    "ip",
+    "head",
+    "next",
+    "page",
+)
 NUL = "a\x00b"
 
 
@@ -61,8 +74,9 @@ def test_nul_in_any_path_or_query_is_never_a_500(app: Flask) -> None:
     assert not crashed, crashed[:10]
 
 
-@pytest.mark.parametrize("url", ["/audit/?message=a%00b", "/audit/?patient_id=%00",
-                                 "/staff/messages/new?to=%00"])
+@pytest.mark.parametrize(
+    "url", ["/audit/?message=a%00b", "/audit/?patient_id=%00", "/staff/messages/new?to=%00"]
+)
 def test_nul_is_refused_with_400(app: Flask, url: str) -> None:
     browsers = signed_in(app)
     role = "staff" if url.startswith("/staff") else "auditor"
@@ -77,8 +91,11 @@ def test_nul_in_a_form_is_refused_with_400(app: Flask) -> None:
 
 def test_control_characters_in_the_user_agent_are_not_stored(app: Flask) -> None:
     agent = "evil\x00agent\x07" + "x" * 999
-    answer = Browser(app).submit("/signin", {"email": "nobody@example.org", "password": "x" * 12},
-                                 headers={"User-Agent": agent})
+    answer = Browser(app).submit(
+        "/signin",
+        {"email": "nobody@example.org", "password": "x" * 12},
+        headers={"User-Agent": agent},
+    )
     assert answer.status_code < 500
     with app.app_context():
         stored = db.session.scalars(select(AuditEvent.user_agent)).all()

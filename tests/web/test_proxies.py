@@ -21,15 +21,23 @@ SIGNIN_LIMIT = 20  # per address per minute (portal/auth/views.py)
 
 def fail_signin(browser: Browser, n: int, peer: str, forwarded: str | None) -> TestResponse:
     headers = {"X-Forwarded-For": forwarded} if forwarded is not None else {}
-    return browser.submit("/signin", {"email": f"nobody{n}@example.org", "password": "x" * 12},
-                          headers=headers, environ_base={"REMOTE_ADDR": peer})
+    return browser.submit(
+        "/signin",
+        {"email": f"nobody{n}@example.org", "password": "x" * 12},
+        headers=headers,
+        environ_base={"REMOTE_ADDR": peer},
+    )
 
 
 def signin_addresses(app: Flask) -> list[str | None]:
     with app.app_context():
-        return list(db.session.scalars(
-            select(AuditEvent.client_ip).where(AuditEvent.action == "auth.signin.failed")
-            .order_by(AuditEvent.seq)))
+        return list(
+            db.session.scalars(
+                select(AuditEvent.client_ip)
+                .where(AuditEvent.action == "auth.signin.failed")
+                .order_by(AuditEvent.seq)
+            )
+        )
 
 
 @pytest.fixture
@@ -54,16 +62,19 @@ def test_audit_records_the_forwarded_client(proxied: Any, trusted: str) -> None:
 def test_forwarded_clients_get_separate_rate_limit_buckets(proxied: Any, trusted: str) -> None:
     app = proxied(trusted)
     browser = Browser(app)
-    statuses = [fail_signin(browser, i, PROXY, CLIENT_A).status_code
-                for i in range(SIGNIN_LIMIT + 1)]
+    statuses = [
+        fail_signin(browser, i, PROXY, CLIENT_A).status_code for i in range(SIGNIN_LIMIT + 1)
+    ]
     assert statuses[-1] == 429
     assert fail_signin(browser, 99, PROXY, CLIENT_B).status_code == 401
 
 
 def test_without_the_setting_a_spoofed_forwarded_for_is_ignored(app: Flask) -> None:
     browser = Browser(app)
-    statuses = [fail_signin(browser, i, "192.0.2.50", f"203.0.113.{i}").status_code
-                for i in range(SIGNIN_LIMIT + 1)]
+    statuses = [
+        fail_signin(browser, i, "192.0.2.50", f"203.0.113.{i}").status_code
+        for i in range(SIGNIN_LIMIT + 1)
+    ]
     assert statuses[-1] == 429  # a new forged address per attempt does not escape the limit
     assert set(signin_addresses(app)) == {"192.0.2.50"}
 
@@ -71,8 +82,10 @@ def test_without_the_setting_a_spoofed_forwarded_for_is_ignored(app: Flask) -> N
 def test_untrusted_peer_cannot_forward(proxied: Any) -> None:
     app = proxied(PROXY)
     browser = Browser(app)
-    statuses = [fail_signin(browser, i, "192.0.2.50", f"203.0.113.{i}").status_code
-                for i in range(SIGNIN_LIMIT + 1)]
+    statuses = [
+        fail_signin(browser, i, "192.0.2.50", f"203.0.113.{i}").status_code
+        for i in range(SIGNIN_LIMIT + 1)
+    ]
     assert statuses[-1] == 429
     assert set(signin_addresses(app)) == {"192.0.2.50"}
 
@@ -101,11 +114,13 @@ def test_scheme_and_host_come_from_a_trusted_proxy_only(proxied: Any) -> None:
         return {"scheme": request.scheme, "host": request.host, "addr": request.remote_addr}
 
     client = app.test_client()
-    headers = {"X-Forwarded-For": CLIENT_A, "X-Forwarded-Proto": "https",
-               "X-Forwarded-Host": "portal.example.org"}
+    headers = {
+        "X-Forwarded-For": CLIENT_A,
+        "X-Forwarded-Proto": "https",
+        "X-Forwarded-Host": "portal.example.org",
+    }
     trusted = client.get("/_where", headers=headers, environ_base={"REMOTE_ADDR": PROXY})
-    assert trusted.get_json() == {"scheme": "https", "host": "portal.example.org",
-                                  "addr": CLIENT_A}
+    assert trusted.get_json() == {"scheme": "https", "host": "portal.example.org", "addr": CLIENT_A}
     spoofed = client.get("/_where", headers=headers, environ_base={"REMOTE_ADDR": CLIENT_B})
     assert spoofed.get_json() == {"scheme": "http", "host": "localhost", "addr": CLIENT_B}
 
