@@ -42,17 +42,37 @@ MIB = 1024 * 1024
 PAGE_TARGET_MS = 50
 VERIFY_TARGET = 100_000  # events/s
 RSS_TARGET_MIB = 20  # "flat": growth of the export alone
-COLUMNS = ("seq", "occurred_at", "actor_id", "actor_role", "action", "target_type", "target_id",
-           "patient_id", "message_id", "outcome", "client_ip", "user_agent", "request_id",
-           "details", "prev_hash", "hash")
-ACTIONS = (  # (action, outcome, weight): mostly reads of messages, as a portal sees
-    ("message.view", "success", 55), ("attachment.download", "success", 10),
-    ("message.send", "success", 10), ("auth.signin", "success", 12),
-    ("auth.signin.failed", "failure", 8), ("access.denied", "denied", 5),
+COLUMNS = (
+    "seq",
+    "occurred_at",
+    "actor_id",
+    "actor_role",
+    "action",
+    "target_type",
+    "target_id",
+    "patient_id",
+    "message_id",
+    "outcome",
+    "client_ip",
+    "user_agent",
+    "request_id",
+    "details",
+    "prev_hash",
+    "hash",
 )
-AGENTS = ("Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
-          "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) AppleWebKit/605.1.15 Safari/605.1.15",
-          "EHR-connector/2.3")
+ACTIONS = (  # (action, outcome, weight): mostly reads of messages, as a portal sees
+    ("message.view", "success", 55),
+    ("attachment.download", "success", 10),
+    ("message.send", "success", 10),
+    ("auth.signin", "success", 12),
+    ("auth.signin.failed", "failure", 8),
+    ("access.denied", "denied", 5),
+)
+AGENTS = (
+    "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) AppleWebKit/605.1.15 Safari/605.1.15",
+    "EHR-connector/2.3",
+)
 
 
 def bench_url(schema: str | None = None) -> str:
@@ -88,19 +108,41 @@ def create_people(patients: int, actors: int) -> tuple[list[int], list[tuple[int
     from portal.extensions import db
     from portal.services import accounts
 
-    staff = [accounts.create_user(db.session, role="staff", email=f"staff{i}@bench.example",
-                                  name=f"Staff Member {i}", actor=SYSTEM, meta=NO_REQUEST).user
-             for i in range(actors)]
-    people = [accounts.create_user(db.session, role="patient", email=f"p{i}@bench.example",
-                                   name=f"Patient Number {i}", dob=date(1970, 1, 1) +
-                                   timedelta(days=i), actor=SYSTEM, meta=NO_REQUEST).user
-              for i in range(patients)]
+    staff = [
+        accounts.create_user(
+            db.session,
+            role="staff",
+            email=f"staff{i}@bench.example",
+            name=f"Staff Member {i}",
+            actor=SYSTEM,
+            meta=NO_REQUEST,
+        ).user
+        for i in range(actors)
+    ]
+    people = [
+        accounts.create_user(
+            db.session,
+            role="patient",
+            email=f"p{i}@bench.example",
+            name=f"Patient Number {i}",
+            dob=date(1970, 1, 1) + timedelta(days=i),
+            actor=SYSTEM,
+            meta=NO_REQUEST,
+        ).user
+        for i in range(patients)
+    ]
     db.session.commit()
     return [p.id for p in people], [(s.id, s.role) for s in staff]
 
 
-def generate(n: int, start_seq: int, prev: str, patients: list[int],
-             actors: list[tuple[int, str]], year_start: datetime) -> Iterator[tuple[Any, ...]]:
+def generate(
+    n: int,
+    start_seq: int,
+    prev: str,
+    patients: list[int],
+    actors: list[tuple[int, str]],
+    year_start: datetime,
+) -> Iterator[tuple[Any, ...]]:
     """Yield ``n`` chained event rows (COLUMNS order) spread evenly over one year."""
     from portal.audit import _hash_fields
 
@@ -111,11 +153,23 @@ def generate(n: int, start_seq: int, prev: str, patients: list[int],
         action, outcome = rng.choice(choices)
         actor_id, role = (None, "system") if outcome == "failure" else rng.choice(actors)
         message = rng.randint(1, 200_000) if action != "auth.signin" else None
-        fields = (start_seq + i, year_start + step * i, actor_id, role, action,
-                  "message" if message else None, f"{rng.getrandbits(128):032x}",
-                  rng.choice(patients), message, outcome,
-                  f"198.51.100.{rng.randint(1, 254)}", rng.choice(AGENTS),
-                  f"{rng.getrandbits(64):016x}", '{"bytes":1024}', prev)
+        fields = (
+            start_seq + i,
+            year_start + step * i,
+            actor_id,
+            role,
+            action,
+            "message" if message else None,
+            f"{rng.getrandbits(128):032x}",
+            rng.choice(patients),
+            message,
+            outcome,
+            f"198.51.100.{rng.randint(1, 254)}",
+            rng.choice(AGENTS),
+            f"{rng.getrandbits(64):016x}",
+            '{"bytes":1024}',
+            prev,
+        )
         prev = _hash_fields(*fields)
         yield (*fields, prev)
 
@@ -124,13 +178,14 @@ def bulk_load(schema: str, rows: Iterator[tuple[Any, ...]]) -> tuple[int, str]:
     """COPY ``rows`` into audit_events, move the head, ANALYZE; return (last seq, hash)."""
     last: tuple[Any, ...] = ()
     with psycopg.connect(libpq_url(schema)) as conn:
-        with conn.cursor() as cur, cur.copy(
-                f"COPY audit_events ({', '.join(COLUMNS)}) FROM STDIN") as copy:
+        with (
+            conn.cursor() as cur,
+            cur.copy(f"COPY audit_events ({', '.join(COLUMNS)}) FROM STDIN") as copy,
+        ):
             for row in rows:
                 copy.write_row(row)
                 last = row
-        conn.execute("UPDATE audit_head SET seq = %s, hash = %s WHERE id = 1",
-                     (last[0], last[-1]))
+        conn.execute("UPDATE audit_head SET seq = %s, hash = %s WHERE id = 1", (last[0], last[-1]))
         conn.commit()
         conn.autocommit = True
         conn.execute("VACUUM ANALYZE audit_events")
@@ -147,16 +202,19 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
     return statistics.median(ordered) * 1000, p99 * 1000
 
 
-def measure_queries(session: Session, patients: list[int], year_start: datetime,
-                    queries: int) -> dict[str, tuple[float, float]]:
+def measure_queries(
+    session: Session, patients: list[int], year_start: datetime, queries: int
+) -> dict[str, tuple[float, float]]:
     """Time first pages (with total) and counts of one patient's year, per distinct patient."""
     from portal.models import AuditEvent
     from portal.services import audit_query
     from portal.services.audit_query import AuditFilter
 
     chosen = random.Random(7).sample(patients, queries + 1)
-    flts = [AuditFilter(patient_id=p, since=year_start, until=year_start + timedelta(days=365))
-            for p in chosen]
+    flts = [
+        AuditFilter(patient_id=p, since=year_start, until=year_start + timedelta(days=365))
+        for p in chosen
+    ]
     audit_query.search(session, flts.pop())  # warm-up: keyring, plans
     pages, counts, bare = [], [], []
     for flt in flts:
@@ -165,8 +223,7 @@ def measure_queries(session: Session, patients: list[int], year_start: datetime,
         stmt = audit_query.select_events(flt).order_by(AuditEvent.seq.desc()).limit(50)
         bare.append(timed(lambda s=stmt: session.execute(s).all())[0])
         session.rollback()
-    return {"page": percentiles(pages), "count": percentiles(counts),
-            "page_sql": percentiles(bare)}
+    return {"page": percentiles(pages), "count": percentiles(counts), "page_sql": percentiles(bare)}
 
 
 def raw_baselines(schema: str) -> tuple[float, float, int]:
@@ -247,30 +304,46 @@ def run(schema: str, args: argparse.Namespace) -> int:
     print(f"users: {len(patients)} patients, {len(actors)} staff in {made_s:.1f} s")
     rows = generate(args.events, head_seq + 1, head_hash, patients, actors, year_start)
     load_s, (last_seq, _) = timed(lambda: bulk_load(schema, rows))
-    print(f"events: {args.events:,} appended (chained, COPY) in {load_s:.1f} s; "
-          f"trail holds {last_seq:,}")
+    print(
+        f"events: {args.events:,} appended (chained, COPY) in {load_s:.1f} s; "
+        f"trail holds {last_seq:,}"
+    )
 
     count_s, raw_rate, raw_rows = raw_baselines(schema)
-    print(f"\nbaseline: SELECT count(*) FROM audit_events: {count_s * 1000:8.1f} ms "
-          f"({raw_rows:,} rows)")
-    print(f"baseline: raw psycopg fetch of every row:     {raw_rate:10,.0f} rows/s  "
-          "(ceiling for verify and export)")
+    print(
+        f"\nbaseline: SELECT count(*) FROM audit_events: {count_s * 1000:8.1f} ms "
+        f"({raw_rows:,} rows)"
+    )
+    print(
+        f"baseline: raw psycopg fetch of every row:     {raw_rate:10,.0f} rows/s  "
+        "(ceiling for verify and export)"
+    )
     with app.app_context():
         session = db.session
         q = measure_queries(session, patients, year_start, args.queries)
         print(f"\none patient's year, {args.queries} patients (ms p50 / p99):")
-        for label, key in (("first page (50, names, total)", "page"),
-                           ("count alone", "count"), ("page SQL alone, no names", "page_sql")):
+        for label, key in (
+            ("first page (50, names, total)", "page"),
+            ("count alone", "count"),
+            ("page SQL alone, no names", "page_sql"),
+        ):
             p50, p99 = q[key]
-            target = f"target < {PAGE_TARGET_MS} ms  {mark(p99 < PAGE_TARGET_MS)}" \
-                if key == "page" else ""
+            target = (
+                f"target < {PAGE_TARGET_MS} ms  {mark(p99 < PAGE_TARGET_MS)}"
+                if key == "page"
+                else ""
+            )
             print(f"  {label:<31} {p50:7.2f} / {p99:7.2f}  {target}")
 
         export_rate, growth, exported = measure_export(session)
-        print(f"\nCSV export: {export_rate:10,.0f} rows/s  ({exported:,} rows)  "
-              f"{export_rate / raw_rate:.0%} of raw fetch")
-        print(f"CSV export peak RSS growth: {growth:6.1f} MiB  target < {RSS_TARGET_MIB} MiB "
-              f"(flat)  {mark(growth < RSS_TARGET_MIB)}")
+        print(
+            f"\nCSV export: {export_rate:10,.0f} rows/s  ({exported:,} rows)  "
+            f"{export_rate / raw_rate:.0%} of raw fetch"
+        )
+        print(
+            f"CSV export peak RSS growth: {growth:6.1f} MiB  target < {RSS_TARGET_MIB} MiB "
+            f"(flat)  {mark(growth < RSS_TARGET_MIB)}"
+        )
 
         verify_s, result = timed(lambda: audit.verify(session))
         session.rollback()
@@ -278,16 +351,20 @@ def run(schema: str, args: argparse.Namespace) -> int:
             print(f"ERROR: the generated trail does not verify: {result}", file=sys.stderr)
             return 1
         rate = result.count / verify_s
-        print(f"\nverify (portal.audit.verify): {rate:10,.0f} events/s  ({verify_s:.1f} s)  "
-              f"target >= {VERIFY_TARGET:,}  {mark(rate >= VERIFY_TARGET)}  "
-              f"{rate / raw_rate:.0%} of raw fetch")
+        print(
+            f"\nverify (portal.audit.verify): {rate:10,.0f} events/s  ({verify_s:.1f} s)  "
+            f"target >= {VERIFY_TARGET:,}  {mark(rate >= VERIFY_TARGET)}  "
+            f"{rate / raw_rate:.0%} of raw fetch"
+        )
         jobs = min(os.cpu_count() or 1, 4)
         par_s, result = timed(lambda: audit.verify_parallel(session, jobs))
         session.rollback()
         par_rate = result.count / par_s
-        print(f"verify (portal audit verify, --jobs {jobs}): {par_rate:8,.0f} events/s  "
-              f"({par_s:.1f} s)  target >= {VERIFY_TARGET:,}  "
-              f"{mark(result.ok and par_rate >= VERIFY_TARGET)}")
+        print(
+            f"verify (portal audit verify, --jobs {jobs}): {par_rate:8,.0f} events/s  "
+            f"({par_s:.1f} s)  target >= {VERIFY_TARGET:,}  "
+            f"{mark(result.ok and par_rate >= VERIFY_TARGET)}"
+        )
 
     app.extensions["engine"].dispose()
     return 0

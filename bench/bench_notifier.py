@@ -71,8 +71,10 @@ ORG_ADDRESS = "4 Mill Lane, Riverside"
 SUPPORT_CONTACT = "reception"
 PATIENT_EMAIL = "p.quenby@patients.example.org"
 SUBJECT = "Histopathology biopsy outcome"
-BODY = ("Your thyroid biopsy showed a benign nodule. No further treatment is needed; "
-        "Dr Marwick will review it with you at the Ashcombe clinic in six months.")
+BODY = (
+    "Your thyroid biopsy showed a benign nodule. No further treatment is needed; "
+    "Dr Marwick will review it with you at the Ashcombe clinic in six months."
+)
 
 
 @dataclass
@@ -131,8 +133,12 @@ def mark(ok: bool) -> str:
 def prebuilt_notices(count: int, to_address: str) -> list[EmailMessage]:
     """``count`` emails shaped like a pickup notice (same template, text + HTML), built now."""
     context = render.pickup_context(
-        url=f"{BASE_URL}/p/{secrets.token_urlsafe(32)}", org_name=ORG_NAME,
-        org_address=ORG_ADDRESS, support_contact=SUPPORT_CONTACT, expires_at=utcnow())
+        url=f"{BASE_URL}/p/{secrets.token_urlsafe(32)}",
+        org_name=ORG_NAME,
+        org_address=ORG_ADDRESS,
+        support_contact=SUPPORT_CONTACT,
+        expires_at=utcnow(),
+    )
     subject, body_text, body_html = render.render_parts("pickup", context)
     emails = []
     for i in range(count):
@@ -176,30 +182,58 @@ def make_portal(url: str, sink: MailSink, cert_file: Path) -> Any:
     engine = make_engine(url)
     upgrade(engine)
     engine.dispose()
-    return create_app({
-        "DATABASE_URL": url, "SMTP_HOST": "127.0.0.1", "SMTP_PORT": sink.port,
-        "SMTP_CA_FILE": str(cert_file), "SMTP_TLS": "starttls", "MAIL_FROM": MAIL_FROM,
-        "BASE_URL": BASE_URL, "ORG_NAME": ORG_NAME, "ORG_ADDRESS": ORG_ADDRESS,
-        "SUPPORT_CONTACT": SUPPORT_CONTACT, "LOG_LEVEL": "INFO",
-    })
+    return create_app(
+        {
+            "DATABASE_URL": url,
+            "SMTP_HOST": "127.0.0.1",
+            "SMTP_PORT": sink.port,
+            "SMTP_CA_FILE": str(cert_file),
+            "SMTP_TLS": "starttls",
+            "MAIL_FROM": MAIL_FROM,
+            "BASE_URL": BASE_URL,
+            "ORG_NAME": ORG_NAME,
+            "ORG_ADDRESS": ORG_ADDRESS,
+            "SUPPORT_CONTACT": SUPPORT_CONTACT,
+            "LOG_LEVEL": "INFO",
+        }
+    )
 
 
 def seed(app: Any, count: int) -> None:
     """A staff sender, a patient, and ``count`` sent messages (each with a queued notice)."""
     with app.app_context():
         session = db.session
-        staff = accounts.create_user(session, role="staff", email="g.marwick@staff.example.org",
-                                     name="Gregory Marwick", actor=SYSTEM, meta=NO_REQUEST).user
-        patient = accounts.create_user(session, role="patient", email=PATIENT_EMAIL,
-                                       name="Philippa Quenby", dob=date(1984, 3, 7),
-                                       actor=SYSTEM, meta=NO_REQUEST).user
+        staff = accounts.create_user(
+            session,
+            role="staff",
+            email="g.marwick@staff.example.org",
+            name="Gregory Marwick",
+            actor=SYSTEM,
+            meta=NO_REQUEST,
+        ).user
+        patient = accounts.create_user(
+            session,
+            role="patient",
+            email=PATIENT_EMAIL,
+            name="Philippa Quenby",
+            dob=date(1984, 3, 7),
+            actor=SYSTEM,
+            meta=NO_REQUEST,
+        ).user
         session.commit()
         for _ in range(count):
-            messaging.send(session, sender=staff, recipient=patient, subject=SUBJECT, body=BODY,
-                           meta=NO_REQUEST)
+            messaging.send(
+                session,
+                sender=staff,
+                recipient=patient,
+                subject=SUBJECT,
+                body=BODY,
+                meta=NO_REQUEST,
+            )
         session.commit()
-        queued = session.scalar(select(func.count()).select_from(Notification)
-                                .where(Notification.status == "queued"))
+        queued = session.scalar(
+            select(func.count()).select_from(Notification).where(Notification.status == "queued")
+        )
         if queued != count:
             raise SystemExit(f"ERROR: {queued} notices queued, expected {count}")
 
@@ -224,15 +258,19 @@ class _CountingClaims:
         outbox.claim = self._claim  # type: ignore[method-assign]
 
 
-def ours(backend: str, url: str, sink: MailSink, cert_file: Path, count: int, batch: int,
-         log_file: Path) -> Run:
+def ours(
+    backend: str, url: str, sink: MailSink, cert_file: Path, count: int, batch: int, log_file: Path
+) -> Run:
     """Seed ``count`` notices on ``url`` and time one drain pass of the worker."""
     app = make_portal(url, sink, cert_file)
     try:
         seed(app, count)
         stored_before, connections_before = maildir_count(sink.maildir), sink.connection_count
-        with (log_file.open("w") as log, contextlib.redirect_stderr(log),
-              _CountingClaims() as claims):
+        with (
+            log_file.open("w") as log,
+            contextlib.redirect_stderr(log),
+            _CountingClaims() as claims,
+        ):
             start = time.perf_counter()
             stats = worker.drain(app, "bench", batch=batch)
             seconds = time.perf_counter() - start
@@ -241,8 +279,11 @@ def ours(backend: str, url: str, sink: MailSink, cert_file: Path, count: int, ba
         check(app, backend, stats, stored, count)
     finally:
         app.extensions["engine"].dispose()
-    warnings = [line for line in log_file.read_text().splitlines()
-                if '"level": "INFO"' not in line and '"level": "DEBUG"' not in line]
+    warnings = [
+        line
+        for line in log_file.read_text().splitlines()
+        if '"level": "INFO"' not in line and '"level": "DEBUG"' not in line
+    ]
     return Run(backend, seconds, stats.sent, connections, claims.batches, warnings)
 
 
@@ -250,10 +291,14 @@ def check(app: Any, backend: str, stats: worker.RunStats, stored: int, count: in
     """Raise SystemExit unless every notice was sent, stored once and audited once."""
     with app.app_context():
         session = db.session
-        sent = session.scalar(select(func.count()).select_from(Notification)
-                              .where(Notification.status == "sent"))
-        audited = session.scalar(select(func.count()).select_from(AuditEvent)
-                                 .where(AuditEvent.action == Action.NOTICE_SENT.value))
+        sent = session.scalar(
+            select(func.count()).select_from(Notification).where(Notification.status == "sent")
+        )
+        audited = session.scalar(
+            select(func.count())
+            .select_from(AuditEvent)
+            .where(AuditEvent.action == Action.NOTICE_SENT.value)
+        )
     problems = []
     if stats.sent != count or stats.processed != count:
         problems.append(f"drain sent {stats.sent} of {count} ({stats})")
@@ -267,8 +312,7 @@ def check(app: Any, backend: str, stats: worker.RunStats, stored: int, count: in
         raise SystemExit(f"ERROR ({backend}): " + "; ".join(problems))
 
 
-def on_postgres(sink: MailSink, cert_file: Path, count: int, batch: int,
-                log_file: Path) -> Run:
+def on_postgres(sink: MailSink, cert_file: Path, count: int, batch: int, log_file: Path) -> Run:
     """``ours`` in a throwaway schema of the benchmark database, dropped afterwards."""
     schema = f"bench_notifier_{secrets.token_hex(6)}"
     admin = create_engine(bench_url(), isolation_level="AUTOCOMMIT")
@@ -289,8 +333,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=500, help="notices per measured run")
     parser.add_argument("--repeat", type=int, default=3, help="ceiling runs (best kept)")
-    parser.add_argument("--batch", type=int, default=outbox.DEFAULT_BATCH,
-                        help="rows the worker claims at a time")
+    parser.add_argument(
+        "--batch", type=int, default=outbox.DEFAULT_BATCH, help="rows the worker claims at a time"
+    )
     args = parser.parse_args()
     count = args.count
     clear_portal_settings()
@@ -320,12 +365,22 @@ def main() -> int:
             payload = len(emails[0].as_bytes())
 
             # 2. Ours, on SQLite, then PostgreSQL when reachable.
-            runs = [ours("sqlite", f"sqlite:///{root / 'instance' / 'bench.db'}", sink,
-                         cert_file, count, args.batch, root / "worker-sqlite.log")]
+            runs = [
+                ours(
+                    "sqlite",
+                    f"sqlite:///{root / 'instance' / 'bench.db'}",
+                    sink,
+                    cert_file,
+                    count,
+                    args.batch,
+                    root / "worker-sqlite.log",
+                )
+            ]
             pg_problem = postgres_problem()
             if pg_problem is None:
-                runs.append(on_postgres(sink, cert_file, count, args.batch,
-                                        root / "worker-postgresql.log"))
+                runs.append(
+                    on_postgres(sink, cert_file, count, args.batch, root / "worker-postgresql.log")
+                )
             total_stored = maildir_count(sink.maildir)
         expected_total = count * max(1, args.repeat) + sum(run.sent for run in runs)
         if total_stored != expected_total:
@@ -335,25 +390,42 @@ def main() -> int:
     return 0
 
 
-def report(count: int, repeat: int, payload: int, ceiling_rate: float, runs: list[Run],
-           pg_problem: str | None, total_stored: int) -> None:
+def report(
+    count: int,
+    repeat: int,
+    payload: int,
+    ceiling_rate: float,
+    runs: list[Run],
+    pg_problem: str | None,
+    total_stored: int,
+) -> None:
     print(f"notices per run: {count}; ceiling email {payload} bytes (pickup template, text+HTML)")
-    print(f"ceiling: bare smtplib, 1 STARTTLS connection, prebuilt (best of {repeat}): "
-          f"{ceiling_rate:8.1f} notices/s")
+    print(
+        f"ceiling: bare smtplib, 1 STARTTLS connection, prebuilt (best of {repeat}): "
+        f"{ceiling_rate:8.1f} notices/s"
+    )
     for run in runs:
         ratio = run.rate / ceiling_rate
-        print(f"ours, {run.backend:<10} worker.drain (claim..audit, commit/notice): "
-              f"{run.rate:8.1f} notices/s  {1000 / run.rate:6.2f} ms/notice")
-        print(f"  ours/ceiling {ratio:7.1%}  target >= {RATIO_TARGET:.0%}  "
-              f"{mark(ratio >= RATIO_TARGET)}")
-        print(f"  sink TCP connections during the run: {run.connections} "
-              f"({run.batches} claimed batches, one drain pass; expect 1)")
+        print(
+            f"ours, {run.backend:<10} worker.drain (claim..audit, commit/notice): "
+            f"{run.rate:8.1f} notices/s  {1000 / run.rate:6.2f} ms/notice"
+        )
+        print(
+            f"  ours/ceiling {ratio:7.1%}  target >= {RATIO_TARGET:.0%}  "
+            f"{mark(ratio >= RATIO_TARGET)}"
+        )
+        print(
+            f"  sink TCP connections during the run: {run.connections} "
+            f"({run.batches} claimed batches, one drain pass; expect 1)"
+        )
         for line in run.log_warnings[:5]:
             print(f"  worker log: {line}")
     if pg_problem is not None:
         print(f"ours, postgresql: skipped (benchmark database unreachable: {pg_problem})")
-    print(f"Maildir holds {total_stored} messages = {repeat} x {count} ceiling + "
-          f"{' + '.join(str(run.sent) for run in runs)} ours: OK")
+    print(
+        f"Maildir holds {total_stored} messages = {repeat} x {count} ceiling + "
+        f"{' + '.join(str(run.sent) for run in runs)} ours: OK"
+    )
 
 
 if __name__ == "__main__":

@@ -109,6 +109,7 @@ class BenchError(RuntimeError):
 
 # --- processes -------------------------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -140,8 +141,10 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise BenchError(f"{self.name} exited ({self.process.returncode}); "
-                                 f"see {self.log}:\n{tail(self.log)}")
+                raise BenchError(
+                    f"{self.name} exited ({self.process.returncode}); "
+                    f"see {self.log}:\n{tail(self.log)}"
+                )
             with contextlib.suppress(OSError, http.client.HTTPException):
                 connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
                 connection.request("GET", path)
@@ -174,12 +177,19 @@ def tail(path: Path, lines: int = 15) -> str:
 
 def start(name: str, argv: list[str], env: dict[str, str], port: int, log: Path) -> Server:
     with log.open("ab") as out:
-        process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, cwd=str(ROOT))
+        process = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=str(ROOT),
+        )
     return Server(name, process, port, log)
 
 
 # --- data ------------------------------------------------------------------------------------
+
 
 def write_record(path: Path, mib: int) -> str:
     """Write ``mib`` MiB: a PDF header, then distinct 1 MiB blocks; return the SHA-256."""
@@ -188,7 +198,7 @@ def write_record(path: Path, mib: int) -> str:
     with path.open("wb") as out:
         for index in range(mib):
             prefix = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n" if index == 0 else index.to_bytes(8, "big")
-            chunk = prefix + block[len(prefix):]
+            chunk = prefix + block[len(prefix) :]
             out.write(chunk)
             digest.update(chunk)
     return digest.hexdigest()
@@ -224,9 +234,16 @@ def make_data(record: Path, mib: int) -> Data:
     app = create_app()
 
     def patient(session: Any, email: str, name: str) -> tuple[Any, Patient]:
-        user = accounts.create_user(session, role="patient", email=email, name=name,
-                                    actor=SYSTEM, meta=NO_REQUEST, dob=date(1970, 1, 1),
-                                    password=PASSWORD).user
+        user = accounts.create_user(
+            session,
+            role="patient",
+            email=email,
+            name=name,
+            actor=SYSTEM,
+            meta=NO_REQUEST,
+            dob=date(1970, 1, 1),
+            password=PASSWORD,
+        ).user
         secret, shown = signin.start_enrolment(session, user, None)
         step = int(utcnow().timestamp() // otp.STEP_SECONDS) - 1  # sign-in uses the next one
         signin.finish_enrolment(session, user, otp.code_at(secret, step), NO_REQUEST, shown)
@@ -234,9 +251,15 @@ def make_data(record: Path, mib: int) -> Data:
 
     with app.app_context():
         session = db.session
-        staff = accounts.create_user(session, role="staff", email=STAFF_EMAIL,
-                                     name="Bench Staffer", actor=SYSTEM, meta=NO_REQUEST,
-                                     password=PASSWORD).user
+        staff = accounts.create_user(
+            session,
+            role="staff",
+            email=STAFF_EMAIL,
+            name="Bench Staffer",
+            actor=SYSTEM,
+            meta=NO_REQUEST,
+            password=PASSWORD,
+        ).user
         expires = utcnow() + timedelta(days=7)
         owner, downloader = patient(session, "bench-download@example.org", "Dora Download")
         readers = []
@@ -244,26 +267,47 @@ def make_data(record: Path, mib: int) -> Data:
             user, reader = patient(session, f"bench-inbox-{n}@example.org", f"Ina Inbox {n}")
             readers.append(reader)
             for m in range(INBOX_MESSAGES):
-                messages.create(session, sender=staff, recipient=user, subject=f"Letter {m}",
-                                body=f"Letter {m} for reader {n}.\n" * 20, expires_at=expires)
+                messages.create(
+                    session,
+                    sender=staff,
+                    recipient=user,
+                    subject=f"Letter {m}",
+                    body=f"Letter {m} for reader {n}.\n" * 20,
+                    expires_at=expires,
+                )
         session.commit()
         with record.open("rb") as stream:
             message = messages.create(
-                session, sender=staff, recipient=owner, subject="Large record",
-                body="The record is attached.", expires_at=expires,
-                uploads=[messages.Upload("record.pdf", stream)], validate=None)
+                session,
+                sender=staff,
+                recipient=owner,
+                subject="Large record",
+                body="The record is attached.",
+                expires_at=expires,
+                uploads=[messages.Upload("record.pdf", stream)],
+                validate=None,
+            )
         session.commit()
         attachment = message.attachments[0]
         if attachment.size != mib * MIB:
             raise BenchError(f"stored {attachment.size} bytes, expected {mib * MIB}")
         key = keys.unwrap(session, message.data_key_id)
-        data = Data(downloader, readers, message.public_id, attachment.public_id,
-                    str(app.config["BLOB_DIR"]), attachment.blob_id, key, attachment.public_id)
+        data = Data(
+            downloader,
+            readers,
+            message.public_id,
+            attachment.public_id,
+            str(app.config["BLOB_DIR"]),
+            attachment.blob_id,
+            key,
+            attachment.public_id,
+        )
     app.extensions["engine"].dispose()
     return data
 
 
 # --- HTTP clients ----------------------------------------------------------------------------
+
 
 class Session:
     """A signed-in patient: urllib with a cookie jar for the forms, then raw connections."""
@@ -346,8 +390,9 @@ class RssSampler:
         return max(self.peak[pid] - self.start_rss[pid] for pid in self.peak) / MIB
 
 
-def download(port: int, path: str, server: Server, cookie: str = "", *,
-             verify: bool = False) -> Download:
+def download(
+    port: int, path: str, server: Server, cookie: str = "", *, verify: bool = False
+) -> Download:
     """GET ``path`` in 1 MiB pieces while sampling the workers' RSS.
 
     ``verify`` hashes the pieces (SHA-256); otherwise they are read into one reused buffer
@@ -444,6 +489,7 @@ def percentile(values: list[float], fraction: float) -> float:
 
 # --- the run ---------------------------------------------------------------------------------
 
+
 def run(mib: int, repeat: int) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-pickup-") as tmp_name:
         tmp = Path(tmp_name)
@@ -459,8 +505,13 @@ def measure(tmp: Path, servers: list[Server], mib: int, repeat: int) -> None:
     portal_port, static_port = free_port(), free_port()
     base_url = f"http://127.0.0.1:{portal_port}"
     env = clean_env(PORTAL_INSTANCE_DIR=str(tmp / "instance"), PORTAL_BASE_URL=base_url)
-    upgrade = subprocess.run([sys.executable, "-m", "portal", "db", "upgrade"], env=env,
-                             cwd=str(ROOT), capture_output=True, check=False)
+    upgrade = subprocess.run(
+        [sys.executable, "-m", "portal", "db", "upgrade"],
+        env=env,
+        cwd=str(ROOT),
+        capture_output=True,
+        check=False,
+    )
     if upgrade.returncode != 0:
         raise BenchError(f"portal db upgrade failed: {upgrade.stderr.decode()[-2000:]}")
 
@@ -469,21 +520,46 @@ def measure(tmp: Path, servers: list[Server], mib: int, repeat: int) -> None:
     expected = write_record(record, mib)
     os.environ.update({k: v for k, v in env.items() if k.startswith("PORTAL_")})
     data = make_data(record, mib)
-    print(f"setup: {mib} MiB record written and stored encrypted, 9 patients enrolled "
-          f"({time.perf_counter() - began:.1f} s)")
+    print(
+        f"setup: {mib} MiB record written and stored encrypted, 9 patients enrolled "
+        f"({time.perf_counter() - began:.1f} s)"
+    )
 
-    portal = start("portal", [sys.executable, "-m", "portal", "serve", "--port",
-                              str(portal_port), "--workers", "2"], env, portal_port,
-                   tmp / "portal.log")
+    portal = start(
+        "portal",
+        [sys.executable, "-m", "portal", "serve", "--port", str(portal_port), "--workers", "2"],
+        env,
+        portal_port,
+        tmp / "portal.log",
+    )
     servers.append(portal)
     static_dir = tmp / "static_app"
     static_dir.mkdir()
     (static_dir / "bench_static_app.py").write_text(STATIC_APP)
-    static = start("static", [sys.executable, "-m", "gunicorn", "--workers", "2",
-                              "--worker-class", "gthread", "--threads", "4", "--bind",
-                              f"127.0.0.1:{static_port}", "--chdir", str(static_dir),
-                              "--timeout", "120", "bench_static_app:app"],
-                   clean_env(BENCH_STATIC_FILE=str(record)), static_port, tmp / "static.log")
+    static = start(
+        "static",
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--workers",
+            "2",
+            "--worker-class",
+            "gthread",
+            "--threads",
+            "4",
+            "--bind",
+            f"127.0.0.1:{static_port}",
+            "--chdir",
+            str(static_dir),
+            "--timeout",
+            "120",
+            "bench_static_app:app",
+        ],
+        clean_env(BENCH_STATIC_FILE=str(record)),
+        static_port,
+        tmp / "static.log",
+    )
     servers.append(static)
     portal.wait_ready("/healthz", 2)
     static.wait_ready("/healthz", 2)
@@ -492,9 +568,11 @@ def measure(tmp: Path, servers: list[Server], mib: int, repeat: int) -> None:
     patient.sign_in(data.downloader)
     path = f"/messages/{data.message_id}/attachments/{data.attachment_id}/download"
     cookie = patient.cookie_header()
-    checked = [download(portal_port, path, portal, cookie, verify=True),
-               download(static_port, "/record.pdf", static, verify=True),
-               download(static_port, "/sendfile", static, verify=True)]
+    checked = [
+        download(portal_port, path, portal, cookie, verify=True),
+        download(static_port, "/record.pdf", static, verify=True),
+        download(static_port, "/sendfile", static, verify=True),
+    ]
     for got in checked:
         if (got.size, got.sha256) != (mib * MIB, expected):
             raise BenchError(f"downloaded {got.size} bytes with another SHA-256")
@@ -513,30 +591,38 @@ def measure(tmp: Path, servers: list[Server], mib: int, repeat: int) -> None:
     best_sendfile = max(d.mb_s for d in sendfile[1:])
     rss = max(d.rss_growth_mib for d in ours)
     ratio = best_ours / best_static
-    print(f"download of {mib} MiB over loopback, best of {repeat} (MB/s = 10^6 B/s); a first, "
-          "hashed run of each: SHA-256 identical to the file "
-          f"(portal {ours[0].mb_s:.0f} MB/s, static {theirs[0].mb_s:.0f} MB/s hashing)")
+    print(
+        f"download of {mib} MiB over loopback, best of {repeat} (MB/s = 10^6 B/s); a first, "
+        "hashed run of each: SHA-256 identical to the file "
+        f"(portal {ours[0].mb_s:.0f} MB/s, static {theirs[0].mb_s:.0f} MB/s hashing)"
+    )
     print(f"  portal (gunicorn, decrypt + stream):     {best_ours:8.1f} MB/s")
     print(f"  static file (same gunicorn, FileWrapper):{best_static:8.1f} MB/s")
     print(f"  static file via sendfile (information):  {best_sendfile:8.1f} MB/s")
     print(f"  raw decrypt_stream from disk:            {decrypt:8.1f} MB/s")
-    print(f"  portal / static: {ratio:.2f} (target >= {RATIO_TARGET:.2f}: "
-          f"{'met' if ratio >= RATIO_TARGET else 'MISSED'}); "
-          f"portal / raw decrypt: {best_ours / decrypt:.2f}; "
-          f"portal / sendfile: {best_ours / best_sendfile:.2f}")
-    print(f"  portal worker peak RSS growth during the download: {rss:.1f} MiB "
-          f"(per run: {', '.join(f'{d.rss_growth_mib:.1f}' for d in ours)}; target < "
-          f"{RSS_TARGET_MIB} MiB: {'met' if rss < RSS_TARGET_MIB else 'MISSED'}); "
-          f"static server's: {max(d.rss_growth_mib for d in theirs):.1f} MiB")
+    print(
+        f"  portal / static: {ratio:.2f} (target >= {RATIO_TARGET:.2f}: "
+        f"{'met' if ratio >= RATIO_TARGET else 'MISSED'}); "
+        f"portal / raw decrypt: {best_ours / decrypt:.2f}; "
+        f"portal / sendfile: {best_ours / best_sendfile:.2f}"
+    )
+    print(
+        f"  portal worker peak RSS growth during the download: {rss:.1f} MiB "
+        f"(per run: {', '.join(f'{d.rss_growth_mib:.1f}' for d in ours)}; target < "
+        f"{RSS_TARGET_MIB} MiB: {'met' if rss < RSS_TARGET_MIB else 'MISSED'}); "
+        f"static server's: {max(d.rss_growth_mib for d in theirs):.1f} MiB"
+    )
 
     latencies = inbox_latency(base_url, portal_port, data.readers)
     if latencies.errors:
         raise BenchError(f"inbox clients failed: {latencies.errors[:3]}")
     ms = [s * 1000 for s in latencies.samples]
-    print(f"GET /inbox ({INBOX_MESSAGES} messages each), {CLIENTS} concurrent signed-in "
-          f"clients x {REQUESTS_PER_CLIENT} requests ({len(ms)} in all): "
-          f"p50 {percentile(ms, 0.50):.1f} ms, p99 {percentile(ms, 0.99):.1f} ms "
-          f"(mean {statistics.fmean(ms):.1f}, max {max(ms):.1f})")
+    print(
+        f"GET /inbox ({INBOX_MESSAGES} messages each), {CLIENTS} concurrent signed-in "
+        f"clients x {REQUESTS_PER_CLIENT} requests ({len(ms)} in all): "
+        f"p50 {percentile(ms, 0.50):.1f} ms, p99 {percentile(ms, 0.99):.1f} ms "
+        f"(mean {statistics.fmean(ms):.1f}, max {max(ms):.1f})"
+    )
 
 
 def main() -> int:
