@@ -9,7 +9,10 @@ One run, everything under one temporary directory (removed at the end):
 - ``python -m portal db upgrade`` then ``python -m portal serve --port P --workers 2``
   (gunicorn, gthread, loopback) with ``PORTAL_INSTANCE_DIR`` and ``PORTAL_BASE_URL`` set, on
   the embedded default (SQLite, filesystem blobs), logging at the production default (JSON
-  lines to a file here, not the terminal);
+  lines to a file here, not the terminal). Two workers need shared rate limits, so
+  ``PORTAL_REDIS_URL`` is set to ``PORTAL_BENCH_REDIS_URL`` (default
+  ``redis://127.0.0.1:6379/15``, a database of its own, not the tests' 0); when that Redis
+  does not answer, the portal and the static server run one worker each, and it says so;
 - the data is made in this process through the services, in an app built from the same
   environment: a member of staff, nine enrolled patients (TOTP codes are single-use, so each
   concurrent client signs in as a patient of its own), a ``--mib`` MiB PDF-like file written
@@ -18,9 +21,9 @@ One run, everything under one temporary directory (removed at the end):
   each inbox client's inbox;
 - **portal**: sign in over HTTP (stdlib ``urllib`` with a cookie jar; CSRF token from each
   form; password, then TOTP), then ``GET .../download`` read in 1 MiB pieces. psutil samples
-  the RSS of both gunicorn workers every 50 ms; the figure is the largest growth over the
+  the RSS of each gunicorn worker every 50 ms; the figure is the largest growth over the
   RSS just before a download, over all the portal's downloads;
-- **static**: the same file from a second gunicorn (same options: gthread, 2 workers,
+- **static**: the same file from a second gunicorn (same options: gthread, as many workers,
   4 threads) running a ten-line WSGI app that returns ``werkzeug.wsgi.FileWrapper`` over it
   in 256 KiB reads (the portal's segment size), read and hashed the same way. Also shown, for
   information only: the same server handing the file to ``sendfile`` (``wsgi.file_wrapper``);
@@ -76,6 +79,7 @@ REQUESTS_PER_CLIENT = 50
 INBOX_MESSAGES = 10
 PASSWORD = "Correct horse battery staple 42"  # noqa: S105 - bench accounts only
 STAFF_EMAIL = "bench-staff@example.org"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"  # a database of its own, not the tests' (0)
 _CSRF = re.compile(r'name="csrf_token"[^>]*value="([^"]+)"')
 
 STATIC_APP = '''\
@@ -167,6 +171,17 @@ class Server:
                         worker.kill()
                 self.process.kill()
                 self.process.wait(timeout=10)
+
+
+def redis_problem(url: str) -> str | None:
+    """None when Redis at ``url`` answers, else why not (one line)."""
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=3).ping()
+    except redis.RedisError as err:
+        return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return None
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -504,7 +519,12 @@ def run(mib: int, repeat: int) -> None:
 def measure(tmp: Path, servers: list[Server], mib: int, repeat: int) -> None:
     portal_port, static_port = free_port(), free_port()
     base_url = f"http://127.0.0.1:{portal_port}"
-    env = clean_env(PORTAL_INSTANCE_DIR=str(tmp / "instance"), PORTAL_BASE_URL=base_url)
+    # More than one portal worker needs shared rate-limit counters (``portal serve`` refuses).
+    redis_url = os.environ.get("PORTAL_BENCH_REDIS_URL", DEFAULT_REDIS_URL)
+    no_redis = redis_problem(redis_url)
+    workers = 1 if no_redis else 2
+    shared = {} if no_redis else {"PORTAL_REDIS_URL": redis_url}
+    env = clean_env(PORTAL_INSTANCE_DIR=str(tmp / "instance"), PORTAL_BASE_URL=base_url, **shared)
     upgrade = subprocess.run(
         [sys.executable, "-m", "portal", "db", "upgrade"],
         env=env,
@@ -527,7 +547,16 @@ def measure(tmp: Path, servers: list[Server], mib: int, repeat: int) -> None:
 
     portal = start(
         "portal",
-        [sys.executable, "-m", "portal", "serve", "--port", str(portal_port), "--workers", "2"],
+        [
+            sys.executable,
+            "-m",
+            "portal",
+            "serve",
+            "--port",
+            str(portal_port),
+            "--workers",
+            str(workers),
+        ],
         env,
         portal_port,
         tmp / "portal.log",
@@ -543,7 +572,7 @@ def measure(tmp: Path, servers: list[Server], mib: int, repeat: int) -> None:
             "-m",
             "gunicorn",
             "--workers",
-            "2",
+            str(workers),
             "--worker-class",
             "gthread",
             "--threads",
@@ -561,8 +590,12 @@ def measure(tmp: Path, servers: list[Server], mib: int, repeat: int) -> None:
         tmp / "static.log",
     )
     servers.append(static)
-    portal.wait_ready("/healthz", 2)
-    static.wait_ready("/healthz", 2)
+    portal.wait_ready("/healthz", workers)
+    static.wait_ready("/healthz", workers)
+    print(
+        f"servers: {workers} gunicorn worker(s) each; portal rate limits in "
+        + ("Redis (shared)" if not no_redis else f"memory, per worker (no Redis: {no_redis})")
+    )
 
     patient = Session(base_url)
     patient.sign_in(data.downloader)

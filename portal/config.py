@@ -210,9 +210,15 @@ SETTINGS: tuple[Setting, ...] = (
 
 
 def instance_dir(environ: Mapping[str, str]) -> Path:
-    """Return the instance folder (``PORTAL_INSTANCE_DIR``, default ``instance``), made 0700."""
+    """Return the instance folder (``PORTAL_INSTANCE_DIR``, default ``instance``), made 0700.
+
+    Raises ConfigError when it cannot be made (a read-only root, another owner).
+    """
     path = Path(environ.get("PORTAL_INSTANCE_DIR") or "instance").resolve()
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"PORTAL_INSTANCE_DIR: cannot create {path}: {error.strerror}") from None
     return path
 
 
@@ -225,7 +231,10 @@ def secret_file(path: Path, nbytes: int = 32) -> str:
     file. Raises ConfigError when the file is unreadable or empty.
     """
     if not path.exists():
-        _publish_secret(path, secrets.token_urlsafe(nbytes))
+        try:
+            _publish_secret(path, secrets.token_urlsafe(nbytes))
+        except OSError as error:
+            raise ConfigError(f"PORTAL_SECRET_KEY: cannot write {path}: {error.strerror}") from None
     try:
         value = path.read_text().strip()
     except OSError as error:

@@ -173,12 +173,16 @@ class FilesystemBlobStore(BlobStore):
 
         A put holds an exclusive ``flock`` on its temporary file until it ends, so a
         file nobody holds belongs to a killed process, however recent. Files younger
-        than ``grace_seconds`` are left (created but not yet locked).
+        than ``grace_seconds`` are left (created but not yet locked). The blob folder
+        must be a local file system: on NFS, flock is emulated by per-process fcntl
+        locks, which cannot tell a live writer thread of the same process.
         """
         cutoff = time.time() - grace_seconds
         removed = 0
         for entry in self._tmp.iterdir():
-            with contextlib.suppress(FileNotFoundError):
+            # One file that cannot be checked (gone meanwhile, a stray folder, a lock the file
+            # system refuses) must not stop the sweep, nor retention run's steps after it.
+            with contextlib.suppress(OSError):
                 if entry.stat().st_mtime < cutoff and _delete_if_abandoned(entry):
                     removed += 1
         return removed
@@ -261,7 +265,7 @@ _FULL_OR_BROKEN = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO,
 
 def _delete_if_abandoned(path: Path) -> bool:
     """Delete ``path`` if no process holds its lock; return whether it was deleted."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)  # an exclusive lock may need write access
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -18,6 +18,7 @@ import pytest
 from portal import config
 from portal.config import ConfigError
 from portal.security import passwords
+from tests.support.faults import fill, tiny_disk
 
 
 def test_embedded_defaults(instance: Path) -> None:
@@ -274,3 +275,36 @@ def test_fixture_apps_hash_with_the_cheap_test_parameters(app: Any) -> None:
 @pytest.mark.real_argon2
 def test_real_argon2_mark_gives_fixture_apps_the_production_parameters(app: Any) -> None:
     assert app.extensions["password_hasher"].parameters == PRODUCTION_HASHING
+
+
+def _portal_upgrade(instance: Path) -> subprocess.CompletedProcess[str]:
+    env = {"PORTAL_INSTANCE_DIR": str(instance), "PATH": "/usr/bin"}
+    return subprocess.run(
+        [sys.executable, "-m", "portal", "db", "upgrade"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _one_config_line(result: subprocess.CompletedProcess[str], setting: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"portal: configuration error: {setting}: cannot ")
+
+
+def test_an_instance_folder_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    """A wrong path or a read-only root: exit 2 with one line, never a traceback."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the folder should be")
+    _one_config_line(_portal_upgrade(blocker / "instance"), "PORTAL_INSTANCE_DIR")
+
+
+def test_a_secret_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    with tiny_disk(tmp_path / "disk", "1m") as disk:
+        (disk / "instance").mkdir(mode=0o700)
+        fill(disk)
+        _one_config_line(_portal_upgrade(disk / "instance"), "PORTAL_SECRET_KEY")

@@ -10,7 +10,9 @@ import runpy
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,30 @@ def test_the_retention_timer_runs_the_sweep() -> None:
     assert "OnCalendar=" in timer
     exec_start = [line for line in service.splitlines() if line.startswith("ExecStart=")]
     assert exec_start == ["ExecStart=/opt/pickup-portal/venv/bin/portal retention run"]
+
+
+def test_a_real_put_in_progress_is_never_swept(store: FilesystemBlobStore) -> None:
+    """The store's own writer, mid-upload in a thread of this process, holds its lock."""
+    started, release = threading.Event(), threading.Event()
+    stored: list[str] = []
+
+    def slow_upload() -> Iterator[bytes]:
+        yield b"first part of a large upload "
+        started.set()
+        release.wait(30)
+        yield b"and the rest"
+
+    worker = threading.Thread(target=lambda: stored.append(store.put(slow_upload())))
+    worker.start()
+    try:
+        assert started.wait(30)
+        [part] = list((store.root / "tmp").glob("*.part"))
+        age(part, 7200)
+        assert store.sweep_temp() == 0
+        assert part.exists()
+    finally:
+        release.set()
+        worker.join(30)
+    assert stored, "the upload finished"
+    with store.open(stored[0]) as blob:
+        assert blob.read() == b"first part of a large upload and the rest"

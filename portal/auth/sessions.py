@@ -23,7 +23,7 @@ from werkzeug.datastructures import CallbackDict
 from portal.database import utcnow
 from portal.extensions import db
 from portal.models import WebSession
-from portal.web.outage import DATABASE_DOWN
+from portal.web.outage import DATABASE_DOWN, is_outage
 
 TOUCH_EVERY = timedelta(seconds=30)  # last_seen_at is written at most this often
 
@@ -77,6 +77,8 @@ class DatabaseSessionInterface(SessionInterface):
         try:
             return self._load(app, token)
         except DATABASE_DOWN as error:
+            if not is_outage(error):
+                raise
             # Raised again by a before_request hook (portal.web.errors), so the outage gets
             # the 503 page there instead of Flask's bare 500 from outside the request.
             g.session_error = error
@@ -108,9 +110,18 @@ class DatabaseSessionInterface(SessionInterface):
         try:
             self._save(app, session, response)
         except DATABASE_DOWN as error:
+            if not is_outage(error):
+                raise
             from portal.web.errors import database_down_response
 
-            database_down_response(response, error)
+            # Drop the cookie too, so a sign-out (whose row could not be deleted) still signs
+            # out here; say "saved" only when the request's work was in fact committed.
+            database_down_response(response, error, committed=bool(g.get("committed")))
+            response.delete_cookie(
+                self.get_cookie_name(app),
+                path=self.get_cookie_path(app),
+                domain=self.get_cookie_domain(app),
+            )
 
     def _save(self, app: Flask, session: ServerSession, response: Response) -> None:
         name, domain, path = (

@@ -6,6 +6,7 @@ from flask import (
     Blueprint,
     current_app,
     flash,
+    g,
     redirect,
     render_template,
     request,
@@ -51,7 +52,13 @@ def _account_key() -> str:
 
 @login_manager.user_loader
 def load_user(user_id: str) -> User | None:
-    """Return the signed-in user, or None when the account is unknown or disabled."""
+    """Return the signed-in user, or None when the account is unknown or disabled.
+
+    None too while the request answers a database outage: its 503 page must render
+    without the database (portal.web.errors.database_down).
+    """
+    if g.get("database_down"):
+        return None
     user = accounts.find_by_public_id(db.session, user_id)
     return user if user is not None and not user.disabled else None
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import IO, Any
 
 import click
@@ -64,13 +64,21 @@ def audit_export(
     except ServiceError as error:
         click.echo(f"portal: {error}", err=True)
         sys.exit(1)
-    chunks = exporter.export(db.session, flt, fmt)
+
+    def record() -> None:
+        # Recorded and committed once the output is open and before the first row leaves, as
+        # a web export does: a failure mid-stream (a full disk, EPIPE from `| head`, Ctrl-C)
+        # never rolls back the record of a disclosure that may have happened, and a refused
+        # output records none. The early commit also frees the chain's head row, which an
+        # open audit write would hold locked for the whole export.
+        exporter.record_export(db.session, flt, fmt, SYSTEM, NO_REQUEST)
+        db.session.commit()
+
     if output is None:
-        _write(chunks, sys.stdout)
+        record()
+        _write(exporter.export(db.session, flt, fmt), sys.stdout)
     else:
-        _write_file(chunks, output, force)
-    # Recorded after the stream, so the chain's head row is locked only until commit.
-    exporter.record_export(db.session, flt, fmt, SYSTEM, NO_REQUEST)
+        _write_file(lambda: exporter.export(db.session, flt, fmt), output, force, record)
 
 
 def _patient_id(session: Session, email: str | None) -> int | None:
@@ -83,11 +91,15 @@ def _patient_id(session: Session, email: str | None) -> int | None:
     return user.id
 
 
-def _write_file(chunks: Iterable[str], path: str, force: bool) -> None:
-    """Write to a new 0600 file (or a FIFO/device as it is); exit 1 when ``path`` is refused."""
+def _write_file(
+    chunks: Callable[[], Iterable[str]], path: str, force: bool, opened: Callable[[], None]
+) -> None:
+    """Write to a new 0600 file (or a FIFO/device as it is), calling ``opened`` once it is
+    open; exit 1 when ``path`` is refused."""
     try:
         with open_output(path, replace=force, mode=FILE_MODE, encoding="utf-8") as sink:
-            _write(chunks, sink)
+            opened()
+            _write(chunks(), sink)
     except OutputExists as error:
         click.echo(f"portal: {error}; use --force to replace it", err=True)
         sys.exit(1)

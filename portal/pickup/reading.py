@@ -37,7 +37,8 @@ from portal.pickup import bp, forms
 from portal.pickup.forms import DisclosureRangeForm
 from portal.services import disclosures, patient_lists, pdf, pickup
 from portal.services.errors import NotFound, ServiceError
-from portal.web.errors import page, report_tampered
+from portal.web.errors import database_down, page, report_tampered
+from portal.web.outage import DATABASE_DOWN, is_outage
 from portal.web.security import request_meta
 from portal.web.transaction import commit_now
 
@@ -57,14 +58,28 @@ def _user() -> User:
 
 @bp.errorhandler(pickup.Unavailable)
 def _unavailable(gone: pickup.Unavailable) -> ResponseReturnValue:
-    commit_now()  # the access.denied event: the exception rolled the rest back
-    return render_template("pickup/gone.html", reason=gone.reason), 410
+    return _record_denial() or (render_template("pickup/gone.html", reason=gone.reason), 410)
 
 
 @bp.errorhandler(NotFound)
 def _not_theirs(_refused: NotFound) -> ResponseReturnValue:
-    commit_now()  # the access.denied event: the exception rolled the rest back
-    return page(404)
+    return _record_denial() or page(404)
+
+
+def _record_denial() -> ResponseReturnValue | None:
+    """Commit the access.denied event the service wrote as it refused; the 503 page if the
+    database is gone (None when recorded).
+
+    The exception would make the boundary roll back, so the event is committed here. The
+    refusal is each view's first step, so nothing else is pending in the transaction.
+    """
+    try:
+        commit_now()
+    except DATABASE_DOWN as error:
+        if not is_outage(error):
+            raise
+        return database_down(error)
+    return None
 
 
 def _unrecorded() -> Response:

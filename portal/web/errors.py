@@ -45,6 +45,12 @@ MESSAGES = {
         "nothing was sent or saved. Please try again later.",
     ),
 }
+# After the request's work was committed (the session could not be saved): never say
+# "nothing was saved", or staff resend and a patient gets the message twice.
+SAVED_BUT_UNAVAILABLE = (
+    "Your last action was saved, but the portal lost its database before it could finish "
+    "this page, and you may need to sign in again. Check the result before you try again."
+)
 TAMPERED_MESSAGE = (
     "This content failed its integrity check, so none of it was shown. "
     "The problem has been recorded and our team alerted. Please contact "
@@ -61,7 +67,7 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(ContentTampered, _tampered)
     app.register_error_handler(StorageUnavailable, _storage_unavailable)
     for kind in outage.DATABASE_DOWN:
-        app.register_error_handler(kind, database_down)
+        app.register_error_handler(kind, _database_error)
     # First of all hooks: CSRF and rate limits must not judge a request whose session is lost.
     app.before_request_funcs.setdefault(None, []).insert(0, _session_store_down)
     app.register_error_handler(HTTPException, _http)
@@ -134,23 +140,34 @@ def _http(error: HTTPException) -> tuple[str, int] | tuple[str, int, dict[str, s
     return page(code)
 
 
-def database_down(error: BaseException) -> tuple[str, int, dict[str, str]]:
+def _database_error(error: Exception) -> tuple[str, int] | tuple[str, int, dict[str, str]]:
+    # The classes outages arrive as also carry bugs (a missing table, a deadlock, a statement
+    # timeout): only a real outage gets the quiet 503, anything else its logged 500.
+    return database_down(error) if outage.is_outage(error) else _unexpected(error)
+
+
+def database_down(
+    error: BaseException, *, committed: bool = False
+) -> tuple[str, int, dict[str, str]]:
     """Return the 503 retry page for a database outage; log only an outage's first request.
 
-    The request's work is rolled back; its session is not saved (``g.database_down``).
+    The request's work is rolled back (``committed``: it was already committed and the
+    page says so); its session is not saved (``g.database_down``).
     """
     g.database_down = True
     with contextlib.suppress(*outage.DATABASE_DOWN, SQLAlchemyError):
         db.session.rollback()
     outage.database.failed(error)
-    body, code = page(503)
+    body, code = page(503, SAVED_BUT_UNAVAILABLE if committed else None)
     return body, code, {"Retry-After": str(outage.RETRY_AFTER_SECONDS)}
 
 
-def database_down_response(response: Response, error: BaseException) -> None:
+def database_down_response(
+    response: Response, error: BaseException, *, committed: bool = False
+) -> None:
     """Turn ``response`` into the 503 retry page: for an outage met after the view returned
-    (saving the session). Returns None."""
-    body, code, headers = database_down(error)
+    (``committed``: saving the session, after the request's work was committed). Returns None."""
+    body, code, headers = database_down(error, committed=committed)
     response.set_data(body)
     response.status_code = code
     response.mimetype = "text/html"
@@ -180,8 +197,12 @@ def _storage_unavailable(error: StorageUnavailable) -> tuple[str, int]:
 def _unexpected(error: BaseException) -> tuple[str, int] | tuple[str, int, dict[str, str]]:
     if isinstance(error, HTTPException):
         return _http(error)
-    if isinstance(error, outage.DATABASE_DOWN):
+    if isinstance(error, outage.DATABASE_DOWN) and outage.is_outage(error):
         return database_down(error)
+    # The page renders with the signed-in user; on PostgreSQL a failed statement leaves the
+    # transaction aborted, so end it first (the boundary rolls back the request anyway).
+    with contextlib.suppress(*outage.DATABASE_DOWN, SQLAlchemyError):
+        db.session.rollback()
     # The type and the frames, never the message or locals: they can carry PHI.
     log.error(
         "unhandled exception",

@@ -26,8 +26,8 @@ log = logging.getLogger("portal.outage")
 QUIET_SECONDS = 30.0  # no failure for this long, then a success, ends an outage
 RETRY_AFTER_SECONDS = 30
 
-# "The database cannot answer now": connection refused or lost, pool exhausted, disk full,
-# locked. Not programming errors (ProgrammingError, IntegrityError stay 500s).
+# The exception classes an outage arrives as; is_outage() tells an outage from a bug that
+# shares the class (ProgrammingError, IntegrityError are never outages).
 DATABASE_DOWN: tuple[type[Exception], ...] = (
     OperationalError,
     InterfaceError,
@@ -36,6 +36,37 @@ DATABASE_DOWN: tuple[type[Exception], ...] = (
     sqlite3.OperationalError,
     psycopg.OperationalError,
 )
+
+
+# SQLite primary result codes that mean "cannot reach or write the file now" (sqlite.org/rescode).
+_SQLITE_DOWN = {5, 6, 8, 10, 13, 14}  # BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN
+# PostgreSQL SQLSTATEs of the same kind: connection exceptions (class 08), insufficient
+# resources (53: disk full, out of memory, too many connections), and the server shutting
+# down or not yet started (57P01-57P03).
+_PG_DOWN_CLASSES = {"08", "53"}
+_PG_DOWN_STATES = {"57P01", "57P02", "57P03"}
+
+
+def is_outage(error: BaseException) -> bool:
+    """Return True when ``error`` says the database cannot answer now, not that code is wrong.
+
+    A missing table, a syntax error, a deadlock, a serialization failure or a
+    statement timeout share these exception classes, but they are bugs or
+    contention to see with their stack (a 500), never a quiet 503.
+    """
+    if isinstance(error, DisconnectionError | PoolTimeout):
+        return True
+    if getattr(error, "connection_invalidated", False):
+        return True
+    cause = getattr(error, "orig", None) or error
+    if isinstance(cause, sqlite3.Error):
+        return (getattr(cause, "sqlite_errorcode", 0) & 0xFF) in _SQLITE_DOWN
+    if isinstance(cause, psycopg.Error):
+        state = cause.sqlstate
+        if state is None:  # no answer from a server at all: refused, reset, closed
+            return isinstance(cause, psycopg.OperationalError | psycopg.InterfaceError)
+        return state[:2] in _PG_DOWN_CLASSES or state in _PG_DOWN_STATES
+    return False
 
 
 class Outage:

@@ -72,7 +72,10 @@ def _boundary(response: Response) -> Response:
         return response
     try:
         db.session.commit()  # the one commit of a request that returned normally
+        g.committed = True  # a later failure (saving the session) must not say nothing was saved
     except outage.DATABASE_DOWN as error:  # gone, or SQLite's disk full: nothing was saved
+        if not outage.is_outage(error):
+            raise
         from portal.web.errors import database_down_response
 
         database_down_response(response, error)
@@ -94,3 +97,4 @@ def commit_now() -> None:
     whether to answer 503 or let the request fail).
     """
     db.session.commit()
+    g.committed = True

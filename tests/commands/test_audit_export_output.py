@@ -22,6 +22,7 @@ from portal.extensions import db
 from portal.services import audit_query
 from portal.services.audit_query import AuditFilter
 from tests.factories import make_patient, make_user
+from tests.support.faults import fill, tiny_disk
 
 Export = Callable[..., Result]
 
@@ -169,3 +170,15 @@ def test_folder_that_does_not_exist_is_a_clear_error(
     assert "cannot write" in result.output
     assert "Traceback" not in result.output
     assert exports_recorded(app) == 0
+
+
+def test_an_export_that_fails_midway_is_still_recorded(
+    app: Flask, export: Export, tmp_path: Path
+) -> None:
+    """Rows may have left before the failure: the disclosure must be in the trail."""
+    with tiny_disk(tmp_path / "disk", "1m") as disk:
+        fill(disk)
+        result = export("-o", str(disk / "trail.csv"))
+    assert result.exit_code == 1
+    assert "cannot write" in result.output
+    assert exports_recorded(app) == 1

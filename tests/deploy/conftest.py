@@ -8,14 +8,17 @@ is a test trust anchor made with notifier.tlscert, which the client verifies.
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from notifier.tlscert import write_cert_files
+from tests.support.databases import BACKENDS, pg_url
 from tests.support.deploy import (
     MIB,
     NGINX,
@@ -47,9 +50,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = [item for item in items if item not in marked]
 
 
+@pytest.fixture(scope="module", params=BACKENDS)
+def deploy_database(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """The portal's database behind nginx: SQLite in its instance folder (None), or a
+    PostgreSQL schema of its own, dropped afterwards."""
+    if request.param == "sqlite":
+        yield None
+        return
+    schema = f"pp_deploy_{secrets.token_hex(6)}"
+    admin = create_engine(pg_url(), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield pg_url(schema)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
 @pytest.fixture(scope="module")
-def deploy_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One temporary folder for this module's servers."""
+def deploy_tmp(tmp_path_factory: pytest.TempPathFactory, deploy_database: str | None) -> Path:
+    """One temporary folder for this module's servers (per database)."""
     return tmp_path_factory.mktemp("deploy")
 
 
@@ -60,9 +82,11 @@ def https_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def portal(deploy_tmp: Path, https_port: int) -> Iterator[Portal]:
+def portal(deploy_tmp: Path, https_port: int, deploy_database: str | None) -> Iterator[Portal]:
     """`portal db upgrade`, then `portal serve` (one gunicorn worker) on a free port."""
     env = portal_env(deploy_tmp / "instance", https_port)
+    if deploy_database is not None:
+        env["PORTAL_DATABASE_URL"] = deploy_database
     subprocess.run(
         [sys.executable, "-m", "portal", "db", "upgrade"],
         env=env,

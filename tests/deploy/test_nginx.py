@@ -100,7 +100,8 @@ class Patient:
 
 def audit_events(portal: Portal, action: str) -> list[AuditEvent]:
     """The portal's audit events of ``action``, read from its database."""
-    engine = create_engine(f"sqlite:///{portal.env['PORTAL_INSTANCE_DIR']}/portal.db")
+    url = portal.env.get("PORTAL_DATABASE_URL")  # PostgreSQL; else the instance's SQLite file
+    engine = create_engine(url or f"sqlite:///{portal.env['PORTAL_INSTANCE_DIR']}/portal.db")
     with Session(engine) as session:
         found = list(session.scalars(select(AuditEvent).where(AuditEvent.action == action)))
     engine.dispose()

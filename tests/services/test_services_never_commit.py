@@ -141,3 +141,14 @@ def test_key_rotation_commits_only_through_its_callers_checkpoint(
         assert result.rewrapped == live
         assert len(checkpoints) == 2 + live  # intent, start, then one per batch of one
         assert keys.status(db.session) == {result.version: live}
+
+
+def test_the_runtime_check_watches_the_modules_that_run() -> None:
+    """The check matches frames by file: the services imported must be these very files
+    (not an installed or build/ copy), or it would watch nothing."""
+    import portal.audit
+    import portal.services.keys
+    import portal.services.messaging
+
+    for module in (portal.services.keys, portal.services.messaging, portal.audit):
+        assert Path(module.__file__ or "") in NEVER_COMMIT

@@ -6,13 +6,15 @@ from __future__ import annotations
 import io
 import logging
 import shutil
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from flask import Flask
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 
 from portal.extensions import db
@@ -311,3 +313,75 @@ def test_sqlite_on_a_full_disk_answers_503_and_readyz_says_not_writable(
             assert ready.get_json()["database"] == "not writable"
         finally:
             app.extensions["engine"].dispose()
+
+
+def test_a_missing_table_is_a_logged_500_not_a_quiet_outage(
+    make_app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug that shares OperationalError's class (SQLite) must keep its stack and its 500."""
+    app = make_app()
+
+    @app.get("/probe-missing-table")
+    def probe() -> str:
+        db.session.execute(text("SELECT * FROM no_such_table_here"))
+        return "unreachable"
+
+    browser = signed_in_staff(app)
+    with caplog.at_level(logging.INFO):
+        answer = browser.get("/probe-missing-table")
+    assert answer.status_code == 500
+    assert not outage.database.down
+    assert not [r for r in caplog.records if r.name == "portal.outage"]
+    assert [r for r in caplog.records if r.levelno == logging.ERROR and "stack" in vars(r)]
+
+
+@pytest.mark.parametrize(
+    ("error", "down"),
+    [
+        (sqlite3.OperationalError("database or disk is full"), None),  # code set below
+        (sqlite3.OperationalError("no such table: x"), False),
+    ],
+)
+def test_sqlite_errors_are_told_apart_by_their_result_code(error: Any, down: Any) -> None:
+    if down is None:
+        error.sqlite_errorcode, down = 13, True  # SQLITE_FULL
+    else:
+        error.sqlite_errorcode = 1  # SQLITE_ERROR: a bug
+    assert outage.is_outage(error) is down
+
+
+def test_postgres_errors_are_told_apart_by_their_sqlstate() -> None:
+    refused = psycopg.OperationalError("connection refused")  # no server answered: no sqlstate
+    assert outage.is_outage(refused)
+    assert outage.is_outage(psycopg.errors.AdminShutdown())
+    assert outage.is_outage(psycopg.errors.DiskFull())
+    assert not outage.is_outage(psycopg.errors.DeadlockDetected())
+    assert not outage.is_outage(psycopg.errors.QueryCanceled())
+    assert not outage.is_outage(psycopg.errors.UndefinedTable())
+
+
+def test_a_session_lost_after_the_commit_never_says_nothing_was_saved(
+    make_app: Any, switch: DatabaseSwitch
+) -> None:
+    app = switch.app = make_app(DATABASE_URL=switch.url)
+
+    @app.get("/probe-cut-after-commit")
+    def probe() -> str:
+        from flask import session
+
+        from portal.web.transaction import commit_now
+
+        commit_now()
+        session["probe"] = "changed"  # so the session row must be written
+        switch.cut()  # the database goes away between the commit and the session save
+        return "done"
+
+    browser = signed_in_staff(app)
+
+    answer = browser.get("/probe-cut-after-commit")
+    page_text = answer.get_data(as_text=True)
+    assert answer.status_code == 503
+    assert "Your last action was saved" in page_text
+    assert DOWN_TEXT not in page_text
+    assert "session=;" in answer.headers.get("Set-Cookie", "").replace(" ", "")
+    switch.restore()
