@@ -96,18 +96,33 @@ def link_opened(session: Session, token: str, meta: RequestMeta) -> PickupLink |
     """Audit a link's landing page (never with the token); return the link if it is usable."""
     link = find_link(session, token)
     state = link_state(session, link) if link is not None else LinkState.UNKNOWN
+    ok = state == LinkState.USABLE
+    _audit_link(
+        session, Action.LINK_OPEN, link, state, Outcome.SUCCESS if ok else Outcome.FAILURE, meta
+    )
+    return link if ok else None
+
+
+def _audit_link(
+    session: Session,
+    action: Action,
+    link: PickupLink | None,
+    state: LinkState,
+    outcome: Outcome,
+    meta: RequestMeta,
+) -> None:
+    """Audit ``action`` on ``link`` (None: an unknown token, never named) with its state."""
     audit.record(
         session,
-        Action.LINK_OPEN,
+        action,
         meta=meta,
-        outcome=Outcome.SUCCESS if state == LinkState.USABLE else Outcome.FAILURE,
+        outcome=outcome,
         target_type="link",
         target_id=link.public_id if link else None,
         patient_id=link.recipient_id if link else None,
         message_id=link.message_id if link else None,
         details={"state": state},
     )
-    return link if state == LinkState.USABLE else None
 
 
 def usable_link(session: Session, link_id: object) -> PickupLink | None:
@@ -138,18 +153,11 @@ def renew(session: Session, token: str, meta: RequestMeta) -> bool:
     if link is not None and message is not None and state == LinkState.EXPIRED:
         messaging.resend(session, message, actor=SYSTEM, meta=meta, extend=False)
         link.reissued_at = utcnow()
-    audit.record(
-        session,
-        Action.LINK_REISSUE,
-        meta=meta,
-        outcome=Outcome.SUCCESS if state == LinkState.EXPIRED else Outcome.DENIED,
-        target_type="link",
-        target_id=link.public_id if link else None,
-        patient_id=link.recipient_id if link else None,
-        message_id=link.message_id if link else None,
-        details={"state": state},
+    sent = state == LinkState.EXPIRED
+    _audit_link(
+        session, Action.LINK_REISSUE, link, state, Outcome.SUCCESS if sent else Outcome.DENIED, meta
     )
-    return state == LinkState.EXPIRED
+    return sent
 
 
 # --- Identity (first pickup) -------------------------------------------------------------------
