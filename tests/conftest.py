@@ -31,6 +31,20 @@ for _name in [
 ]:
     del os.environ[_name]
 
+
+def _redis_of_this_worker(url: str, worker: str) -> str:
+    """Give each xdist worker a Redis database of its own (gw0 -> 1, gw1 -> 2, ...): the
+    limiter's reset() clears every counter of its database, which would race another
+    worker's rate-limit test."""
+    base, _, _db = url.rpartition("/")
+    return f"{base}/{1 + int(worker.removeprefix('gw'))}" if base.startswith("redis") else url
+
+
+if os.environ.get("PORTAL_TEST_REDIS_URL") and os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["PORTAL_TEST_REDIS_URL"] = _redis_of_this_worker(
+        os.environ["PORTAL_TEST_REDIS_URL"], os.environ["PYTEST_XDIST_WORKER"]
+    )
+
 # Test-only argon2id parameters for every app the fixtures build, unless the test is
 # marked real_argon2 (the tests about the parameters and rehashing).
 FAST_HASH = dict(passwords.INSECURE_TEST_PARAMETERS)
