@@ -82,19 +82,18 @@ class MaildirHandler:
 class _SinkController(Controller):
     """aiosmtpd's threaded controller, plus port 0 and a connection counter."""
 
-    def __init__(self, handler: Any, **kwargs: Any) -> None:
+    def __init__(self, handler: Any, server_class: type[SMTP] = SMTP, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.connections = 0
         self._count_lock = threading.Lock()
+        self._server_class = server_class
 
     def factory(self) -> SMTP:
         """Called once per accepted TCP connection (aiosmtpd's documented hook)."""
         with self._count_lock:
             self.connections += 1
-        # aiosmtpd ships py.typed but leaves Controller's hooks unannotated.
-        # mypy: aiosmtpd ships no type hints.
-        smtp: SMTP = super().factory()  # type: ignore[no-untyped-call]
-        return smtp
+        # As aiosmtpd's own factory, with the server class the sink was given.
+        return self._server_class(self.handler, **self.SMTP_kwargs)
 
     def _trigger_server(self) -> None:
         # With port 0 the OS picked the port: learn it before aiosmtpd connects to itself.
@@ -142,7 +141,9 @@ class MailSink:
     PLAIN/LOGIN, which is only offered over TLS. A fresh certificate for
     ``hostnames`` is generated at each ``start()`` and written to ``cert_file``
     when one is given. ``handler`` replaces the Maildir handler (it must store
-    to ``maildir`` itself if it should).
+    to ``maildir`` itself if it should); ``server_class`` replaces aiosmtpd's
+    ``SMTP`` (the test suite uses it to refuse the DATA command itself, which
+    no handler hook can).
     """
 
     def __init__(
@@ -157,6 +158,7 @@ class MailSink:
         hostnames: Sequence[str] = DEFAULT_HOSTNAMES,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         handler: MaildirHandler | None = None,
+        server_class: type[SMTP] = SMTP,
     ) -> None:
         if starttls and implicit_tls:
             raise ValueError("choose STARTTLS or implicit TLS, not both")
@@ -167,6 +169,7 @@ class MailSink:
         self._requested_port = port
         self._starttls, self._implicit_tls = starttls, implicit_tls
         self._auth, self._hostnames, self._idle_timeout = auth, tuple(hostnames), idle_timeout
+        self._server_class = server_class
         self._controller: _SinkController | None = None
 
     @property
@@ -227,6 +230,7 @@ class MailSink:
                 write_public_file(self.cert_file, self.cert_pem)
         controller = _SinkController(
             self.handler,
+            server_class=self._server_class,
             hostname=BIND_ADDRESS,
             port=self._requested_port,
             **self._smtp_options(context),

@@ -260,9 +260,11 @@ class SmtpTransport:
         """Submit ``msg`` to its To/Cc/Bcc recipients; return the server's final reply.
 
         The reply is ``"250 <text>"`` for the end of DATA, capped at 200
-        characters. Any refused recipient fails the whole message. A reused
-        connection that the server dropped (or closed with 421) is reopened
-        once. Raises TransientDeliveryError or PermanentDeliveryError.
+        characters. Any refused recipient fails the whole message; after any
+        refusal the transaction is RSET (or the connection dropped), so the
+        next notice is unaffected. A reused connection that the server dropped
+        (or closed with 421) is reopened once. Raises TransientDeliveryError
+        or PermanentDeliveryError.
         """
         outgoing = _prepare(msg, self._dkim_key)
         if self._smtp is not None:
@@ -320,28 +322,40 @@ class SmtpTransport:
         try:
             with _delivery_errors(connecting=False):
                 options = _mail_options(smtp, outgoing)
-                self._expect(smtp, smtp.mail(outgoing.sender, options), (250,))
+                self._expect(smtp.mail(outgoing.sender, options), (250,))
                 for rcpt in outgoing.recipients:
-                    self._expect(smtp, smtp.rcpt(rcpt), (250, 251))
-                code, reply = smtp.data(outgoing.payload)
-                self._expect(smtp, (code, reply), (250,))
+                    self._expect(smtp.rcpt(rcpt), (250, 251))
+                code, reply = smtp.data(outgoing.payload)  # SMTPDataError if DATA is refused
+                self._expect((code, reply), (250,))
         except DeliveryError as err:
-            if err.smtp_code is None or err.smtp_code == 421:
-                self._discard()
+            self._end_refused_transaction(smtp, err)
             raise
         log.info("SMTP server accepted message %s", outgoing.message_id)
         text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
         return f"{code} {text}"[:MAX_RESPONSE_CHARS]
 
-    @staticmethod
-    def _expect(smtp: smtplib.SMTP, response: tuple[int, bytes], accepted: tuple[int, ...]) -> None:
-        code = response[0]
-        if code in accepted:
-            return
-        if code != 421:  # 421: the server is closing the channel; nothing to reset
+    def _end_refused_transaction(self, smtp: smtplib.SMTP, err: DeliveryError) -> None:
+        """Leave the connection ready for the next notice after a refusal: RSET, or drop it.
+
+        Every refusal (MAIL, RCPT, the DATA command, the end of DATA) is
+        followed by RSET, so the server forgets the refused transaction
+        (RFC 5321 4.1.1.5); otherwise the next MAIL meets "503 nested MAIL"
+        and an innocent notice fails for good. Without a reply code (the link
+        broke), on 421 (the server is closing) or when RSET is not answered
+        250, the connection is dropped and the next notice opens a new one.
+        """
+        if err.smtp_code is not None and err.smtp_code != 421:
             with contextlib.suppress(smtplib.SMTPException, OSError):
-                smtp.rset()
-        raise _error_for_code(code)
+                if smtp.rset()[0] == 250:
+                    return
+            log.info("SMTP RSET failed after a refusal; reconnecting for the next notice")
+        self._discard()
+
+    @staticmethod
+    def _expect(response: tuple[int, bytes], accepted: tuple[int, ...]) -> None:
+        """Raise the DeliveryError for ``response`` unless its code is in ``accepted``."""
+        if response[0] not in accepted:
+            raise _error_for_code(response[0])
 
 
 def _client_context(ca_file: str | None) -> ssl.SSLContext:

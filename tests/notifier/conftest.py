@@ -49,6 +49,68 @@ class RefusingHandler(MaildirHandler):
         return await super().handle_DATA(server, session, envelope)
 
 
+class PickyHandler(MaildirHandler):
+    """Stores mail, but answers ``reply`` at ``stage`` to any transaction for ``address``.
+
+    ``stage`` is "rcpt", "data-command" (the DATA verb, before 354) or "data"
+    (the end of DATA). ``rset_reply``, when set, is the answer to RSET, and the
+    server then keeps the refused transaction (as a relay whose RSET failed).
+    """
+
+    def __init__(self, maildir: Path, address: str, stage: str, reply: str) -> None:
+        super().__init__(maildir)
+        self.address, self.stage, self.reply = address, stage, reply
+        self.rset_reply: str | None = None
+
+    def refusal(self, stage: str, recipients: list[str]) -> str | None:
+        """The reply refusing ``stage`` for these recipients, or None to go on."""
+        return self.reply if stage == self.stage and self.address in recipients else None
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        refused = self.refusal("rcpt", [address])
+        if refused:
+            return refused
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        return self.refusal("data", envelope.rcpt_tos) or await super().handle_DATA(
+            server, session, envelope
+        )
+
+
+class PickySMTP(SMTP):
+    """aiosmtpd's server, letting a PickyHandler refuse the DATA verb and RSET."""
+
+    async def smtp_DATA(self, arg: str) -> None:
+        handler = self.event_handler
+        recipients = self.envelope.rcpt_tos if self.envelope is not None else []
+        refused = handler.refusal("data-command", recipients)
+        if refused:
+            await self.push(refused)
+            return
+        await super().smtp_DATA(arg)
+
+    async def smtp_RSET(self, arg: str) -> None:
+        if self.event_handler.rset_reply:
+            await self.push(self.event_handler.rset_reply)  # the transaction stays open
+            return
+        await super().smtp_RSET(arg)
+
+
+@pytest.fixture
+def picky_sink(sink_factory: SinkFactory, tmp_path: Path) -> Callable[..., MailSink]:
+    """``picky_sink(address, stage, reply)``: a STARTTLS sink refusing mail for one address."""
+
+    def start(address: str, stage: str, reply: str) -> MailSink:
+        handler = PickyHandler(tmp_path / "picky" / "Maildir", address, stage, reply)
+        return sink_factory("picky", handler=handler, server_class=PickySMTP)
+
+    return start
+
+
 @pytest.fixture
 def sink_factory(tmp_path: Path) -> Iterator[SinkFactory]:
     """Start a MailSink on a free port (options as MailSink's); all are stopped at teardown.

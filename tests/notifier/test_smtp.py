@@ -252,6 +252,57 @@ def test_connection_stays_usable_after_a_refusal(
         assert transport.connections_opened == 1
 
 
+REFUSED = "refused.person@patients.example.org"
+REFUSALS = [
+    ("data-command", "554 5.7.1 <refused.person@patients.example.org> no", PermanentDeliveryError),
+    ("data-command", "451 4.3.0 try later", TransientDeliveryError),
+    ("data", "554 5.7.1 rejected", PermanentDeliveryError),
+    ("data", "451 4.3.0 queue full", TransientDeliveryError),
+    ("rcpt", "550 5.1.1 <refused.person@patients.example.org> unknown", PermanentDeliveryError),
+    ("rcpt", "451 4.3.0 greylisted", TransientDeliveryError),
+]
+
+
+@pytest.mark.parametrize(("stage", "reply", "error"), REFUSALS)
+def test_the_next_notice_on_the_connection_is_delivered_after_a_refusal(
+    picky_sink: Callable[..., MailSink],
+    make_notice: Notice,
+    delivered: Delivered,
+    smtp_settings: SettingsFor,
+    stage: str,
+    reply: str,
+    error: type[DeliveryError],
+) -> None:
+    sink = picky_sink(REFUSED, stage, reply)
+    with SmtpTransport(smtp_settings(sink)) as transport:
+        with pytest.raises(error) as caught:
+            transport.send(make_notice(1, to=REFUSED))
+        transport.send(make_notice(2))  # before the fix: 503 nested MAIL, failed for good
+        assert transport.connections_opened == 1
+
+    assert caught.value.reason.endswith(reply[:3])
+    assert_phi_free(caught.value)
+    [msg] = delivered(sink)
+    assert (msg["Message-ID"], msg["Delivered-To"]) == ("<notice-n2@portal.example.org>", PATIENT)
+
+
+def test_a_failed_rset_drops_the_connection_and_the_next_notice_reconnects(
+    picky_sink: Callable[..., MailSink],
+    make_notice: Notice,
+    delivered: Delivered,
+    smtp_settings: SettingsFor,
+) -> None:
+    sink = picky_sink(REFUSED, "data-command", "554 5.7.1 no")
+    sink.handler.rset_reply = "502 5.5.1 not now"  # type: ignore[attr-defined]
+    with SmtpTransport(smtp_settings(sink)) as transport:
+        with pytest.raises(PermanentDeliveryError):
+            transport.send(make_notice(1, to=REFUSED))
+        transport.send(make_notice(2))
+        assert transport.connections_opened == 2
+
+    assert [m["Message-ID"] for m in delivered(sink)] == ["<notice-n2@portal.example.org>"]
+
+
 def test_auth_with_the_right_password(
     sink_factory: SinkFactory,
     make_notice: Notice,
