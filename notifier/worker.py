@@ -24,6 +24,7 @@ from pathlib import Path
 from flask import Flask
 from jinja2 import TemplateError
 from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from notifier import outbox, phi, render
@@ -35,12 +36,12 @@ from notifier.smtp import (
     TransientDeliveryError,
 )
 from portal.config import Settings, settings_of
-from portal.crypto.errors import CryptoError
+from portal.crypto.errors import ContentDestroyed, ContentTampered, CryptoError, KeyUnavailable
 from portal.database import rowcount, utcnow
 from portal.extensions import db
 from portal.models import Message, Notification, Role, User
 from portal.models.notifications import NoticeKind, NoticeStatus
-from portal.services import messaging, notices
+from portal.services import keys, messaging, notices
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,17 @@ def _build(session: Session, row: Notification, settings: Settings, now: datetim
     return email
 
 
+def crypto_reason(err: CryptoError) -> str:
+    """Return the PHI-free failure reason staff see for a key or sealed value that won't open."""
+    if isinstance(err, KeyUnavailable):
+        return "key-unavailable"  # its KEK version is not in the keyring
+    if isinstance(err, ContentTampered):
+        return "content-tampered"  # wrapped key or sealed payload fails authentication
+    if isinstance(err, ContentDestroyed):
+        return "content-destroyed"  # the data key was shredded
+    return "content-unavailable"
+
+
 def _prepare(
     session: Session, row: Notification, settings: Settings, now: datetime
 ) -> EmailMessage:
@@ -175,8 +187,8 @@ def _prepare(
         return _build(session, row, settings, now)
     except _Skip:
         raise
-    except CryptoError:
-        outbox.mark_failed(session, row.id, "content-unavailable")
+    except CryptoError as err:  # this row's key or payload only: fail it, the pass goes on
+        outbox.mark_failed(session, row.id, crypto_reason(err))
     except (TemplateError, OSError, ValueError):
         outbox.mark_failed(session, row.id, "render-failed")
     log.warning("notice %d could not be rendered", row.id, extra={"notice_id": row.id})
@@ -298,13 +310,15 @@ def drain(
     """Enqueue due reminders, then claim and send batches until none is due; return counts.
 
     Runs inside its own app context with one SMTP connection for the pass.
-    Raises OSError when DKIM_KEY cannot be read.
+    Raises OSError when DKIM_KEY cannot be read, KeyUnavailable when the
+    keyring cannot be (rows stay queued, links kept).
     """
     stop = stop or threading.Event()
     stats = RunStats()
     settings = settings_of(app)
     with app.app_context():
         session = db.session
+        keys.keyring()  # unreadable: a misconfiguration, so end the pass before any row fails
         enqueue_reminders(session, clock(), settings)
         with SmtpTransport(smtp_settings(settings), dkim_key=dkim_key(settings)) as transport:
             while not stop.is_set():
@@ -401,13 +415,58 @@ def enqueue_reminders(session: Session, now: datetime, settings: Settings) -> in
     Skips opened, revoked, expired, destroyed and already reminded messages.
     Each message is a job (committed on its own), so concurrent workers never
     remind twice. The fresh link and notice come from services.messaging.remind.
+    A message whose reminder fails is confined to itself (see _remind_one); raises
+    only for database errors, which end the pass.
     """
     after = timedelta(seconds=settings.reminder_after)
-    count = 0
-    for message_id in _reminder_candidates(session, now, after):
+    return sum(
+        _remind_one(session, message_id, now)
+        for message_id in _reminder_candidates(session, now, after)
+    )
+
+
+def _remind_one(session: Session, message_id: int, now: datetime) -> int:
+    """Remind about one message as a job of its own; return 1 if a reminder was queued.
+
+    A data key that cannot be opened rolls back this job only, then records a
+    failed reminder (audited, shown on the staff status page) so it is not tried
+    on every pass. Any other error is logged by id and tried again next pass.
+    """
+    try:
         with job(session):
-            count += _remind(session, message_id, now)
-    return count
+            return _remind(session, message_id, now)
+    except CryptoError as err:
+        reason = crypto_reason(err)
+    except DBAPIError:
+        raise  # the database's fault, not this message's: the pass ends
+    except Exception:
+        log.exception("message %d: reminder failed", message_id)
+        return 0
+    with job(session):
+        _reminder_failed(session, message_id, reason, now)
+    return 0
+
+
+def _reminder_failed(session: Session, message_id: int, reason: str, now: datetime) -> None:
+    """Record the message's reminder as a failed notice with no link (flushed), unless another
+    worker reminded it meanwhile; marks the message reminded so no pass retries it."""
+    if not _take_reminder(session, message_id, now):
+        return
+    message = session.get(Message, message_id, populate_existing=True)
+    assert message is not None  # _take_reminder just updated it
+    recipient = session.get(User, message.recipient_id)
+    assert recipient is not None  # a foreign key guarantees it
+    notice = notices.enqueue(
+        session, kind=NoticeKind.REMINDER, recipient=recipient, url=None, message=message, due=now
+    )
+    outbox.mark_failed(session, notice.id, reason)
+    log.warning(
+        "message %d: reminder notice %d failed (%s)",
+        message_id,
+        notice.id,
+        reason,
+        extra={"notice_id": notice.id},
+    )
 
 
 def _remind(session: Session, message_id: int, now: datetime) -> int:

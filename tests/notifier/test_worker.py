@@ -394,6 +394,62 @@ def test_5xx_fails_at_once(
     assert stored.payload_sealed is None
 
 
+def seed_two_patients(app: Flask) -> tuple[int, int]:
+    """A pickup notice for the patient, then one for a second patient; returns their ids."""
+    with app.app_context():
+        session = db.session
+        staff, patient = make_people(session)
+        other = accounts.create_user(
+            session,
+            role="patient",
+            email="o.second@patients.example.org",
+            name="Olwen Second",
+            dob=DOB,
+            actor=SYSTEM,
+            meta=NO_REQUEST,
+        ).user
+        first, _ = queue_pickup(session, make_message(session, staff, patient), patient)
+        second, _ = queue_pickup(session, make_message(session, staff, other), other)
+        session.commit()
+        return first, second
+
+
+@pytest.mark.parametrize(
+    ("stage", "reply", "status", "reason"),
+    [
+        ("data-command", "554 5.7.1 <p.quenby@patients.example.org> no", "failed", "smtp-5xx:554"),
+        ("data", "554 5.7.1 rejected", "failed", "smtp-5xx:554"),
+        ("rcpt", "550 5.1.1 <p.quenby@patients.example.org> unknown", "failed", "smtp-5xx:550"),
+        ("data-command", "451 4.3.0 try later", "queued", "smtp-4xx:451"),
+    ],
+)
+def test_a_refused_notice_does_not_poison_the_next_one_on_the_connection(
+    make_app: Callable[..., Flask],
+    picky_sink: Callable[..., MailSink],
+    t0: datetime,
+    stage: str,
+    reply: str,
+    status: str,
+    reason: str,
+) -> None:
+    sink = picky_sink(PATIENT_EMAIL, stage, reply)
+    app = app_for(make_app, sink.port, sink.cert_file)
+    refused, innocent = seed_two_patients(app)
+
+    stats = worker.drain(app, "w1", clock=fixed(t0))
+
+    assert (stats.sent, stats.processed) == (1, 2)
+    assert (row(app, refused).status, row(app, refused).failure_reason) == (status, reason)
+    assert row(app, innocent).status == "sent"
+    assert sink.connection_count == 1
+    [stored] = _delivered_ids(sink)
+    assert stored == make_message_id(row(app, innocent).public_id, DOMAIN)
+    if status == "queued":  # a 4xx is retried, and goes out once the relay takes it
+        sink.handler.address = "nobody@example.org"  # type: ignore[attr-defined]
+        assert worker.drain(app, "w1", clock=fixed(t0 + timedelta(minutes=5))).sent == 1
+        assert row(app, refused).status == "sent"
+
+
 @pytest.mark.parametrize("leak", [SUBJECT, "Quenby", "07/03/1984", "carcinoma", FILENAME])
 def test_a_template_that_leaks_phi_is_stopped_by_the_guard(
     make_app: Callable[..., Flask],
