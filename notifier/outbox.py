@@ -6,14 +6,20 @@ disjoint batches; on SQLite the database's single write lock serialises
 claims. A worker that dies leaves its rows ``sending``; once their lease has
 run out another worker claims them again.
 
-``claim`` commits (the claim must be durable before anything is sent). The
-``mark_*`` functions flush only: the worker commits once per row, so the status
-change and its audit event land together.
+``claim`` commits (the claim must be durable before anything is sent). A
+claim is fenced by its :class:`Claim` (``claimed_by`` plus ``claimed_at``): the
+check before a send and every ``mark_*`` is an UPDATE or SELECT whose WHERE
+names the claim, so a worker whose lease ran out and was taken by another
+never sends the row again and never overwrites the new holder's outcome
+(it gets :class:`ClaimLost`). The ``mark_*`` functions flush only: the worker
+commits once per row, so the status change and its audit event land together.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import ColumnElement, and_, or_, select, update
@@ -21,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from portal import audit
 from portal.audit import SYSTEM, Action, Outcome
-from portal.database import utcnow
+from portal.database import rowcount, utcnow
 from portal.models import Message, Notification, Role, User
 from portal.models.notifications import NoticeStatus
 
@@ -33,6 +39,51 @@ DEFAULT_BATCH = 50  # rows per claim
 MAX_REASON = 64  # failure_reason column width
 
 QUEUED, SENDING = NoticeStatus.QUEUED.value, NoticeStatus.SENDING.value
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Who holds a claimed row and since when: the fence every send and ``mark_*`` checks."""
+
+    worker_id: str
+    claimed_at: datetime
+
+
+class ClaimLost(Exception):
+    """The row is no longer held by this claim (its lease ran out and another worker took
+    it, or it is done): do not send it, do not record anything for it."""
+
+    def __init__(self, notice_id: int) -> None:
+        super().__init__(f"notification {notice_id}: claim lost")
+        self.notice_id = notice_id
+
+
+def _held(claim: Claim | None) -> ColumnElement[bool]:
+    """Rows ``claim`` still holds; for None, rows nobody holds (not being sent)."""
+    if claim is None:
+        return and_(Notification.status != SENDING, Notification.claimed_by.is_(None))
+    return and_(
+        Notification.status == SENDING,
+        Notification.claimed_by == claim.worker_id,
+        Notification.claimed_at == claim.claimed_at,
+    )
+
+
+def may_send(session: Session, notice_id: int, claim: Claim, now: datetime) -> bool:
+    """Return True when ``claim`` still holds the row and its lease has not run out.
+
+    Call it just before the send, with no write made yet in the transaction
+    (SQLite then reads the latest commit). On PostgreSQL the row stays locked
+    until the caller commits, so no claim can take it while it is being sent.
+    """
+    stmt = (
+        select(Notification.id)
+        .where(Notification.id == notice_id, _held(claim), Notification.claimed_at > now - LEASE)
+        .with_for_update()
+    )
+    return session.scalar(stmt) is not None
 
 
 def _due(now: datetime) -> ColumnElement[bool]:
@@ -47,6 +98,9 @@ def claim(
     session: Session, worker_id: str, batch: int = DEFAULT_BATCH, now: datetime | None = None
 ) -> list[int]:
     """Claim up to ``batch`` due notices for ``worker_id`` (flushed) and return their ids.
+
+    The claim is ``Claim(worker_id, now)``: pass it to :func:`may_send` and
+    the ``mark_*`` functions.
 
     Oldest due first. Call it as a job of its own, with no transaction open, and
     commit at once (notifier.worker.job): the claim holds row locks (SQLite's
@@ -79,12 +133,13 @@ def claim(
     return sorted(session.scalars(stmt).all())
 
 
-def release(session: Session, ids: Sequence[int]) -> None:
-    """Hand claimed, unsent rows back to the queue at once (graceful shutdown); flushes."""
+def release(session: Session, ids: Sequence[int], claim: Claim) -> None:
+    """Hand the rows of ``ids`` that ``claim`` still holds back to the queue at once
+    (graceful shutdown); flushes."""
     if ids:
         session.execute(
             update(Notification)
-            .where(Notification.id.in_(ids), Notification.status == SENDING)
+            .where(Notification.id.in_(ids), _held(claim))
             .values(status=QUEUED, claimed_by=None, claimed_at=None)
             .execution_options(synchronize_session="fetch")
         )
@@ -123,21 +178,42 @@ def _patient_id(session: Session, row: Notification) -> int | None:
     return message.sender_id if message is not None else None
 
 
-def _required(session: Session, notice_id: int) -> Notification:
+def _required(session: Session, notice_id: int, claim: Claim | None) -> Notification:
+    """Lock the row if ``claim`` still holds it and return it as it is now.
+
+    A conditional UPDATE (rowcount 1 required) takes the row lock, so no other
+    worker can reclaim it before the caller commits. Raises LookupError for an
+    unknown id, ClaimLost when the row is not held by ``claim``.
+    """
+    result = session.execute(
+        update(Notification)
+        .where(Notification.id == notice_id, _held(claim))
+        .values(claimed_by=Notification.claimed_by)
+        .execution_options(synchronize_session=False)
+    )
     row = load(session, notice_id)
     if row is None:
         raise LookupError(f"notification {notice_id} does not exist")
+    if rowcount(result) != 1:
+        log.warning("notice %d: claim lost, outcome not recorded", notice_id)
+        raise ClaimLost(notice_id)
     return row
 
 
 def mark_sent(
-    session: Session, notice_id: int, smtp_response: str, now: datetime | None = None
+    session: Session,
+    notice_id: int,
+    smtp_response: str,
+    now: datetime | None = None,
+    *,
+    claim: Claim | None,
 ) -> Notification:
     """Record that the server accepted the notice: status sent, the URL ERASED, audited.
 
-    Returns the row (flushed). Raises LookupError for an unknown id.
+    Returns the row (flushed). Raises LookupError for an unknown id, ClaimLost
+    when ``claim`` no longer holds it (None: a row no worker holds).
     """
-    row = _required(session, notice_id)
+    row = _required(session, notice_id, claim)
     row.status = NoticeStatus.SENT.value
     row.sent_at = now or utcnow()
     row.smtp_response = smtp_response[:200]
@@ -149,13 +225,16 @@ def mark_sent(
     return row
 
 
-def mark_failed(session: Session, notice_id: int, reason: str) -> Notification:
+def mark_failed(
+    session: Session, notice_id: int, reason: str, *, claim: Claim | None
+) -> Notification:
     """Give up on the notice: status failed, a short PHI-free ``reason``, URL erased, audited.
 
     ``reason`` is machine-readable such as ``"smtp-5xx:550"`` or ``"phi-guard"``.
-    Returns the row (flushed). Raises LookupError for an unknown id.
+    Returns the row (flushed). Raises LookupError for an unknown id, ClaimLost
+    when ``claim`` no longer holds it (None: a row no worker holds).
     """
-    row = _required(session, notice_id)
+    row = _required(session, notice_id, claim)
     row.attempts += 1
     return _fail(session, row, reason)
 
@@ -176,16 +255,21 @@ def total_backoff(attempts: int) -> timedelta:
 
 
 def mark_retry(
-    session: Session, notice_id: int, reason: str, now: datetime | None = None
+    session: Session,
+    notice_id: int,
+    reason: str,
+    now: datetime | None = None,
+    *,
+    claim: Claim | None,
 ) -> Notification:
     """Queue the notice again after an exponential backoff, or fail it once past the window.
 
     The n-th retry waits ``BACKOFF_BASE * 2**n`` (at most ``BACKOFF_CAP``);
     when the delays add up to more than ``RETRY_WINDOW`` (about a day) the row
     is marked failed with ``reason``. Returns the row (flushed). Raises
-    LookupError for an unknown id.
+    LookupError for an unknown id, ClaimLost when ``claim`` no longer holds it.
     """
-    row = _required(session, notice_id)
+    row = _required(session, notice_id, claim)
     row.attempts += 1
     if total_backoff(row.attempts) > RETRY_WINDOW:
         return _fail(session, row, reason)
@@ -198,13 +282,13 @@ def mark_retry(
     return row
 
 
-def mark_cancelled(session: Session, notice_id: int) -> Notification:
+def mark_cancelled(session: Session, notice_id: int, *, claim: Claim | None) -> Notification:
     """Drop the notice unsent (its message was revoked or expired): URL erased; flushes.
 
     Not audited here: the revocation or expiry that caused it is. Raises
-    LookupError for an unknown id.
+    LookupError for an unknown id, ClaimLost when ``claim`` no longer holds it.
     """
-    row = _required(session, notice_id)
+    row = _required(session, notice_id, claim)
     row.status = NoticeStatus.CANCELLED.value
     row.payload_sealed = None
     session.flush()

@@ -133,18 +133,21 @@ def _message_gone(message: Message | None, now: datetime) -> bool:
     return bool(message.revoked_at or message.destroyed_at or message.expires_at <= now)
 
 
-def _build(session: Session, row: Notification, settings: Settings, now: datetime) -> EmailMessage:
-    """Render the row's email and run the PHI guard; records the outcome and raises _Skip."""
+def _build(
+    session: Session, row: Notification, settings: Settings, now: datetime, claim: outbox.Claim
+) -> EmailMessage:
+    """Render the row's email and run the PHI guard; records the outcome and raises _Skip
+    (ClaimLost when the claim was taken meanwhile)."""
     message = session.get(Message, row.message_id) if row.message_id else None
     if row.kind in (NoticeKind.PICKUP, NoticeKind.REMINDER) and _message_gone(message, now):
-        outbox.mark_cancelled(session, row.id)
+        outbox.mark_cancelled(session, row.id, claim=claim)
         raise _Skip(RowOutcome.SKIPPED)
     recipient = session.get(User, row.recipient_id)
     url = notices.open_payload(session, row)
     if url is None and row.kind in PORTAL_LINK_KINDS:
         url = f"{settings.base_url}/"  # people sign in to the portal: no per-notice link
     if recipient is None or url is None:
-        outbox.mark_failed(session, row.id, "payload-missing")
+        outbox.mark_failed(session, row.id, "payload-missing", claim=claim)
         raise _Skip(RowOutcome.FAILED)
     email = render.render(
         row,
@@ -163,7 +166,7 @@ def _build(session: Session, row: Notification, settings: Settings, now: datetim
         t.replace(url, " ").replace(html.escape(url), " ") for t in render.readable_texts(email)
     ]
     if phi.find_phi(texts, phi.phi_terms(session, row)):
-        outbox.mark_failed(session, row.id, "phi-guard")
+        outbox.mark_failed(session, row.id, "phi-guard", claim=claim)
         log.warning("notice %d stopped by the PHI guard", row.id, extra={"notice_id": row.id})
         raise _Skip(RowOutcome.FAILED)
     return email
@@ -181,46 +184,56 @@ def crypto_reason(err: CryptoError) -> str:
 
 
 def _prepare(
-    session: Session, row: Notification, settings: Settings, now: datetime
+    session: Session, row: Notification, settings: Settings, now: datetime, claim: outbox.Claim
 ) -> EmailMessage:
     try:
-        return _build(session, row, settings, now)
-    except _Skip:
+        return _build(session, row, settings, now, claim)
+    except (_Skip, outbox.ClaimLost):
         raise
     except CryptoError as err:  # this row's key or payload only: fail it, the pass goes on
-        outbox.mark_failed(session, row.id, crypto_reason(err))
+        outbox.mark_failed(session, row.id, crypto_reason(err), claim=claim)
     except (TemplateError, OSError, ValueError):
-        outbox.mark_failed(session, row.id, "render-failed")
+        outbox.mark_failed(session, row.id, "render-failed", claim=claim)
     log.warning("notice %d could not be rendered", row.id, extra={"notice_id": row.id})
     raise _Skip(RowOutcome.FAILED)
 
 
 def process(
-    session: Session, transport: SmtpTransport, settings: Settings, notice_id: int, now: datetime
+    session: Session,
+    transport: SmtpTransport,
+    settings: Settings,
+    notice_id: int,
+    now: datetime,
+    claim: outbox.Claim,
 ) -> tuple[RowOutcome, str | None]:
-    """Send one claimed notice and record the outcome (flushed; the caller commits).
+    """Send one notice ``claim`` holds and record the outcome (flushed; the caller commits).
 
-    Returns (outcome, delivery failure reason or None). Raises only for
-    unexpected errors.
+    Returns (outcome, delivery failure reason or None); SKIPPED, unsent, when
+    the lease ran out or another worker took the row. Raises ClaimLost when
+    the claim is taken after the send (nothing recorded: the holder records),
+    else only for unexpected errors.
     """
     row = outbox.load(session, notice_id)
     if row is None or row.status != NoticeStatus.SENDING:
         return RowOutcome.SKIPPED, None
     try:
-        email = _prepare(session, row, settings, now)
+        email = _prepare(session, row, settings, now, claim)
     except _Skip as skip:
         return skip.outcome, None
+    if not outbox.may_send(session, notice_id, claim, now):  # the fence: at most one sender
+        log.warning("notice %d: lease lost, not sent", notice_id, extra={"notice_id": notice_id})
+        return RowOutcome.SKIPPED, None
     try:
         reply = transport.send(email)
     except TransientDeliveryError as err:
-        outbox.mark_retry(session, notice_id, err.reason, now)
+        outbox.mark_retry(session, notice_id, err.reason, now, claim=claim)
         log.info("notice %d deferred (%s)", notice_id, err.reason, extra={"notice_id": notice_id})
         return _retry_outcome(row), err.reason
     except PermanentDeliveryError as err:
-        outbox.mark_failed(session, notice_id, err.reason)
+        outbox.mark_failed(session, notice_id, err.reason, claim=claim)
         log.warning("notice %d failed (%s)", notice_id, err.reason, extra={"notice_id": notice_id})
         return RowOutcome.FAILED, err.reason
-    outbox.mark_sent(session, notice_id, reply, now)
+    outbox.mark_sent(session, notice_id, reply, now, claim=claim)
     log.info("notice %d sent", notice_id, extra={"notice_id": notice_id})
     return RowOutcome.SENT, None
 
@@ -251,12 +264,22 @@ def job(session: Session) -> Iterator[None]:
 
 
 def _defer_rest(
-    session: Session, ids: list[int], reason: str, now: datetime, stats: RunStats
+    session: Session,
+    ids: list[int],
+    reason: str,
+    now: datetime,
+    claim: outbox.Claim,
+    stats: RunStats,
 ) -> None:
-    """The server is unreachable: retry the rest of the batch later without trying each."""
+    """The server is unreachable: retry the rest of the batch later without trying each
+    (rows whose claim was taken meanwhile are left to their new holder)."""
     for notice_id in ids:
-        with job(session):
-            row = outbox.mark_retry(session, notice_id, reason, now)
+        try:
+            with job(session):
+                row = outbox.mark_retry(session, notice_id, reason, now, claim=claim)
+        except outbox.ClaimLost:
+            stats.add(RowOutcome.SKIPPED)
+            continue
         stats.add(_retry_outcome(row))
 
 
@@ -265,37 +288,50 @@ def _run_batch(
     transport: SmtpTransport,
     settings: Settings,
     ids: list[int],
+    claim: outbox.Claim,
     clock: Clock,
     stats: RunStats,
     stop: threading.Event,
 ) -> bool:
-    """Process claimed ``ids``; return False when the pass should end (server down, stop)."""
+    """Process ``ids`` claimed by ``claim``; return False when the pass should end (server
+    down, stop)."""
     for position, notice_id in enumerate(ids):
         if stop.is_set():
             with job(session):
-                outbox.release(session, ids[position:])
+                outbox.release(session, ids[position:], claim)
             return False
         now = clock()
-        outcome, reason = _send_one(session, transport, settings, notice_id, now)
+        outcome, reason = _send_one(session, transport, settings, notice_id, now, claim)
         stats.add(outcome)
         if reason in CONNECTION_DOWN:
-            _defer_rest(session, ids[position + 1 :], reason, now, stats)
+            _defer_rest(session, ids[position + 1 :], reason, now, claim, stats)
             return False
     return True
 
 
 def _send_one(
-    session: Session, transport: SmtpTransport, settings: Settings, notice_id: int, now: datetime
+    session: Session,
+    transport: SmtpTransport,
+    settings: Settings,
+    notice_id: int,
+    now: datetime,
+    claim: outbox.Claim,
 ) -> tuple[RowOutcome, str | None]:
     """Process one notice as a job of its own; an unexpected error rolls it back and the
-    notice is retried later (itself a job). Returns what :func:`process` returns."""
+    notice is retried later (itself a job). Returns what :func:`process` returns; SKIPPED
+    when the claim was taken (the new holder records the outcome)."""
     try:
         with job(session):
-            return process(session, transport, settings, notice_id, now)
+            return process(session, transport, settings, notice_id, now, claim)
+    except outbox.ClaimLost:
+        return RowOutcome.SKIPPED, None
     except Exception:
         log.exception("notice %d: unexpected error", notice_id, extra={"notice_id": notice_id})
-    with job(session):
-        outbox.mark_retry(session, notice_id, "internal-error", now)
+    try:
+        with job(session):
+            outbox.mark_retry(session, notice_id, "internal-error", now, claim=claim)
+    except outbox.ClaimLost:
+        return RowOutcome.SKIPPED, None
     return RowOutcome.RETRYING, None
 
 
@@ -322,9 +358,12 @@ def drain(
         enqueue_reminders(session, clock(), settings)
         with SmtpTransport(smtp_settings(settings), dkim_key=dkim_key(settings)) as transport:
             while not stop.is_set():
+                claim = outbox.Claim(worker_id, clock())
                 with job(session):  # the claim is visible to other workers before any send
-                    ids = outbox.claim(session, worker_id, batch, now=clock())
-                if not ids or not _run_batch(session, transport, settings, ids, clock, stats, stop):
+                    ids = outbox.claim(session, worker_id, batch, now=claim.claimed_at)
+                if not ids or not _run_batch(
+                    session, transport, settings, ids, claim, clock, stats, stop
+                ):
                     break
     return stats
 
@@ -459,7 +498,7 @@ def _reminder_failed(session: Session, message_id: int, reason: str, now: dateti
     notice = notices.enqueue(
         session, kind=NoticeKind.REMINDER, recipient=recipient, url=None, message=message, due=now
     )
-    outbox.mark_failed(session, notice.id, reason)
+    outbox.mark_failed(session, notice.id, reason, claim=None)  # a new row nobody holds
     log.warning(
         "message %d: reminder notice %d failed (%s)",
         message_id,

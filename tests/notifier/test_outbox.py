@@ -21,6 +21,7 @@ from portal.services.errors import ServiceError
 
 URL = "https://portal.example.org/invite/abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
 T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+W1 = outbox.Claim("w1", T0)  # what outbox.claim(session, "w1", now=T0) holds
 
 
 @pytest.fixture
@@ -103,9 +104,9 @@ def test_a_crashed_workers_rows_are_claimed_again_after_the_lease(
 def test_claim_never_takes_finished_rows(session: Any, staff: User) -> None:
     ids = queue(session, staff, 3)
     outbox.claim(session, "w1", now=T0)
-    outbox.mark_sent(session, ids[0], "250 ok", now=T0)
-    outbox.mark_failed(session, ids[1], "smtp-5xx:550")
-    outbox.mark_cancelled(session, ids[2])
+    outbox.mark_sent(session, ids[0], "250 ok", now=T0, claim=W1)
+    outbox.mark_failed(session, ids[1], "smtp-5xx:550", claim=W1)
+    outbox.mark_cancelled(session, ids[2], claim=W1)
     session.commit()
 
     assert outbox.claim(session, "w2", now=T0 + timedelta(days=2)) == []
@@ -115,7 +116,7 @@ def test_mark_sent_erases_the_url_and_audits(session: Any, staff: User) -> None:
     [notice_id] = queue(session, staff)
     outbox.claim(session, "w1", now=T0)
 
-    row = outbox.mark_sent(session, notice_id, "250 2.0.0 OK queued as 17", now=T0)
+    row = outbox.mark_sent(session, notice_id, "250 2.0.0 OK queued as 17", now=T0, claim=W1)
     session.commit()
 
     assert (row.status, row.payload_sealed, row.sent_at, row.attempts) == ("sent", None, T0, 1)
@@ -132,7 +133,7 @@ def test_mark_sent_erases_the_url_and_audits(session: Any, staff: User) -> None:
 def test_mark_failed_erases_the_url_and_audits_the_reason(session: Any, staff: User) -> None:
     [notice_id] = queue(session, staff)
 
-    row = outbox.mark_failed(session, notice_id, "starttls-unavailable")
+    row = outbox.mark_failed(session, notice_id, "starttls-unavailable", claim=None)
 
     assert (row.status, row.payload_sealed, row.failure_reason) == (
         "failed",
@@ -150,7 +151,7 @@ def test_mark_retry_backs_off_exponentially(session: Any, staff: User) -> None:
     [notice_id] = queue(session, staff)
     delays = []
     for _ in range(10):
-        row = outbox.mark_retry(session, notice_id, "smtp-4xx:451", now=T0)
+        row = outbox.mark_retry(session, notice_id, "smtp-4xx:451", now=T0, claim=None)
         delays.append(row.next_attempt_at - T0)
 
     minutes = [int(d.total_seconds() // 60) for d in delays]
@@ -165,7 +166,7 @@ def test_mark_retry_gives_up_after_about_a_day(session: Any, staff: User) -> Non
     row = outbox.load(session, notice_id)
     assert row is not None
     while row.status == "queued":
-        row = outbox.mark_retry(session, notice_id, "connect-failed", now=T0 + waited)
+        row = outbox.mark_retry(session, notice_id, "connect-failed", now=T0 + waited, claim=None)
         if row.status == "queued":
             waited = row.next_attempt_at - T0
 
@@ -178,11 +179,50 @@ def test_mark_retry_gives_up_after_about_a_day(session: Any, staff: User) -> Non
     assert session.scalar(select(AuditEvent).where(AuditEvent.action == "notice.failed"))
 
 
+def test_a_reclaimed_row_cannot_be_sent_or_marked_by_the_old_holder(
+    session: Any, staff: User
+) -> None:
+    [notice_id] = queue(session, staff)
+    outbox.claim(session, "w1", now=T0)
+    later = T0 + outbox.LEASE + timedelta(seconds=1)
+    assert outbox.claim(session, "w1", now=later) == [notice_id]  # same id, new claim
+    session.commit()
+
+    assert not outbox.may_send(session, notice_id, W1, later)
+    for mark in (
+        lambda: outbox.mark_sent(session, notice_id, "250 ok", now=T0, claim=W1),
+        lambda: outbox.mark_failed(session, notice_id, "smtp-5xx:550", claim=W1),
+        lambda: outbox.mark_retry(session, notice_id, "smtp-4xx:451", now=T0, claim=W1),
+        lambda: outbox.mark_cancelled(session, notice_id, claim=W1),
+        lambda: outbox.mark_sent(session, notice_id, "250 ok", now=T0, claim=None),
+    ):
+        with pytest.raises(outbox.ClaimLost):
+            mark()
+    outbox.release(session, [notice_id], W1)
+    session.commit()
+
+    row = outbox.load(session, notice_id)
+    assert row is not None
+    assert (row.status, row.claimed_at, row.attempts) == ("sending", later, 0)
+    assert row.payload_sealed is not None
+    assert session.scalar(select(AuditEvent).where(AuditEvent.action.like("notice.%"))) is None
+    assert outbox.may_send(session, notice_id, outbox.Claim("w1", later), later)
+
+
+def test_a_claim_whose_lease_ran_out_may_not_send(session: Any, staff: User) -> None:
+    [notice_id] = queue(session, staff)
+    outbox.claim(session, "w1", now=T0)
+    session.commit()
+
+    assert outbox.may_send(session, notice_id, W1, T0 + outbox.LEASE - timedelta(seconds=1))
+    assert not outbox.may_send(session, notice_id, W1, T0 + outbox.LEASE)
+
+
 def test_release_hands_rows_back(session: Any, staff: User) -> None:
     ids = queue(session, staff, 2)
     outbox.claim(session, "w1", now=T0)
 
-    outbox.release(session, ids)
+    outbox.release(session, ids, W1)
     session.commit()
 
     assert outbox.claim(session, "w2", now=T0) == ids

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from flask import Flask
 from sqlalchemy import func, select
 
-from notifier import render, worker
+from notifier import outbox, render, worker
 from notifier.sink import MailSink
 from notifier.smtp import SmtpTransport, make_message_id
 from portal import audit
@@ -565,6 +565,75 @@ def test_two_workers_send_each_notice_exactly_once(
     assert workers <= {"w1", "w2"}
     if backend == "postgresql":
         assert workers == {"w1", "w2"}  # both took part
+
+
+def _reclaim_during(
+    monkeypatch: pytest.MonkeyPatch, target: Any, name: str, app: Flask, t0: datetime
+) -> list[worker.RunStats]:
+    """Make ``target.name`` slow: on its first call worker B, after the lease, drains first."""
+    real = getattr(target, name)
+    stats: list[worker.RunStats] = []
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        if not stats:  # worker A's call; B's own calls below pass straight through
+            stats.append(worker.RunStats())  # first, so B's calls are not slowed again
+            late = t0 + outbox.LEASE + timedelta(seconds=1)
+            stats[0] = worker.drain(app, "B", clock=fixed(late))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, slow)
+    return stats
+
+
+def _one_record(app: Flask, notice_id: int) -> tuple[str, str | None, int, int]:
+    """(status, claimed_by, attempts, notice.sent audit events) of the notice."""
+    with app.app_context():
+        found = db.session.get(Notification, notice_id)
+        assert found is not None
+        events = db.session.scalar(
+            select(func.count()).select_from(AuditEvent).where(AuditEvent.action == "notice.sent")
+        )
+        return found.status, found.claimed_by, found.attempts, events or 0
+
+
+def test_a_worker_whose_lease_was_taken_does_not_send_or_record(
+    make_app: Callable[..., Flask], sink: MailSink, monkeypatch: pytest.MonkeyPatch, t0: datetime
+) -> None:
+    app = app_for(make_app, sink.port, sink.cert_file)
+    [notice_id] = seed(app).notice_ids
+    b_stats = _reclaim_during(monkeypatch, worker, "_prepare", app, t0)  # A slow to render
+
+    a_stats = worker.drain(app, "A", clock=fixed(t0))
+
+    assert (b_stats[0].sent, a_stats.sent, a_stats.skipped) == (1, 0, 1)
+    assert _one_record(app, notice_id) == ("sent", "B", 1, 1)
+    public_id = row(app, notice_id).public_id
+    assert _delivered_ids(sink) == Counter({make_message_id(public_id, DOMAIN): 1})
+
+
+def test_a_slow_send_is_not_repeated_by_the_worker_that_reclaims_it(
+    make_app: Callable[..., Flask],
+    sink: MailSink,
+    monkeypatch: pytest.MonkeyPatch,
+    backend: str,
+    t0: datetime,
+) -> None:
+    app = app_for(make_app, sink.port, sink.cert_file)
+    [notice_id] = seed(app).notice_ids
+    b_stats = _reclaim_during(monkeypatch, SmtpTransport, "send", app, t0)  # A's send is slow
+
+    a_stats = worker.drain(app, "A", clock=fixed(t0))
+
+    public_id = row(app, notice_id).public_id
+    delivered = _delivered_ids(sink)
+    if backend == "postgresql":  # A holds the row lock while sending: B's claim skips it
+        assert (a_stats.sent, b_stats[0].processed) == (1, 0)
+        assert _one_record(app, notice_id) == ("sent", "A", 1, 1)
+        assert delivered == Counter({make_message_id(public_id, DOMAIN): 1})
+    else:  # SQLite keeps no write lock over a send: B's outcome stands, A's is refused
+        assert (a_stats.sent, a_stats.skipped, b_stats[0].sent) == (0, 1, 1)
+        assert _one_record(app, notice_id) == ("sent", "B", 1, 1)
+        assert delivered == Counter({make_message_id(public_id, DOMAIN): 2})  # same Message-ID
 
 
 def test_a_crash_mid_batch_loses_nothing_and_sends_nothing_twice(
