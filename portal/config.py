@@ -21,6 +21,7 @@ from flask import Flask, current_app
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from portal.files import OutputExists, open_output
 from portal.security import passwords
 
 SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -248,17 +249,10 @@ def secret_file(path: Path, nbytes: int = 32) -> str:
 
 
 def _publish_secret(path: Path, value: str) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(value + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        with contextlib.suppress(FileExistsError):  # another process won: keep its secret
-            os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # portal.files writes a private temporary file whole, then links it into place; the
+    # link fails if another process got there first, and its secret is the one kept.
+    with contextlib.suppress(OutputExists), open_output(path, encoding="utf-8") as handle:
+        handle.write(value + "\n")
 
 
 @dataclass(frozen=True)
