@@ -3,8 +3,11 @@
 Claiming is one statement that moves rows to ``sending``: on PostgreSQL its
 subquery takes ``FOR UPDATE SKIP LOCKED``, so any number of workers claim
 disjoint batches; on SQLite the database's single write lock serialises
-claims. A worker that dies leaves its rows ``sending``; once their lease has
-run out another worker claims them again.
+claims. A worker that dies leaves its rows ``sending``; once their lease
+(``PORTAL_NOTIFIER_LEASE``) has run out another worker claims them again, and a
+worker started again under the same id takes its own back at once. A worker
+renews the lease of the rows it still holds while it sends them
+(:func:`renew`), so only a dead or stuck worker's rows expire.
 
 ``claim`` commits (the claim must be durable before anything is sent). A
 claim is fenced by its :class:`Claim` (``claimed_by`` plus ``claimed_at``): the
@@ -13,6 +16,16 @@ names the claim, so a worker whose lease ran out and was taken by another
 never sends the row again and never overwrites the new holder's outcome
 (it gets :class:`ClaimLost`). The ``mark_*`` functions flush only: the worker
 commits once per row, so the status change and its audit event land together.
+
+SQLite's window (not closed): its ``FOR UPDATE`` is a no-op, so :func:`may_send`
+holds no lock over the send. The send itself ends by its deadline (a sixth of
+the lease before the lease ends, notifier.lease), but the commit of its outcome
+can then wait for SQLite's write lock for up to the busy timeout (30 s,
+portal.database). If that wait outlasts the rest of the lease (20 s at the
+default 2 min), a second worker may claim the row and send it again (same
+Message-ID; its outcome stands, the first worker's is refused). One worker, or
+a lease of at least 4 min, closes it on SQLite; PostgreSQL keeps the row locked
+over the send and has no such window.
 """
 
 from __future__ import annotations
@@ -31,7 +44,7 @@ from portal.database import rowcount, utcnow
 from portal.models import Message, Notification, Role, User
 from portal.models.notifications import NoticeStatus
 
-LEASE = timedelta(minutes=10)  # a claim older than this belongs to a crashed worker
+LEASE = timedelta(minutes=2)  # default PORTAL_NOTIFIER_LEASE: an unrenewed older claim is dead
 BACKOFF_BASE = timedelta(minutes=1)  # first retry delay; doubles with each attempt
 BACKOFF_CAP = timedelta(hours=4)  # longest single delay between two attempts
 RETRY_WINDOW = timedelta(hours=24)  # give up once the delays so far add up to more
@@ -71,8 +84,10 @@ def _held(claim: Claim | None) -> ColumnElement[bool]:
     )
 
 
-def may_send(session: Session, notice_id: int, claim: Claim, now: datetime) -> bool:
-    """Return True when ``claim`` still holds the row and its lease has not run out.
+def may_send(
+    session: Session, notice_id: int, claim: Claim, now: datetime, lease: timedelta = LEASE
+) -> bool:
+    """Return True when ``claim`` still holds the row and its ``lease`` has not run out.
 
     Call it just before the send, with no write made yet in the transaction
     (SQLite then reads the latest commit). On PostgreSQL the row stays locked
@@ -80,27 +95,38 @@ def may_send(session: Session, notice_id: int, claim: Claim, now: datetime) -> b
     """
     stmt = (
         select(Notification.id)
-        .where(Notification.id == notice_id, _held(claim), Notification.claimed_at > now - LEASE)
+        .where(Notification.id == notice_id, _held(claim), Notification.claimed_at > now - lease)
         .with_for_update()
     )
     return session.scalar(stmt) is not None
 
 
-def _due(now: datetime) -> ColumnElement[bool]:
-    """Rows a worker may take: queued and due, or sending with an expired lease."""
+def _due(now: datetime, lease: timedelta, worker_id: str) -> ColumnElement[bool]:
+    """Rows ``worker_id`` may take: queued and due, sending with an expired lease, or
+    sending under its own id (left by an earlier run of this worker, which is gone)."""
     return or_(
         and_(Notification.status == QUEUED, Notification.next_attempt_at <= now),
-        and_(Notification.status == SENDING, Notification.claimed_at < now - LEASE),
+        and_(
+            Notification.status == SENDING,
+            or_(Notification.claimed_at < now - lease, Notification.claimed_by == worker_id),
+        ),
     )
 
 
 def claim(
-    session: Session, worker_id: str, batch: int = DEFAULT_BATCH, now: datetime | None = None
+    session: Session,
+    worker_id: str,
+    batch: int = DEFAULT_BATCH,
+    now: datetime | None = None,
+    lease: timedelta = LEASE,
 ) -> list[int]:
     """Claim up to ``batch`` due notices for ``worker_id`` (flushed) and return their ids.
 
     The claim is ``Claim(worker_id, now)``: pass it to :func:`may_send` and
-    the ``mark_*`` functions.
+    the ``mark_*`` functions. Rows still ``sending`` under ``worker_id`` are
+    taken back whatever their lease: a worker id names one running worker at a
+    time, so they were left by a run that died (a stable ``--worker-id`` lets a
+    restarted worker resume at once, without waiting for the lease).
 
     Oldest due first. Call it as a job of its own, with no transaction open, and
     commit at once (notifier.worker.job): the claim holds row locks (SQLite's
@@ -108,7 +134,7 @@ def claim(
     (PostgreSQL) or waited for (SQLite's write lock).
     """
     now = now or utcnow()
-    due = _due(now)
+    due = _due(now, lease, worker_id)
     candidates = (
         select(Notification.id)
         .where(due)
@@ -133,17 +159,62 @@ def claim(
     return sorted(session.scalars(stmt).all())
 
 
-def release(session: Session, ids: Sequence[int], claim: Claim) -> None:
-    """Hand the rows of ``ids`` that ``claim`` still holds back to the queue at once
-    (graceful shutdown); flushes."""
+def renew(session: Session, ids: Sequence[int], claim: Claim, now: datetime) -> list[int]:
+    """Renew the lease of the rows of ``ids`` that ``claim`` still holds, from ``now``.
+
+    Returns those rows' ids (flushed; the caller commits): from then on they are
+    held by ``Claim(claim.worker_id, now)``, which the caller must use for every
+    later fence. Rows missing from the answer were taken or finished meanwhile.
+    """
+    if not ids:
+        return []
+    result = session.execute(
+        update(Notification)
+        .where(Notification.id.in_(ids), _held(claim))
+        .values(claimed_at=now)
+        .returning(Notification.id)
+        .execution_options(synchronize_session=False)
+    )
+    return sorted(result.scalars().all())
+
+
+def release(session: Session, ids: Sequence[int], claim: Claim, reason: str | None = None) -> None:
+    """Hand the rows of ``ids`` that ``claim`` still holds back to the queue, due at once
+    and with their links (graceful shutdown, or a transport fault when ``reason`` is given:
+    kept as their failure_reason, no attempt counted); flushes."""
     if ids:
+        values: dict[str, object] = {"status": QUEUED, "claimed_by": None, "claimed_at": None}
+        if reason is not None:
+            values["failure_reason"] = reason[:MAX_REASON]
         session.execute(
             update(Notification)
             .where(Notification.id.in_(ids), _held(claim))
-            .values(status=QUEUED, claimed_by=None, claimed_at=None)
+            .values(values)
             .execution_options(synchronize_session="fetch")
         )
         session.flush()
+
+
+STALLED = "stalled:"  # failure_reason prefix of a row set back by :func:`set_back`
+
+
+def set_back(
+    session: Session, notice_id: int, reason: str, now: datetime, *, claim: Claim
+) -> Notification:
+    """Queue the notice whose transaction the relay broke off (a fault after its MAIL was
+    accepted) behind the others: due after BACKOFF_BASE, no attempt counted, reason kept
+    as ``stalled:<reason>``. When it was set back already (the fault recurs on it) it is
+    :func:`mark_retry`'d instead, so one row cannot hold the queue forever. Flushes;
+    raises ClaimLost when ``claim`` no longer holds it."""
+    row = _required(session, notice_id, claim)
+    if (row.failure_reason or "").startswith(STALLED):
+        return mark_retry(session, notice_id, reason, now, claim=claim)
+    row.status = QUEUED
+    row.next_attempt_at = now + BACKOFF_BASE
+    row.failure_reason = (STALLED + reason)[:MAX_REASON]
+    row.claimed_by = row.claimed_at = None
+    session.flush()
+    return row
 
 
 def load(session: Session, notice_id: int) -> Notification | None:

@@ -4,6 +4,12 @@ Each kind has one context function. It receives only what may appear in a
 notice (the organisation's name, address and support contact, the link and
 its expiry) and returns only that: no patient name, subject or content can
 reach a template by construction. :mod:`notifier.phi` checks the result anyway.
+
+It runs once per notice: templates are compiled once (jinja2 re-reads a file that
+changed), and messages are built with a policy that makes each header class once
+(email's own registry makes a new class for every header, a third of the cost of
+building a notice), parses each constant header value once and folds each header
+once.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from datetime import datetime
+from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage
+from email.policy import EmailPolicy, Policy
 from email.utils import format_datetime, formataddr
 from pathlib import Path
 from typing import Any
@@ -33,8 +41,71 @@ Context = dict[str, Any]
 
 
 def template_dir(kind: str) -> Path:
-    """Return the folder of ``kind``'s templates; FileNotFoundError for a broken install."""
-    return asset_dir("templates") / "email" / NoticeKind(kind).value
+    """Return the folder of ``kind``'s templates; FileNotFoundError for a broken install,
+    ValueError for an unknown kind."""
+    return _email_templates() / NoticeKind(kind).value
+
+
+@functools.cache
+def _email_templates() -> Path:
+    return asset_dir("templates") / "email"  # where the install put them: fixed for the process
+
+
+class _FoldedOnce(BaseHeader):
+    """A header that folds itself once per policy: the notices of a pass share their
+    constant headers (see _NoticePolicy), and SMTP flattens each message again."""
+
+    def fold(self, *, policy: Policy[Any]) -> str:
+        folded: dict[int, tuple[Policy[Any], str]] = self.__dict__.setdefault("_folded", {})
+        hit = folded.get(id(policy))
+        if hit is None or hit[0] is not policy:
+            hit = folded[id(policy)] = (policy, super().fold(policy=policy))
+        return hit[1]
+
+
+class _HeaderClasses(HeaderRegistry):
+    """email's header registry, remembering the class it makes for each header name (the
+    standard one builds a new one with ``type()`` for every header it parses)."""
+
+    MAX_NAMES = 64  # a notice has a dozen header names; never grow without bound
+
+    def __init__(self) -> None:
+        super().__init__(base_class=_FoldedOnce)
+        self._made: dict[str, type[BaseHeader]] = {}
+
+    def __getitem__(self, name: str) -> type[BaseHeader]:
+        found = self._made.get(name.lower())
+        if found is None:
+            found = super().__getitem__(name)
+            if len(self._made) < self.MAX_NAMES:
+                self._made[name.lower()] = found
+        return found
+
+
+class _NoticePolicy(EmailPolicy):
+    """email.policy.default (what EmailMessage() uses), parsing each header value once.
+
+    Most of a notice's headers are the same on every notice of a kind (Subject, From,
+    the MIME headers), so their parsed form is shared. Never the addresses (PHI) nor
+    the Message-ID (one per notice).
+    """
+
+    def header_store_parse(self, name: str, value: Any) -> tuple[str, Any]:
+        if not isinstance(value, str) or name.lower() in _NEVER_SHARED:
+            return super().header_store_parse(name, value)
+        key = (name, value)
+        found = _SHARED.get(key)
+        if found is None:
+            if len(_SHARED) >= MAX_SHARED:
+                _SHARED.clear()
+            found = _SHARED[key] = super().header_store_parse(name, value)
+        return found
+
+
+_NEVER_SHARED = frozenset({"to", "cc", "bcc", "reply-to", "sender", "message-id"})
+MAX_SHARED = 256  # header values kept parsed (a Date per second is the only churn)
+_SHARED: dict[tuple[str, str], tuple[str, Any]] = {}
+POLICY = _NoticePolicy(header_factory=_HeaderClasses())
 
 
 @functools.lru_cache(maxsize=4)
@@ -115,7 +186,8 @@ def reset_context(
 def reply_context(
     *, url: str, org_name: str, org_address: str, support_contact: str, expires_at: datetime | None
 ) -> Context:
-    """Return the context of a reply notice to staff: organisation and portal link only."""
+    """Return the context of a notice to staff of a patient's message (a reply, or a new
+    conversation with their team): organisation and the conversation's link only."""
     return {"url": url, "org_name": org_name}
 
 
@@ -151,6 +223,7 @@ CONTEXTS: dict[str, Callable[..., Context]] = {
     NoticeKind.INVITE: invite_context,
     NoticeKind.RESET: reset_context,
     NoticeKind.REPLY: reply_context,
+    NoticeKind.TEAM_MESSAGE: reply_context,
     NoticeKind.MFA_CHANGED: credential_changed_context,
     NoticeKind.PASSWORD_CHANGED: credential_changed_context,
     NoticeKind.ACCOUNT_LOCKED: account_locked_context,
@@ -194,7 +267,7 @@ def render(
         expires_at=expires_at,
     )
     subject, text, html = render_parts(notification.kind, context)
-    msg = EmailMessage()
+    msg = EmailMessage(policy=POLICY)
     msg["Subject"] = subject
     msg["From"] = formataddr((org_name, mail_from))
     msg["To"] = to_address

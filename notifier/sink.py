@@ -4,7 +4,11 @@ For the demo and the test suite only: it accepts mail for any recipient. It
 behaves like a careful relay on the points the notifier must get right: it
 offers STARTTLS on a certificate it generates (written to ``cert_file`` so the
 notifier can trust exactly that certificate), refuses mail before STARTTLS,
-and can require AUTH (only over TLS).
+and can require AUTH (only over TLS). Given a bounce Maildir, it also bounces
+as a relay does: mail for ``bounce-hard@…``, ``bounce-soft@…`` or
+``bounce-delay@…`` (any domain, ``+tag`` allowed) is accepted with 250, not
+stored, and an RFC 3464 delivery status notification goes to the bounce
+Maildir, addressed to the envelope sender (notifier.bounces reads it).
 
 Run it with ``notifier sink --port P --maildir DIR [--cert FILE]`` or
 ``python -m notifier.sink ...``.
@@ -30,6 +34,7 @@ import click
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from notifier import dsn
 from notifier.tlscert import (
     DEFAULT_HOSTNAMES,
     generate_self_signed,
@@ -44,6 +49,16 @@ SERVER_NAME = "localhost"
 DEFAULT_PORT = 8025
 DEFAULT_IDLE_TIMEOUT = 300.0  # seconds before the server drops an idle client (RFC 5321 4.5.3.2)
 MAILDIR_SUBDIRS = ("tmp", "new", "cur")
+# Local parts the sink bounces when it has a bounce Maildir: a hard bounce (no such user),
+# a soft one (mailbox full) and a delay (still trying), as a relay reports them.
+RESERVED_BOUNCES = {"bounce-hard": dsn.HARD, "bounce-soft": dsn.SOFT, "bounce-delay": dsn.DELAYED}
+
+
+def open_maildir(path: Path) -> mailbox.Maildir:
+    """The Maildir at ``path``, its tmp/new/cur made (mode 0700) if missing."""
+    for sub in MAILDIR_SUBDIRS:
+        (path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+    return mailbox.Maildir(path, create=False)
 
 
 class MaildirHandler:
@@ -51,20 +66,60 @@ class MaildirHandler:
 
     Subclass and override ``handle_RCPT`` / ``handle_DATA`` to simulate a
     server that refuses mail (the test suite does).
+
+    With ``bounce_maildir``, recipients with a reserved local part
+    (:data:`RESERVED_BOUNCES`), and any address put in ``bounce_rules``
+    (lower-case address to the :class:`notifier.dsn.Bounce` it gets), are
+    bounced: the mail is accepted but not stored, and a DSN returning it (or,
+    with ``return_headers_only``, its headers) is written to the bounce Maildir.
     """
 
-    def __init__(self, maildir: str | Path) -> None:
+    def __init__(self, maildir: str | Path, bounce_maildir: str | Path | None = None) -> None:
         self.path = Path(maildir)
-        for sub in MAILDIR_SUBDIRS:
-            (self.path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.mailbox = mailbox.Maildir(self.path, create=False)
+        self.mailbox = open_maildir(self.path)
+        self.bounce_path = Path(bounce_maildir) if bounce_maildir else None
+        self.bounce_box = open_maildir(self.bounce_path) if self.bounce_path else None
+        self.bounce_rules: dict[str, dsn.Bounce] = {}
+        self.return_headers_only = False
         self.stored = 0
+        self.bounced = 0
         self._lock = threading.Lock()
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        """Store the message with Return-Path/Delivered-To trace headers; answer 250."""
+        """Store the message with Return-Path/Delivered-To trace headers, or bounce it for
+        the recipients this sink bounces; answer 250 either way."""
+        bounces = [(rcpt, b) for rcpt in envelope.rcpt_tos if (b := self.bounce_for(rcpt))]
+        if bounces and envelope.mail_from:  # never bounce a bounce (RFC 5321 6.1)
+            keys = [self.write_dsn(envelope, rcpt, bounce) for rcpt, bounce in bounces]
+            if len(bounces) == len(envelope.rcpt_tos):
+                return f"250 2.0.0 OK queued as {keys[0]}"
         key = self.store(envelope)
         return f"250 2.0.0 OK queued as {key}"
+
+    def bounce_for(self, address: str) -> dsn.Bounce | None:
+        """The bounce ``address`` gets, or None (always None without a bounce Maildir)."""
+        if self.bounce_box is None:
+            return None
+        lowered = address.lower()
+        local = lowered.rpartition("@")[0].partition("+")[0]
+        return self.bounce_rules.get(lowered) or RESERVED_BOUNCES.get(local)
+
+    def write_dsn(self, envelope: Envelope, recipient: str, bounce: dsn.Bounce) -> str:
+        """Write the DSN for ``recipient`` to the bounce Maildir; return its key (logged alone)."""
+        assert self.bounce_box is not None  # bounce_for answers None without one
+        report = dsn.build(
+            envelope.original_content or b"",
+            recipient=recipient,
+            bounce=bounce,
+            to=envelope.mail_from or "",
+            reporting_mta=SERVER_NAME,
+            headers_only=self.return_headers_only,
+        )
+        with self._lock:
+            key = self.bounce_box.add(report)
+            self.bounced += 1
+        log.info("mail sink bounced a message (%s), report %s", bounce.status, key)
+        return key
 
     def store(self, envelope: Envelope) -> str:
         """Write the message to the Maildir and return its key. Logs the key only."""
@@ -143,7 +198,8 @@ class MailSink:
     when one is given. ``handler`` replaces the Maildir handler (it must store
     to ``maildir`` itself if it should); ``server_class`` replaces aiosmtpd's
     ``SMTP`` (the test suite uses it to refuse the DATA command itself, which
-    no handler hook can).
+    no handler hook can). ``bounce_maildir`` gives the default handler a
+    bounce Maildir (see :class:`MaildirHandler`).
     """
 
     def __init__(
@@ -159,11 +215,14 @@ class MailSink:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         handler: MaildirHandler | None = None,
         server_class: type[SMTP] = SMTP,
+        bounce_maildir: str | Path | None = None,
     ) -> None:
         if starttls and implicit_tls:
             raise ValueError("choose STARTTLS or implicit TLS, not both")
+        if handler is not None and bounce_maildir is not None:
+            raise ValueError("give the bounce Maildir to the handler, not the sink")
         self.maildir = Path(maildir)
-        self.handler = handler or MaildirHandler(self.maildir)
+        self.handler = handler or MaildirHandler(self.maildir, bounce_maildir)
         self.cert_file = Path(cert_file) if cert_file is not None else None
         self.cert_pem: bytes | None = None
         self._requested_port = port
@@ -305,13 +364,23 @@ def wait_for_shutdown_signal() -> int:
     help="Where to write the generated certificate, for PORTAL_SMTP_CA_FILE "
     "[default: DIR.cert.pem beside the Maildir].",
 )
-def sink_command(port: int, maildir: Path, cert_file: Path | None) -> None:
+@click.option(
+    "--bounce-maildir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Bounce mail for bounce-hard@, bounce-soft@ and bounce-delay@ recipients, writing "
+    "a delivery status notification here (for PORTAL_BOUNCE_MAILDIR).",
+)
+def sink_command(
+    port: int, maildir: Path, cert_file: Path | None, bounce_maildir: Path | None
+) -> None:
     """Run a local SMTP server with STARTTLS that stores every message in a Maildir."""
     cert_file = cert_file or default_cert_path(maildir)
-    with MailSink(maildir, port=port, cert_file=cert_file) as sink:
+    with MailSink(maildir, port=port, cert_file=cert_file, bounce_maildir=bounce_maildir) as sink:
+        bounces = f", bounces to {bounce_maildir}" if bounce_maildir else ""
         click.echo(
             f"mail sink listening on {sink.host}:{sink.port}, "
-            f"STARTTLS with certificate {cert_file}, Maildir {maildir}"
+            f"STARTTLS with certificate {cert_file}, Maildir {maildir}{bounces}"
         )
         wait_for_shutdown_signal()
     click.echo("mail sink stopped")

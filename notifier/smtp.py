@@ -8,16 +8,32 @@ carry the recipient either.
 
 Classification, for the outbox's retry policy:
 
-- :class:`TransientDeliveryError` (retry with backoff): the server cannot be
-  reached (``connect-failed``), the connection dropped or timed out
-  (``connection-lost``, ``timeout``), a 4xx reply (``smtp-4xx:451``).
-- :class:`PermanentDeliveryError` (mark the row failed): a 5xx reply
-  (``smtp-5xx:550``), and configuration problems that retrying cannot fix and
-  that must never be worked around by sending in clear or unverified:
-  ``starttls-unavailable``, ``tls-verify-failed``, ``tls-failed``,
-  ``auth-failed`` (5xx), ``auth-unavailable``, ``smtputf8-unavailable``,
-  ``ca-file-unusable``, ``dkim-failed``, ``invalid-message``. A temporary AUTH
-  failure (4xx) is transient.
+- :class:`TransportFault` (the relay's or our settings' fault, not the
+  message's: the notifier keeps every row queued with its link, backs off and
+  reports the setting to check, ``TransportFault.setting``). Everything that
+  goes wrong while connecting: the server cannot be reached
+  (``connect-failed``), a 4xx greeting, and the misconfigurations that must
+  never be worked around by sending in clear or unverified
+  (``starttls-unavailable``, ``tls-verify-failed``, ``tls-failed``,
+  ``auth-failed``, ``auth-unavailable``, ``ca-file-unusable``); a relay that
+  stops answering mid-transaction or not within the deadline (``timeout``);
+  a sender the relay refuses (``auth-required`` for a 530, ``sender-refused:550``);
+  a relay that refuses to relay for us (``relay-denied:5.7.1``: Postfix's
+  "Relay access denied" at RCPT, Exchange's 5.7.54 and 5.7.57 anywhere; read
+  from the enhanced status code, digits only); a 4xx to MAIL FROM, a 421 at
+  any point and a TLS error after the handshake (the relay, not the notice);
+  and an unusable DKIM key (``dkim-failed``). :class:`TransportConfigError`
+  (a permanent one) and :class:`RelayUnavailable` (a transient one) are the two
+  kinds; both are also Permanent/TransientDeliveryError for callers that only
+  retry or give up.
+- :class:`TransientDeliveryError` (retry this message with backoff): the
+  connection dropped (``connection-lost``), a 4xx reply (``smtp-4xx:451``).
+- :class:`PermanentDeliveryError` (mark this message failed): a 5xx reply to
+  RCPT or DATA (``smtp-5xx:550``), ``smtputf8-unavailable`` (its address needs
+  SMTPUTF8), ``invalid-message``.
+
+A send can be given a deadline (:attr:`SmtpTransport.deadline`): every socket
+operation is cut short at it, so a send never outlives the worker's lease.
 """
 
 from __future__ import annotations
@@ -29,12 +45,13 @@ import logging
 import re
 import smtplib
 import ssl
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import getaddresses
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 import dkim
 
@@ -58,6 +75,9 @@ class DeliveryError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.smtp_code = smtp_code
+        # Set on a RelayUnavailable met after the relay accepted MAIL for this message:
+        # the relay broke off this message's transaction, which may be the message's doing.
+        self.mid_transaction = False
 
 
 class TransientDeliveryError(DeliveryError):
@@ -66,6 +86,71 @@ class TransientDeliveryError(DeliveryError):
 
 class PermanentDeliveryError(DeliveryError):
     """Retrying will not help: 5xx replies, missing STARTTLS, failed certificate checks."""
+
+
+RELAY_SETTINGS = "PORTAL_SMTP_HOST / PORTAL_SMTP_PORT"
+# The setting to check for each transport fault, and what the reason means to an operator.
+TRANSPORT_ADVICE: dict[str, tuple[str, str]] = {
+    "ca-file-unusable": ("PORTAL_SMTP_CA_FILE", "the CA file cannot be read or holds no CA"),
+    "tls-verify-failed": (
+        "PORTAL_SMTP_CA_FILE",
+        "the relay's certificate is not trusted or not for PORTAL_SMTP_HOST",
+    ),
+    "tls-failed": (
+        "PORTAL_SMTP_TLS",
+        "the TLS handshake failed (implicit TLS on a STARTTLS port?)",
+    ),
+    "starttls-unavailable": ("PORTAL_SMTP_TLS", "the relay does not offer STARTTLS"),
+    "auth-failed": ("PORTAL_SMTP_USERNAME / PORTAL_SMTP_PASSWORD", "the relay refused the login"),
+    "auth-unavailable": ("PORTAL_SMTP_USERNAME", "the relay offers no usable AUTH"),
+    "auth-required": ("PORTAL_SMTP_USERNAME / PORTAL_SMTP_PASSWORD", "the relay wants a login"),
+    "sender-refused": ("PORTAL_MAIL_FROM", "the relay refuses the sender address"),
+    "relay-denied": (
+        "PORTAL_SMTP_USERNAME (and the relay's permissions for this host)",
+        "the relay refuses to relay for this sender or host",
+    ),
+    "dkim-failed": ("PORTAL_DKIM_KEY", "the DKIM key cannot sign"),
+    "timeout": (
+        f"{RELAY_SETTINGS} (or PORTAL_NOTIFIER_LEASE)",
+        "the relay stopped answering, or is slower than the lease allows",
+    ),
+}
+
+
+class TransportFault(DeliveryError):
+    """No notice can go out through the relay as configured; not any message's fault.
+
+    ``setting`` names what an operator should check (``"PORTAL_SMTP_CA_FILE"``),
+    ``advice`` says what the reason means; both are PHI-free.
+    """
+
+    def __init__(self, reason: str, smtp_code: int | None = None) -> None:
+        super().__init__(reason, smtp_code)
+        self.setting, self.advice = transport_advice(reason)
+
+
+def transport_advice(reason: str) -> tuple[str, str]:
+    """Return (the setting to check, what it means) for a transport fault's ``reason``."""
+    return TRANSPORT_ADVICE.get(
+        reason.partition(":")[0], (RELAY_SETTINGS, "the relay cannot be reached or used")
+    )
+
+
+class TransportConfigError(TransportFault, PermanentDeliveryError):
+    """A misconfiguration (ours or the relay's): nothing goes out until a setting is fixed."""
+
+
+class RelayUnavailable(TransportFault, TransientDeliveryError):
+    """The relay cannot be reached or stopped answering: nothing goes out until it is back."""
+
+
+def transport_fault(err: DeliveryError) -> TransportFault:
+    """Return ``err`` as the TransportFault of the same reason and kind (itself if it is one)."""
+    if isinstance(err, TransportFault):
+        return err
+    if isinstance(err, PermanentDeliveryError):
+        return TransportConfigError(err.reason, err.smtp_code)
+    return RelayUnavailable(err.reason, err.smtp_code)
 
 
 @dataclass(frozen=True)
@@ -108,7 +193,10 @@ class _Outgoing:
 
 
 def _error_for_code(code: int, prefix: str | None = None) -> DeliveryError:
-    """The DeliveryError for an SMTP reply code: 4xx transient, 5xx (and others) permanent."""
+    """The DeliveryError for an SMTP reply code: 4xx transient, 5xx (and others) permanent;
+    421 (the relay is closing the channel, RFC 5321 3.8) is the relay's, not the notice's."""
+    if code == SERVICE_CLOSING:
+        return RelayUnavailable(prefix or f"smtp-4xx:{code}", code)
     if 400 <= code < 500:
         return TransientDeliveryError(prefix or f"smtp-4xx:{code}", code)
     if 500 <= code < 600:
@@ -125,12 +213,25 @@ def _tls_error(err: ssl.SSLError) -> DeliveryError:
     return PermanentDeliveryError("tls-failed")
 
 
+def _tls_broke(err: smtplib.SMTPServerDisconnected) -> bool:
+    """Whether smtplib's disconnect was a TLS error other than an end of file (smtplib
+    turns every socket error in a read or write into SMTPServerDisconnected)."""
+    cause = err.__context__
+    return isinstance(cause, ssl.SSLError) and not isinstance(
+        cause, ssl.SSLEOFError | ssl.SSLZeroReturnError
+    )
+
+
 def _translate(err: Exception, connecting: bool) -> DeliveryError:
-    """Turn an smtplib/ssl/socket error into our PHI-free DeliveryError."""
+    """Turn an smtplib/ssl/socket error into our PHI-free DeliveryError.
+
+    A TLS error after the handshake (a bad record, a reset inside TLS) is a lost
+    connection to the relay, not a misconfiguration and not the notice's fault.
+    """
     if isinstance(err, DeliveryError):
         return err
     if isinstance(err, ssl.SSLError):
-        return _tls_error(err)
+        return _tls_error(err) if connecting else RelayUnavailable("connection-lost")
     if isinstance(err, smtplib.SMTPAuthenticationError):
         return _error_for_code(err.smtp_code, "auth-failed")
     if isinstance(err, smtplib.SMTPNotSupportedError):
@@ -138,12 +239,14 @@ def _translate(err: Exception, connecting: bool) -> DeliveryError:
     if isinstance(err, smtplib.SMTPResponseException):
         return _error_for_code(err.smtp_code)
     if isinstance(err, smtplib.SMTPServerDisconnected):
+        if not connecting and _tls_broke(err):
+            return RelayUnavailable("connection-lost")
         return TransientDeliveryError("connect-failed" if connecting else "connection-lost")
     if isinstance(err, smtplib.SMTPException):
         # smtplib raises the bare class when no AUTH mechanism is in common.
         return PermanentDeliveryError("auth-unavailable" if connecting else "smtp-error")
     if isinstance(err, TimeoutError) and not connecting:
-        return TransientDeliveryError("timeout")
+        return RelayUnavailable("timeout")
     return TransientDeliveryError("connect-failed" if connecting else "connection-lost")
 
 
@@ -221,7 +324,7 @@ def _prepare(msg: EmailMessage, dkim_key: DkimKey | None) -> _Outgoing:
             key = dkim_key
             payload = dkim_sign(payload, key.selector, key.domain, key.private_key_pem)
         except ValueError:
-            raise PermanentDeliveryError("dkim-failed") from None
+            raise TransportConfigError("dkim-failed") from None
     return _Outgoing(senders[0], recipients, payload, smtputf8, str(msg.get("Message-ID", "")))
 
 
@@ -237,13 +340,17 @@ class SmtpTransport:
 
     Not thread-safe: use one per worker. The CA file is read at each connect,
     so a regenerated sink certificate is picked up by the next batch.
+    ``deadline`` (a ``time.monotonic()`` value, or None) bounds every send:
+    each socket operation waits at most until then, so the worker's lease
+    never runs out while a send is under way.
     """
 
     def __init__(self, settings: SmtpSettings, *, dkim_key: DkimKey | None = None) -> None:
         self.settings = settings
         self._dkim_key = dkim_key
-        self._smtp: smtplib.SMTP | None = None
+        self._smtp: _BoundedSMTP | None = None
         self.connections_opened = 0
+        self.deadline: float | None = None
 
     def __enter__(self) -> SmtpTransport:
         return self
@@ -268,6 +375,7 @@ class SmtpTransport:
         """
         outgoing = _prepare(msg, self._dkim_key)
         if self._smtp is not None:
+            self._smtp.deadline = self.deadline
             try:
                 return self._transmit(self._smtp, outgoing)
             except TransientDeliveryError as err:
@@ -276,11 +384,19 @@ class SmtpTransport:
                 log.info("SMTP connection dropped by the server; reconnecting once")
         return self._transmit(self._connection(), outgoing)
 
+    def open(self) -> None:
+        """Connect now (TLS verified, logged in) unless connected: a probe of the relay.
+
+        Raises a TransportFault when the relay cannot be used as configured.
+        """
+        self._connection()
+
     def close(self) -> None:
         """Say QUIT and close the connection, if one is open. Never raises."""
         smtp, self._smtp = self._smtp, None
         if smtp is None:
             return
+        smtp.deadline = None  # QUIT after the last notice: the ordinary timeout
         with contextlib.suppress(smtplib.SMTPException, OSError):
             smtp.quit()
         smtp.close()
@@ -292,42 +408,52 @@ class SmtpTransport:
         if smtp is not None:
             smtp.close()
 
-    def _connection(self) -> smtplib.SMTP:
+    def _connection(self) -> _BoundedSMTP:
         """The open connection, or a new one: TLS negotiated, verified, authenticated."""
         if self._smtp is None:
             self._smtp = self._open()
             self.connections_opened += 1
+        self._smtp.deadline = self.deadline
         return self._smtp
 
-    def _open(self) -> smtplib.SMTP:
-        """Connect, negotiate and verify TLS, EHLO, and log in when a username is set."""
+    def _open(self) -> _BoundedSMTP:
+        """Connect, negotiate and verify TLS, EHLO, and log in when a username is set.
+
+        Whatever fails here fails for every notice alike: raises a TransportFault.
+        """
         s = self.settings
-        context = _client_context(s.ca_file)
-        with _delivery_errors(connecting=True):
-            smtp = _connect(s, context)
-            try:
-                if s.tls == "starttls":
-                    _starttls(smtp, context)
-                smtp.ehlo()
-                if s.username is not None:
-                    smtp.login(s.username, s.password or "")
-            except BaseException:
-                smtp.close()
-                raise
+        try:
+            context = _client_context(s.ca_file)
+            with _delivery_errors(connecting=True):
+                smtp = _connect(s, context, self.deadline)
+                try:
+                    if s.tls == "starttls":
+                        _starttls(smtp, context)
+                    smtp.ehlo()
+                    if s.username is not None:
+                        smtp.login(s.username, s.password or "")
+                except BaseException:
+                    smtp.close()
+                    raise
+        except DeliveryError as err:
+            raise transport_fault(err) from None
         log.info("SMTP connection opened to %s:%d (tls=%s)", s.host, s.port, s.tls)
         return smtp
 
     def _transmit(self, smtp: smtplib.SMTP, outgoing: _Outgoing) -> str:
         """MAIL, RCPT for each recipient, DATA; on a refusal RSET and raise."""
+        mail_accepted = False
         try:
             with _delivery_errors(connecting=False):
                 options = _mail_options(smtp, outgoing)
-                self._expect(smtp.mail(outgoing.sender, options), (250,))
+                _expect_sender_accepted(smtp.mail(outgoing.sender, options))
+                mail_accepted = True
                 for rcpt in outgoing.recipients:
-                    self._expect(smtp.rcpt(rcpt), (250, 251))
+                    self._expect(smtp.rcpt(rcpt), (250, 251), at_rcpt=True)
                 code, reply = smtp.data(outgoing.payload)  # SMTPDataError if DATA is refused
                 self._expect((code, reply), (250,))
         except DeliveryError as err:
+            err.mid_transaction = mail_accepted and isinstance(err, RelayUnavailable)
             self._end_refused_transaction(smtp, err)
             raise
         log.info("SMTP server accepted message %s", outgoing.message_id)
@@ -352,10 +478,123 @@ class SmtpTransport:
         self._discard()
 
     @staticmethod
-    def _expect(response: tuple[int, bytes], accepted: tuple[int, ...]) -> None:
+    def _expect(
+        response: tuple[int, bytes], accepted: tuple[int, ...], *, at_rcpt: bool = False
+    ) -> None:
         """Raise the DeliveryError for ``response`` unless its code is in ``accepted``."""
-        if response[0] not in accepted:
-            raise _error_for_code(response[0])
+        if response[0] in accepted:
+            return
+        if response[0] == AUTH_REQUIRED:
+            raise TransportConfigError("auth-required", AUTH_REQUIRED)
+        _raise_if_relay_denied(response, at_rcpt=at_rcpt)
+        raise _error_for_code(response[0])
+
+
+AUTH_REQUIRED = 530  # RFC 4954 section 6: "Authentication required"
+TOO_BIG = 552  # RFC 1870 6: to MAIL FROM with SIZE, "message size exceeds fixed limit"
+SERVICE_CLOSING = 421  # RFC 5321 3.8: the server is closing the transmission channel
+# Enhanced status codes (RFC 3463) that refuse relaying itself, not one recipient:
+# Exchange/Office 365's "unable to relay" (5.7.54) and "client not authenticated"
+# (5.7.57) anywhere; 5.7.1 at RCPT is Postfix's "Relay access denied".
+RELAY_DENIED = frozenset({"5.7.54", "5.7.57"})
+RELAY_DENIED_AT_RCPT = RELAY_DENIED | {"5.7.1"}
+_ENHANCED = re.compile(rb"\s*([245]\.\d{1,3}\.\d{1,3})(?![\d.])")
+
+
+def enhanced_status(reply: bytes) -> str | None:
+    """The RFC 3463 code a reply's text starts with (``"5.7.1"``), digits only; else None.
+    Nothing else of the reply is kept (it can echo the recipient)."""
+    match = _ENHANCED.match(reply)
+    return match.group(1).decode("ascii") if match else None
+
+
+def _raise_if_relay_denied(response: tuple[int, bytes], *, at_rcpt: bool) -> None:
+    """Raise TransportConfigError("relay-denied:5.7.x") when the relay refuses to relay."""
+    code, reply = response
+    if not 500 <= code < 600:
+        return
+    status = enhanced_status(reply) if isinstance(reply, bytes) else None
+    if status in (RELAY_DENIED_AT_RCPT if at_rcpt else RELAY_DENIED):
+        raise TransportConfigError(f"relay-denied:{status}", code)
+
+
+def _expect_sender_accepted(response: tuple[int, bytes]) -> None:
+    """MAIL FROM names our one sender, so a 5xx to it refuses every notice, and a 4xx
+    defers every notice: both are TransportFaults, never one row's failure."""
+    code = response[0]
+    if code == 250:
+        return
+    if code == AUTH_REQUIRED:
+        raise TransportConfigError("auth-required", code)
+    _raise_if_relay_denied(response, at_rcpt=False)
+    if code == TOO_BIG:  # the SIZE we declared: this message is too big, not the sender
+        raise PermanentDeliveryError(f"smtp-5xx:{code}", code)
+    if 500 <= code < 600:
+        raise TransportConfigError(f"sender-refused:{code}", code)
+    if 400 <= code < 500:
+        raise RelayUnavailable(f"smtp-4xx:{code}", code)
+    raise _error_for_code(code)
+
+
+def _bounded(limit: float, deadline: float | None) -> float:
+    """The timeout for the next socket operation: ``limit``, less if ``deadline`` is nearer.
+
+    Raises TimeoutError once the deadline has passed.
+    """
+    if deadline is None:
+        return limit
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("send deadline reached")
+    return min(limit, left)
+
+
+def _arm(smtp: _BoundedSMTP) -> None:
+    """Let the next socket operation wait no longer than the deadline allows."""
+    smtp.timeout = _bounded(smtp.limit, smtp.deadline)
+    if smtp.sock is not None:
+        smtp.sock.settimeout(smtp.timeout)
+
+
+class _BoundedSMTP(smtplib.SMTP):
+    """smtplib's client whose every read and write ends by ``deadline`` (monotonic seconds).
+
+    ``limit`` is the configured per-operation timeout. smtplib turns a timed-out
+    read or write into SMTPServerDisconnected; it is raised as the TimeoutError it was.
+    """
+
+    def __init__(
+        self, host: str, port: int, *, limit: float, deadline: float | None, **options: Any
+    ) -> None:
+        self.limit, self.deadline = limit, deadline
+        # Connects, bounded as every later operation (the greeting goes through getreply).
+        super().__init__(host, port, timeout=_bounded(limit, deadline), **options)
+
+    def send(self, s: Any) -> None:
+        _arm(self)
+        try:
+            super().send(s)
+        except smtplib.SMTPServerDisconnected as err:
+            _timed_out(err)
+            raise
+
+    def getreply(self) -> tuple[int, bytes]:
+        _arm(self)
+        try:
+            return super().getreply()
+        except smtplib.SMTPServerDisconnected as err:
+            _timed_out(err)
+            raise
+
+
+class _BoundedSMTPSSL(_BoundedSMTP, smtplib.SMTP_SSL):
+    """:class:`_BoundedSMTP` over implicit TLS."""
+
+
+def _timed_out(err: smtplib.SMTPServerDisconnected) -> None:
+    """Raise TimeoutError when smtplib's disconnect was a socket timeout."""
+    if isinstance(err.__context__, TimeoutError):
+        raise TimeoutError("the relay did not answer in time") from None
 
 
 def _client_context(ca_file: str | None) -> ssl.SSLContext:
@@ -366,16 +605,24 @@ def _client_context(ca_file: str | None) -> ssl.SSLContext:
         raise PermanentDeliveryError("ca-file-unusable") from None
 
 
-def _connect(s: SmtpSettings, context: ssl.SSLContext) -> smtplib.SMTP:
-    """Open the TCP connection; with implicit TLS the handshake (and verification) too."""
+def _connect(s: SmtpSettings, context: ssl.SSLContext, deadline: float | None) -> _BoundedSMTP:
+    """Open the TCP connection, by ``deadline``; with implicit TLS the handshake (and
+    verification) too. Raises SMTPConnectError unless the server greets with 220."""
     if s.tls == "implicit":
-        return smtplib.SMTP_SSL(
-            s.host, s.port, local_hostname=s.local_hostname, timeout=s.timeout, context=context
+        return _BoundedSMTPSSL(
+            s.host,
+            s.port,
+            limit=s.timeout,
+            deadline=deadline,
+            local_hostname=s.local_hostname,
+            context=context,
         )
-    return smtplib.SMTP(s.host, s.port, local_hostname=s.local_hostname, timeout=s.timeout)
+    return _BoundedSMTP(
+        s.host, s.port, limit=s.timeout, deadline=deadline, local_hostname=s.local_hostname
+    )
 
 
-def _starttls(smtp: smtplib.SMTP, context: ssl.SSLContext) -> None:
+def _starttls(smtp: _BoundedSMTP, context: ssl.SSLContext) -> None:
     """EHLO, then STARTTLS; refuse (before any MAIL) a server that does not offer it."""
     code, _ = smtp.ehlo()
     if code != 250:

@@ -3,7 +3,18 @@
 Every row is its own job: loaded by id, rendered, checked for PHI, sent over
 the batch's one SMTP connection, and its outcome committed before the next
 row, so a crash loses nothing (unsent rows stay ``sending`` and are claimed
-again once their lease runs out). Logs name rows by id only.
+again once their lease runs out, or at once by a worker started again under
+the same id). The lease is renewed while the batch is sent (notifier.lease).
+
+A transport fault (notifier.smtp.TransportFault: a wrong CA file, a refused
+login, no STARTTLS, the relay down) is no message's fault: the batch goes back
+to the queue with its links, no attempt counted, the pass ends, and
+:func:`run_forever` backs off, logs one error naming the setting to check,
+and records it in its heartbeat (notifier.health) for ``notifier status`` and
+the staff pages. When a pass fails on the database, what the worker still holds
+is handed back if the database lets it (else the lease, or the worker's next
+pass under the same id, brings it back), and the worker tries again within
+seconds. Logs name rows by id only.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ import html
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,16 +36,18 @@ from pathlib import Path
 from flask import Flask
 from jinja2 import TemplateError
 from sqlalchemy import select, update
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from notifier import outbox, phi, render
+from notifier import bounces, health, outbox, phi, render
+from notifier.lease import Lease
 from notifier.smtp import (
     DkimKey,
     PermanentDeliveryError,
     SmtpSettings,
     SmtpTransport,
     TransientDeliveryError,
+    TransportFault,
 )
 from portal.config import Settings, settings_of
 from portal.crypto.errors import ContentDestroyed, ContentTampered, CryptoError, KeyUnavailable
@@ -41,17 +55,21 @@ from portal.database import rowcount, utcnow
 from portal.extensions import db
 from portal.models import Message, Notification, Role, User
 from portal.models.notifications import NoticeKind, NoticeStatus
-from portal.services import keys, messaging, notices
+from portal.services import delivery, keys, messaging, notices
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 5.0  # pause between passes of run_forever when nothing is due
 REMINDER_BATCH = 200  # messages reminded per pass at most
-CONNECTION_DOWN = frozenset({"connect-failed", "timeout"})  # no point trying the rest of a batch
+RELAY_BACKOFF = (15.0, 300.0)  # seconds before the next pass after a transport fault: first, most
+FAILED_PASS_RETRY = (0.5, 5.0)  # seconds before the next pass after a failed one: first, most
+# The database is unreachable (or gave up on the statement): no row's fault, the pass ends.
+DATABASE_DOWN = (OperationalError, InterfaceError)
 # Notices with no link of their own: they point at the portal's front page.
 PORTAL_LINK_KINDS = frozenset(
     {
         NoticeKind.REPLY,
+        NoticeKind.TEAM_MESSAGE,
         NoticeKind.MFA_CHANGED,
         NoticeKind.PASSWORD_CHANGED,
         NoticeKind.ACCOUNT_LOCKED,
@@ -72,12 +90,14 @@ class RowOutcome(StrEnum):
 
 @dataclass
 class RunStats:
-    """What one pass did."""
+    """What one pass did; ``delayed`` rows were handed back, unsent, by ``transport_error``."""
 
     sent: int = 0
     failed: int = 0
     retrying: int = 0
     skipped: int = 0
+    delayed: int = 0
+    transport_error: TransportFault | None = None
 
     @property
     def processed(self) -> int:
@@ -205,13 +225,15 @@ def process(
     notice_id: int,
     now: datetime,
     claim: outbox.Claim,
+    lease: timedelta = outbox.LEASE,
 ) -> tuple[RowOutcome, str | None]:
     """Send one notice ``claim`` holds and record the outcome (flushed; the caller commits).
 
     Returns (outcome, delivery failure reason or None); SKIPPED, unsent, when
     the lease ran out or another worker took the row. Raises ClaimLost when
     the claim is taken after the send (nothing recorded: the holder records),
-    else only for unexpected errors.
+    TransportFault when the relay cannot be used (nothing recorded: the row is
+    not at fault), else only for unexpected errors.
     """
     row = outbox.load(session, notice_id)
     if row is None or row.status != NoticeStatus.SENDING:
@@ -220,11 +242,13 @@ def process(
         email = _prepare(session, row, settings, now, claim)
     except _Skip as skip:
         return skip.outcome, None
-    if not outbox.may_send(session, notice_id, claim, now):  # the fence: at most one sender
+    if not outbox.may_send(session, notice_id, claim, now, lease):  # the fence: one sender
         log.warning("notice %d: lease lost, not sent", notice_id, extra={"notice_id": notice_id})
         return RowOutcome.SKIPPED, None
     try:
         reply = transport.send(email)
+    except TransportFault:
+        raise  # every notice would meet it: the batch goes back to the queue as it is
     except TransientDeliveryError as err:
         outbox.mark_retry(session, notice_id, err.reason, now, claim=claim)
         log.info("notice %d deferred (%s)", notice_id, err.reason, extra={"notice_id": notice_id})
@@ -263,49 +287,85 @@ def job(session: Session) -> Iterator[None]:
         raise
 
 
-def _defer_rest(
-    session: Session,
-    ids: list[int],
-    reason: str,
-    now: datetime,
-    claim: outbox.Claim,
-    stats: RunStats,
+def _hand_back(session: Session, lease: Lease, reason: str | None = None) -> int:
+    """Release the rows ``lease`` still holds (as a job); return how many. Never raises:
+    when the database is gone too, they come back when the lease runs out, or at once
+    to this worker id's next pass."""
+    pending = list(lease.pending)
+    try:
+        with job(session):
+            outbox.release(session, pending, lease.claim, reason)
+    except Exception as err:  # the pass is failing already: keep its error, not this one
+        log.warning(
+            "could not hand back %d notices (%s); they return when their lease ends",
+            len(pending),
+            type(err).__name__,
+        )
+        return 0
+    lease.pending = []
+    return len(pending)
+
+
+def _set_back(session: Session, lease: Lease, reason: str, now: datetime) -> int:
+    """The relay broke off the transaction of the batch's first row after accepting its
+    MAIL: queue that row behind the others (outbox.set_back), as a job, so it cannot be
+    first again at every pass; return 1 when done. Never raises (the rest go back
+    anyway)."""
+    notice_id = lease.pending[0]
+    try:
+        with job(session):
+            outbox.set_back(session, notice_id, reason, now, claim=lease.claim)
+    except Exception as err:  # ClaimLost, or the database: the row comes back as the rest do
+        log.warning("notice %d could not be set back (%s)", notice_id, type(err).__name__)
+        return 0
+    log.info("notice %d set back (%s)", notice_id, reason, extra={"notice_id": notice_id})
+    lease.pending.pop(0)
+    return 1
+
+
+def _renew(
+    session: Session, lease: Lease, clock: Clock, settings: Settings, stats: RunStats
 ) -> None:
-    """The server is unreachable: retry the rest of the batch later without trying each
-    (rows whose claim was taken meanwhile are left to their new holder)."""
-    for notice_id in ids:
-        try:
-            with job(session):
-                row = outbox.mark_retry(session, notice_id, reason, now, claim=claim)
-        except outbox.ClaimLost:
-            stats.add(RowOutcome.SKIPPED)
-            continue
-        stats.add(_retry_outcome(row))
+    """Renew the batch's lease and write the heartbeat, as one job."""
+    mark, now = time.monotonic(), clock()
+    with job(session):
+        held = outbox.renew(session, lease.pending, lease.claim, now)
+        health.beat(session, lease.claim.worker_id, now, settings.notifier_lease)
+    stats.skipped += lease.renewed_to(now, held, mark)  # taken meanwhile: the holder records
 
 
 def _run_batch(
     session: Session,
     transport: SmtpTransport,
     settings: Settings,
-    ids: list[int],
-    claim: outbox.Claim,
+    lease: Lease,
     clock: Clock,
     stats: RunStats,
     stop: threading.Event,
 ) -> bool:
-    """Process ``ids`` claimed by ``claim``; return False when the pass should end (server
-    down, stop)."""
-    for position, notice_id in enumerate(ids):
-        if stop.is_set():
-            with job(session):
-                outbox.release(session, ids[position:], claim)
-            return False
-        now = clock()
-        outcome, reason = _send_one(session, transport, settings, notice_id, now, claim)
-        stats.add(outcome)
-        if reason in CONNECTION_DOWN:
-            _defer_rest(session, ids[position + 1 :], reason, now, claim, stats)
-            return False
+    """Process the rows ``lease`` holds, renewing it on the way; return False when the pass
+    should end (stop). Raises TransportFault (the rows handed back, delayed), or the error
+    that failed the pass (what is still held handed back if the database allows)."""
+    try:
+        while lease.pending:
+            if stop.is_set():
+                _hand_back(session, lease)
+                return False
+            if lease.due_for_renewal(clock()):
+                _renew(session, lease, clock, settings, stats)
+                if not lease.pending:  # all taken meanwhile
+                    break
+            transport.deadline = lease.send_deadline()  # the send ends before the lease does
+            stats.add(_send_one(session, transport, settings, lease, clock()))
+            lease.pending.pop(0)
+    except TransportFault as fault:
+        if fault.mid_transaction and lease.pending:
+            stats.delayed += _set_back(session, lease, fault.reason, clock())
+        stats.delayed += _hand_back(session, lease, fault.reason)
+        raise
+    except Exception:
+        _hand_back(session, lease)
+        raise
     return True
 
 
@@ -313,26 +373,37 @@ def _send_one(
     session: Session,
     transport: SmtpTransport,
     settings: Settings,
-    notice_id: int,
+    lease: Lease,
     now: datetime,
-    claim: outbox.Claim,
-) -> tuple[RowOutcome, str | None]:
-    """Process one notice as a job of its own; an unexpected error rolls it back and the
-    notice is retried later (itself a job). Returns what :func:`process` returns; SKIPPED
-    when the claim was taken (the new holder records the outcome)."""
+) -> RowOutcome:
+    """Process the batch's next notice as a job of its own; an unexpected error rolls it
+    back and the notice is retried later (itself a job). Returns the outcome; SKIPPED when
+    the claim was taken (the new holder records it). Raises TransportFault, and the
+    database's errors when it is unreachable (the pass ends)."""
+    notice_id, claim, length = lease.pending[0], lease.claim, lease.length
     try:
         with job(session):
-            return process(session, transport, settings, notice_id, now, claim)
+            return process(session, transport, settings, notice_id, now, claim, length)[0]
     except outbox.ClaimLost:
-        return RowOutcome.SKIPPED, None
+        return RowOutcome.SKIPPED
+    except (TransportFault, *DATABASE_DOWN):
+        raise  # not this row's fault
+    except DBAPIError as err:  # its text quotes the statement's parameters: the types only
+        log.error(
+            "notice %d: database error (%s: %s)",
+            notice_id,
+            type(err).__name__,
+            type(err.orig).__name__,
+            extra={"notice_id": notice_id},
+        )
     except Exception:
         log.exception("notice %d: unexpected error", notice_id, extra={"notice_id": notice_id})
     try:
         with job(session):
             outbox.mark_retry(session, notice_id, "internal-error", now, claim=claim)
     except outbox.ClaimLost:
-        return RowOutcome.SKIPPED, None
-    return RowOutcome.RETRYING, None
+        return RowOutcome.SKIPPED
+    return RowOutcome.RETRYING
 
 
 def drain(
@@ -342,12 +413,17 @@ def drain(
     clock: Clock = utcnow,
     batch: int = outbox.DEFAULT_BATCH,
     stop: threading.Event | None = None,
+    probe: bool = False,
 ) -> RunStats:
     """Enqueue due reminders, then claim and send batches until none is due; return counts.
 
-    Runs inside its own app context with one SMTP connection for the pass.
-    Raises OSError when DKIM_KEY cannot be read, KeyUnavailable when the
-    keyring cannot be (rows stay queued, links kept).
+    Runs inside its own app context with one SMTP connection for the pass; with
+    ``probe``, or when the worker's stored row shows a current transport error, it
+    connects to the relay first (the last pass met a transport fault), and claims
+    nothing if that fails. A transport fault ends the pass with the rows still
+    queued: it is in the result's ``transport_error``. Writes the worker's heartbeat
+    at the end. Raises OSError when DKIM_KEY cannot be read, KeyUnavailable when the
+    keyring cannot be (rows stay queued, links kept), and the database's errors.
     """
     stop = stop or threading.Event()
     stats = RunStats()
@@ -356,16 +432,56 @@ def drain(
         session = db.session
         keys.keyring()  # unreadable: a misconfiguration, so end the pass before any row fails
         enqueue_reminders(session, clock(), settings)
+        bounces.collect(session, settings, clock())  # DSNs that came back (notifier.bounces)
+        probe = probe or health.error_stored(session, worker_id)  # e.g. a restart after a fix
         with SmtpTransport(smtp_settings(settings), dkim_key=dkim_key(settings)) as transport:
-            while not stop.is_set():
-                claim = outbox.Claim(worker_id, clock())
-                with job(session):  # the claim is visible to other workers before any send
-                    ids = outbox.claim(session, worker_id, batch, now=claim.claimed_at)
-                if not ids or not _run_batch(
-                    session, transport, settings, ids, claim, clock, stats, stop
-                ):
-                    break
+            try:
+                if probe:
+                    transport.open()
+                    with job(session):  # staff pages and /health stop saying "delayed" now
+                        health.relay_ok(session, worker_id, clock(), settings.notifier_lease)
+                _claim_and_send(session, transport, settings, worker_id, clock, batch, stats, stop)
+            except TransportFault as fault:
+                stats.transport_error = fault
+            reached = transport.connections_opened > 0
+        _record_pass(session, worker_id, clock(), settings, stats, reached)
     return stats
+
+
+def _claim_and_send(
+    session: Session,
+    transport: SmtpTransport,
+    settings: Settings,
+    worker_id: str,
+    clock: Clock,
+    batch: int,
+    stats: RunStats,
+    stop: threading.Event,
+) -> None:
+    """Claim a batch, send it, repeat until none is due or the pass must end."""
+    length = timedelta(seconds=settings.notifier_lease)
+    while not stop.is_set():
+        mark, now = time.monotonic(), clock()
+        with job(session):  # the claim is visible to other workers before any send
+            ids = outbox.claim(session, worker_id, batch, now=now, lease=length)
+        lease = Lease(outbox.Claim(worker_id, now), ids, length, mark)
+        if not ids or not _run_batch(session, transport, settings, lease, clock, stats, stop):
+            return
+
+
+def _record_pass(
+    session: Session,
+    worker_id: str,
+    now: datetime,
+    settings: Settings,
+    stats: RunStats,
+    reached: bool,
+) -> None:
+    result = health.PassResult(
+        stats.sent, stats.failed, stats.retrying, stats.delayed, stats.transport_error, reached
+    )
+    with job(session):
+        health.record_pass(session, worker_id, now, settings.notifier_lease, result)
 
 
 def run_once(
@@ -375,30 +491,142 @@ def run_once(
     return drain(app, worker_id, clock=clock, batch=batch).processed
 
 
+# -- running ------------------------------------------------------------------------------
+
+
+class TransportAlarm:
+    """Logs a transport fault once, when it starts or changes, and once when it ends."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    @property
+    def active(self) -> bool:
+        """True while the last pass met a transport fault."""
+        return self.reason is not None
+
+    def update(self, fault: TransportFault | None, delayed: int = 0) -> None:
+        """Take note of a pass's transport fault (None: the pass met none)."""
+        if fault is None:
+            if self.reason is not None:
+                log.info("mail relay usable again (was %s); sending resumed", self.reason)
+            self.reason = None
+            return
+        if fault.reason != self.reason:
+            log.error(
+                "cannot send notices: %s (%s); check %s. %d notices handed back to the "
+                "queue with their links; they are sent once this is fixed",
+                fault.advice,
+                fault.reason,
+                fault.setting,
+                delayed,
+            )
+        self.reason = fault.reason
+
+
+class _Backoff:
+    """Waits that double from ``first`` to ``most``, and start again after a reset."""
+
+    def __init__(self, first: float, most: float) -> None:
+        self.first, self.most, self.next = first, most, first
+
+    def take(self) -> float:
+        """Return the wait now, doubling the next one."""
+        wait, self.next = self.next, min(self.next * 2, self.most)
+        return wait
+
+    def reset(self) -> None:
+        """Start again from ``first``."""
+        self.next = self.first
+
+
+class _Pace:
+    """How long run_forever waits after each pass, and the one log line per failure streak."""
+
+    def __init__(self, poll_seconds: float) -> None:
+        self.poll_seconds = poll_seconds
+        self.alarm = TransportAlarm()
+        self.relay = _Backoff(*RELAY_BACKOFF)
+        self.failing = _Backoff(*FAILED_PASS_RETRY)
+        self.failure: str | None = None
+
+    def passed(self, stats: RunStats) -> float:
+        """A pass ended: return the wait before the next (a backoff after a transport fault)."""
+        if self.failure is not None:
+            log.info("notifier pass succeeded again after %s", self.failure)
+        self.failure = None
+        self.failing.reset()
+        self.alarm.update(stats.transport_error, stats.delayed)
+        if stats.transport_error is None:
+            self.relay.reset()
+            return self.poll_seconds
+        if stats.sent:  # the relay worked again since the last fault: a new streak
+            self.relay.reset()
+        return self.relay.take()
+
+    def failed(self, err: Exception) -> float:
+        """A pass raised ``err``: log it once per streak; return a short wait (retry soon)."""
+        name = type(err).__name__
+        if isinstance(err, DBAPIError):  # its text quotes the statement: the kinds only
+            what = "unreachable" if isinstance(err, DATABASE_DOWN) else "error"
+            name = f"database {what}: {name} ({type(err.orig).__name__})"
+            if self.failure is None:
+                log.warning("notifier pass failed, %s; trying again within seconds", name)
+        elif self.failure is None:
+            log.exception("notifier pass failed; trying again")
+        self.failure = name
+        return self.failing.take()
+
+
 def run_forever(
     app: Flask,
     worker_id: str,
     poll_seconds: float = POLL_SECONDS,
     stop: threading.Event | None = None,
 ) -> None:
-    """Drain, sleep ``poll_seconds``, repeat; return after SIGTERM or SIGINT (or ``stop``).
+    """Drain, wait, repeat; return after SIGTERM or SIGINT (or ``stop``).
 
-    On a signal the row being sent is finished and the rest of the batch handed
-    back to the queue.
+    Waits ``poll_seconds`` after a pass, 15 s doubling to 5 min after a transport
+    fault (probing the relay first the next time), and 0.5 s doubling to 5 s after
+    a failed pass (the database down), writing the heartbeat at least every
+    HEARTBEAT_SECONDS. On a signal the row being sent is finished and the rest of the
+    batch handed back to the queue.
     """
     stop = stop or threading.Event()
     restore = _install_signals(stop)
+    pace = _Pace(poll_seconds)
     log.info("notifier worker started")
+    _beat(app, worker_id, register=True)
     try:
         while not stop.is_set():
             try:
-                drain(app, worker_id, stop=stop)
-            except Exception:
-                log.exception("notifier pass failed; trying again")
-            stop.wait(poll_seconds)
+                wait = pace.passed(drain(app, worker_id, stop=stop, probe=pace.alarm.active))
+            except Exception as err:
+                wait = pace.failed(err)
+            _pause(app, worker_id, stop, wait)
     finally:
         restore()
     log.info("notifier worker stopped")
+
+
+def _pause(app: Flask, worker_id: str, stop: threading.Event, seconds: float) -> None:
+    """Wait ``seconds`` (or until ``stop``), writing the heartbeat while waiting long."""
+    until = time.monotonic() + seconds
+    while not stop.wait(min(max(until - time.monotonic(), 0), delivery.HEARTBEAT_SECONDS)):
+        if until - time.monotonic() <= 0:
+            return
+        _beat(app, worker_id)
+
+
+def _beat(app: Flask, worker_id: str, *, register: bool = False) -> None:
+    """Write the heartbeat as a job of its own; a database outage only skips it."""
+    lease = settings_of(app).notifier_lease
+    try:
+        with app.app_context(), job(db.session):
+            write = health.register if register else health.beat
+            write(db.session, worker_id, utcnow(), lease)
+    except DBAPIError as err:
+        log.debug("heartbeat not written (%s)", type(err.orig).__name__)
 
 
 def _install_signals(stop: threading.Event) -> Callable[[], None]:

@@ -73,7 +73,10 @@ def test_the_units_are_the_portal_the_notifier_and_a_retention_timer() -> None:
     ]
     commands = {unit.name: settings(unit)["ExecStart"] for unit in SERVICES}
     assert commands["pickup-portal.service"][0].startswith(f"{INSTALL_PREFIX}/bin/portal serve")
-    assert commands["pickup-notifier.service"] == [f"{INSTALL_PREFIX}/bin/notifier run"]
+    # A stable worker id: a restarted notifier takes its own claimed rows back at once.
+    assert commands["pickup-notifier.service"] == [
+        f"{INSTALL_PREFIX}/bin/notifier run --worker-id %H"
+    ]
     assert commands["pickup-retention.service"] == [f"{INSTALL_PREFIX}/bin/portal retention run"]
     timer = settings(UNITS / "pickup-retention.timer")
     assert timer["Unit"] == ["pickup-retention.service"]

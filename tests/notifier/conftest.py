@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import email.policy
 import mailbox
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import format_datetime
@@ -19,6 +20,8 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from notifier.sink import MaildirHandler, MailSink
 from notifier.smtp import SmtpSettings, make_message_id
 from notifier.tlscert import generate_self_signed
+from tests.support.notifier_process import WorkerProcess
+from tests.support.sink_process import SinkProcess
 
 PATIENT = "pat.example@patients.example.org"
 FROM = "Pickup Portal <no-reply@portal.example.org>"
@@ -27,13 +30,26 @@ SinkFactory = Callable[..., MailSink]
 
 
 class RefusingHandler(MaildirHandler):
-    """A Maildir handler that answers a fixed reply to RCPT and/or DATA."""
+    """A Maildir handler that answers a fixed reply to MAIL, RCPT and/or DATA."""
 
     def __init__(
-        self, maildir: Path, rcpt_reply: str | None = None, data_reply: str | None = None
+        self,
+        maildir: Path,
+        rcpt_reply: str | None = None,
+        data_reply: str | None = None,
+        mail_reply: str | None = None,
     ) -> None:
         super().__init__(maildir)
-        self.rcpt_reply, self.data_reply = rcpt_reply, data_reply
+        self.rcpt_reply, self.data_reply, self.mail_reply = rcpt_reply, data_reply, mail_reply
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if self.mail_reply:
+            return self.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -138,6 +154,13 @@ def sink(sink_factory: SinkFactory) -> MailSink:
 
 
 @pytest.fixture
+def bounce_sink(sink_factory: SinkFactory, tmp_path: Path) -> MailSink:
+    """A STARTTLS sink that bounces as a relay does (reserved local parts, and the addresses
+    in ``sink.handler.bounce_rules``), writing each DSN to the Maildir ``tmp_path/bounces``."""
+    return sink_factory("relay", bounce_maildir=tmp_path / "bounces")
+
+
+@pytest.fixture
 def plain_sink(sink_factory: SinkFactory) -> MailSink:
     """A running sink that does not offer STARTTLS."""
     return sink_factory("plain", starttls=False, cert_file=None)
@@ -145,11 +168,40 @@ def plain_sink(sink_factory: SinkFactory) -> MailSink:
 
 @pytest.fixture
 def refusing_sink(sink_factory: SinkFactory, tmp_path: Path) -> Callable[..., MailSink]:
-    """Start a STARTTLS sink answering ``rcpt_reply`` / ``data_reply`` (e.g. "451 4.3.0 busy")."""
+    """Start a STARTTLS sink answering ``rcpt_reply`` / ``data_reply`` / ``mail_reply``
+    (e.g. "451 4.3.0 busy")."""
 
-    def start(rcpt_reply: str | None = None, data_reply: str | None = None) -> MailSink:
-        handler = RefusingHandler(tmp_path / "refusing" / "Maildir", rcpt_reply, data_reply)
+    def start(
+        rcpt_reply: str | None = None, data_reply: str | None = None, mail_reply: str | None = None
+    ) -> MailSink:
+        handler = RefusingHandler(
+            tmp_path / "refusing" / "Maildir", rcpt_reply, data_reply, mail_reply
+        )
         return sink_factory("refusing", handler=handler)
+
+    return start
+
+
+class SlowHandler(MaildirHandler):
+    """A Maildir handler that waits ``delay`` seconds before answering the end of DATA (a
+    slow relay); it stores the message after the wait, as a relay queues it then answers."""
+
+    def __init__(self, maildir: Path, delay: float) -> None:
+        super().__init__(maildir)
+        self.delay = delay
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        await asyncio.sleep(self.delay)
+        return await super().handle_DATA(server, session, envelope)
+
+
+@pytest.fixture
+def slow_sink(sink_factory: SinkFactory, tmp_path: Path) -> Callable[[float], MailSink]:
+    """``slow_sink(delay)``: a STARTTLS sink taking ``delay`` seconds over each message
+    (``sink.handler.delay`` may be changed while it runs)."""
+
+    def start(delay: float) -> MailSink:
+        return sink_factory("slow", handler=SlowHandler(tmp_path / "slow" / "Maildir", delay))
 
     return start
 
@@ -226,3 +278,37 @@ def delivered() -> Callable[[MailSink | Path], list[EmailMessage]]:
     return lambda target: delivered_messages(
         target.maildir if isinstance(target, MailSink) else target
     )
+
+
+@pytest.fixture
+def worker_process(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """``worker_process(env, *args, relay_backoff=None)``: start ``notifier run *args`` as a
+    process (see WorkerProcess for ``relay_backoff``); any still running at teardown is killed."""
+    started: list[WorkerProcess] = []
+
+    def start(
+        env: dict[str, str], *args: str, relay_backoff: tuple[float, float] | None = None
+    ) -> WorkerProcess:
+        folder = tmp_path / f"worker-{len(started)}"
+        started.append(WorkerProcess(env, args, folder, relay_backoff))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        if proc.process.poll() is None:
+            proc.kill()
+
+
+@pytest.fixture
+def sink_process(tmp_path: Path) -> Iterator[Callable[..., SinkProcess]]:
+    """``sink_process(stall_at=())``: start the mail sink as a process of its own, to kill
+    and start again on the same port and Maildir (see SinkProcess); stopped at teardown."""
+    started: list[SinkProcess] = []
+
+    def start(stall_at: Sequence[int] = ()) -> SinkProcess:
+        started.append(SinkProcess(tmp_path / f"relay-{len(started)}", stall_at).start())
+        return started[-1]
+
+    yield start
+    for relay in started:
+        relay.stop()

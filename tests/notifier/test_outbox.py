@@ -228,6 +228,70 @@ def test_release_hands_rows_back(session: Any, staff: User) -> None:
     assert outbox.claim(session, "w2", now=T0) == ids
 
 
+def test_a_worker_started_again_under_its_id_takes_its_rows_back_at_once(
+    session: Any, staff: User
+) -> None:
+    ids = queue(session, staff, 2)
+    assert outbox.claim(session, "host-a", now=T0) == ids  # then host-a is killed
+    session.commit()
+    soon = T0 + timedelta(seconds=1)
+
+    assert outbox.claim(session, "host-b", now=soon) == []  # others wait for the lease
+    assert outbox.claim(session, "host-a", now=soon) == ids  # its own, at once
+    session.commit()
+    assert not outbox.may_send(session, ids[0], outbox.Claim("host-a", T0), soon)  # old claim
+    assert outbox.may_send(session, ids[0], outbox.Claim("host-a", soon), soon)
+
+
+def test_the_lease_is_a_parameter(session: Any, staff: User) -> None:
+    ids = queue(session, staff, 1)
+    short = timedelta(seconds=3)
+    outbox.claim(session, "dead", now=T0, lease=short)
+    session.commit()
+
+    assert outbox.claim(session, "w2", now=T0 + short - timedelta(seconds=1), lease=short) == []
+    assert outbox.claim(session, "w2", now=T0 + short + timedelta(seconds=1), lease=short) == ids
+
+
+def test_renew_moves_the_lease_of_the_rows_still_held(session: Any, staff: User) -> None:
+    ids = queue(session, staff, 3)
+    outbox.claim(session, "w1", now=T0)
+    outbox.mark_sent(session, ids[0], "250 ok", now=T0, claim=W1)  # done: not renewed
+    session.commit()
+    later = T0 + outbox.LEASE - timedelta(seconds=1)
+
+    assert outbox.renew(session, ids, W1, later) == ids[1:]
+    session.commit()
+
+    renewed = outbox.Claim("w1", later)
+    beyond = T0 + outbox.LEASE + timedelta(seconds=1)  # past the first claim's lease
+    assert outbox.claim(session, "w2", now=beyond) == []  # still held
+    assert outbox.may_send(session, ids[1], renewed, beyond)
+    assert not outbox.may_send(session, ids[1], W1, later)  # the old claim fences no more
+    assert outbox.renew(session, ids, W1, beyond) == []
+    with pytest.raises(outbox.ClaimLost):
+        outbox.mark_sent(session, ids[1], "250 ok", now=beyond, claim=W1)
+
+
+def test_release_for_a_transport_fault_keeps_the_link_and_counts_no_attempt(
+    session: Any, staff: User
+) -> None:
+    ids = queue(session, staff, 2)
+    outbox.claim(session, "w1", now=T0)
+
+    outbox.release(session, ids, W1, reason="tls-verify-failed")
+    session.commit()
+
+    for notice_id in ids:
+        row = outbox.load(session, notice_id)
+        assert row is not None
+        assert (row.status, row.attempts, row.failure_reason) == ("queued", 0, "tls-verify-failed")
+        assert (row.claimed_by, row.next_attempt_at) == (None, T0)
+        assert row.payload_sealed is not None
+    assert session.scalar(select(AuditEvent).where(AuditEvent.action.like("notice.%"))) is None
+    assert outbox.claim(session, "w2", now=T0) == ids  # due at once
+
+
 def _message(session: Any, sender: User, recipient: User) -> Message:
     key_row, key = keys.create(session, "message")
     pid = new_public_id()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import email.headerregistry
+import email.policy
 import inspect
+import re
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -328,3 +331,42 @@ def test_change_notices_to_a_patient_pass_the_phi_guard(
     assert row.payload_sealed is None  # nothing stored: the notice links the portal's front page
     assert not phi.find_phi(texts, terms)
     assert not any("Quenby" in text for text in texts)
+
+
+# -- the header registry that remembers its classes ----------------------------------------
+
+
+def test_a_notice_is_byte_for_byte_what_emails_default_policy_builds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    moment = datetime(2031, 6, 1, 9, 30, tzinfo=UTC)
+    ours = rendered("pickup", now=moment)
+    monkeypatch.setattr(render, "POLICY", email.policy.default)
+    standard = rendered("pickup", now=moment)
+
+    def flat(msg: Any) -> bytes:  # the multipart boundary is random: the rest must match
+        return re.sub(rb"=+\d+==", b"BOUNDARY", msg.as_bytes(policy=email.policy.SMTP))
+
+    assert flat(ours) == flat(standard)
+    assert ours.policy is not email.policy.default
+
+
+def test_header_classes_are_made_once_per_name() -> None:
+    first, second = rendered("pickup"), rendered("reminder")
+
+    assert type(first["Subject"]) is type(second["Subject"])
+    assert type(first["To"]) is type(second["To"])
+    assert type(first["Subject"]) is not type(first["To"])
+    assert isinstance(first["To"], email.headerregistry.AddressHeader)
+
+
+def test_addresses_and_message_ids_are_never_shared_between_notices() -> None:
+    first = rendered("pickup", to_address="first@patients.example.org")
+    second = rendered("pickup", to_address="second@patients.example.org")
+
+    assert first["Subject"] is second["Subject"]  # the same parsed header, shared
+    assert first["To"] is not second["To"]
+    assert first["Message-ID"] is not second["Message-ID"]
+    kept = " ".join(f"{name} {value}" for name, value in render._SHARED)
+    assert "@patients.example.org" not in kept
+    assert "notice-" not in kept

@@ -21,13 +21,17 @@ from notifier.smtp import (
     DeliveryError,
     DkimKey,
     PermanentDeliveryError,
+    RelayUnavailable,
     SmtpSettings,
     SmtpTransport,
     TransientDeliveryError,
+    TransportConfigError,
+    TransportFault,
     dkim_sign,
     make_message_id,
     tls_context,
 )
+from tests.support.tls_garbage import CorruptingRelay
 
 PATIENT = "pat.example@patients.example.org"  # as in conftest.make_notice
 
@@ -342,17 +346,18 @@ def test_auth_with_a_wrong_password_is_permanent(
     assert sink.handler.stored == 0
 
 
-def test_sink_requiring_auth_refuses_anonymous_mail(
+def test_sink_requiring_auth_refuses_anonymous_mail_as_a_configuration_error(
     sink_factory: SinkFactory,
     make_notice: Notice,
     smtp_settings: SettingsFor,
 ) -> None:
     sink = sink_factory("auth", auth=("notifier", "s3cret-pass"))
     transport = SmtpTransport(smtp_settings(sink))
-    with transport, pytest.raises(PermanentDeliveryError) as e:
+    with transport, pytest.raises(TransportConfigError) as e:
         transport.send(make_notice())
 
-    assert e.value.reason.startswith("smtp-5xx:")
+    assert (e.value.reason, e.value.smtp_code) == ("auth-required", 530)
+    assert e.value.setting == "PORTAL_SMTP_USERNAME / PORTAL_SMTP_PASSWORD"
     assert sink.handler.stored == 0
 
 
@@ -490,3 +495,189 @@ def test_missing_ca_file_is_a_permanent_configuration_error(
 def test_there_is_no_plaintext_mode() -> None:
     with pytest.raises(ValueError, match="starttls"):
         SmtpSettings("h", 25, "none", None, None, None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("case", "kind", "reason", "setting"),
+    [
+        ("untrusted-ca", TransportConfigError, "tls-verify-failed", "PORTAL_SMTP_CA_FILE"),
+        ("missing-ca", TransportConfigError, "ca-file-unusable", "PORTAL_SMTP_CA_FILE"),
+        ("no-starttls", TransportConfigError, "starttls-unavailable", "PORTAL_SMTP_TLS"),
+        ("implicit-on-starttls", TransportConfigError, "tls-failed", "PORTAL_SMTP_TLS"),
+        (
+            "wrong-password",
+            TransportConfigError,
+            "auth-failed",
+            "PORTAL_SMTP_USERNAME / PORTAL_SMTP_PASSWORD",
+        ),
+        (
+            "nobody-listening",
+            RelayUnavailable,
+            "connect-failed",
+            "PORTAL_SMTP_HOST / PORTAL_SMTP_PORT",
+        ),
+    ],
+)
+def test_what_fails_while_connecting_is_a_transport_fault_naming_the_setting(
+    sink_factory: SinkFactory,
+    plain_sink: MailSink,
+    other_ca_file: str,
+    free_port: int,
+    tmp_path: Path,
+    make_notice: Notice,
+    smtp_settings: SettingsFor,
+    case: str,
+    kind: type[TransportFault],
+    reason: str,
+    setting: str,
+) -> None:
+    """No notice is at fault when the relay cannot be used: the worker keeps them queued."""
+    sink = sink_factory("auth", auth=("notifier", "s3cret-pass"))
+    settings = {
+        "untrusted-ca": smtp_settings(sink, ca_file=other_ca_file),
+        "missing-ca": smtp_settings(sink, ca_file=str(tmp_path / "missing.pem")),
+        "no-starttls": smtp_settings(plain_sink, ca_file=other_ca_file),
+        "implicit-on-starttls": smtp_settings(sink, tls="implicit"),
+        "wrong-password": smtp_settings(sink, username="notifier", password="wrong"),
+        "nobody-listening": smtp_settings(sink, port=free_port),
+    }[case]
+    with SmtpTransport(settings) as transport, pytest.raises(kind) as caught:
+        transport.send(make_notice())
+
+    assert (caught.value.reason, caught.value.setting) == (reason, setting)
+    assert caught.value.advice
+    assert_phi_free(caught.value)
+    assert sink.handler.stored == plain_sink.handler.stored == 0
+
+
+def test_refusals_of_one_message_are_not_transport_faults(
+    refusing_sink: Callable[..., MailSink], make_notice: Notice, smtp_settings: SettingsFor
+) -> None:
+    sink = refusing_sink(rcpt_reply="550 5.1.1 <pat.example@patients.example.org> unknown")
+    with SmtpTransport(smtp_settings(sink)) as transport, pytest.raises(DeliveryError) as caught:
+        transport.send(make_notice())
+
+    assert not isinstance(caught.value, TransportFault)
+    assert caught.value.reason == "smtp-5xx:550"
+
+
+def test_a_send_on_a_stalled_relay_ends_at_its_deadline(
+    slow_sink: Callable[[float], MailSink], make_notice: Notice, smtp_settings: SettingsFor
+) -> None:
+    sink = slow_sink(3.0)  # answers the end of DATA after 3 s; the timeout is 10 s
+    with SmtpTransport(smtp_settings(sink, timeout=10.0)) as transport:
+        transport.open()
+        transport.deadline = time.monotonic() + 0.3
+        with pytest.raises(RelayUnavailable) as caught:
+            transport.send(make_notice())  # without the deadline it would be accepted
+
+        assert caught.value.reason == "timeout"  # not "connection-lost": smtplib's disguise
+        transport.deadline = None
+        sink.handler.delay = 0  # type: ignore[attr-defined]
+        transport.send(make_notice(2))  # a new connection, no deadline
+
+    assert sink.connection_count == 2
+
+
+def test_a_send_whose_deadline_has_passed_does_not_reach_the_relay(
+    sink: MailSink, make_notice: Notice, smtp_settings: SettingsFor
+) -> None:
+    transport = SmtpTransport(smtp_settings(sink))
+    transport.deadline = time.monotonic() - 1
+    with transport, pytest.raises(RelayUnavailable) as caught:
+        transport.send(make_notice())
+
+    assert caught.value.reason == "connect-failed"
+    assert sink.connection_count == 0
+
+
+# -- refusals of relaying itself, and the relay going away mid-transaction ---------------
+
+
+@pytest.mark.parametrize(
+    ("replies", "reason"),
+    [
+        (
+            {"rcpt_reply": "554 5.7.1 <pat.example@patients.example.org>: Relay access denied"},
+            "relay-denied:5.7.1",
+        ),  # Postfix
+        (
+            {"rcpt_reply": "550 5.7.54 SMTP; Unable to relay recipient in non-accepted domain"},
+            "relay-denied:5.7.54",
+        ),  # Exchange
+        (
+            {"mail_reply": "550 5.7.57 Client not authenticated to send mail"},
+            "relay-denied:5.7.57",
+        ),  # Office 365
+        ({"data_reply": "550 5.7.54 Unable to relay"}, "relay-denied:5.7.54"),
+    ],
+)
+def test_a_relay_refusing_to_relay_is_a_configuration_fault_naming_the_login(
+    refusing_sink: Callable[..., MailSink],
+    make_notice: Notice,
+    smtp_settings: SettingsFor,
+    replies: dict[str, str],
+    reason: str,
+) -> None:
+    sink = refusing_sink(**replies)
+    with SmtpTransport(smtp_settings(sink)) as transport, pytest.raises(TransportFault) as caught:
+        transport.send(make_notice())
+
+    assert isinstance(caught.value, TransportConfigError)
+    assert caught.value.reason == reason  # the enhanced code's digits, no reply text
+    assert "PORTAL_SMTP_USERNAME" in caught.value.setting
+    assert_phi_free(caught.value)
+    assert sink.handler.stored == 0
+
+
+@pytest.mark.parametrize(
+    "replies",
+    [
+        {"mail_reply": "451 4.3.0 Temporary sender lookup failure"},
+        {"mail_reply": "421 4.3.2 Service shutting down"},
+        {"rcpt_reply": "421 4.3.2 Service shutting down"},
+        {"data_reply": "421 4.3.2 Service shutting down"},
+    ],
+    ids=["mail-451", "mail-421", "rcpt-421", "data-421"],
+)
+def test_a_deferred_sender_or_a_closing_relay_is_the_relay_unavailable(
+    refusing_sink: Callable[..., MailSink],
+    make_notice: Notice,
+    smtp_settings: SettingsFor,
+    replies: dict[str, str],
+) -> None:
+    sink = refusing_sink(**replies)
+    with SmtpTransport(smtp_settings(sink)) as transport, pytest.raises(TransportFault) as caught:
+        transport.send(make_notice())
+
+    assert isinstance(caught.value, RelayUnavailable)
+    assert caught.value.reason.startswith("smtp-4xx:4")
+
+
+def test_a_size_refusal_to_mail_from_fails_that_message_only(
+    refusing_sink: Callable[..., MailSink], make_notice: Notice, smtp_settings: SettingsFor
+) -> None:
+    sink = refusing_sink(mail_reply="552 5.3.4 Message size exceeds fixed limit")
+    with SmtpTransport(smtp_settings(sink)) as transport, pytest.raises(DeliveryError) as caught:
+        transport.send(make_notice())
+
+    assert isinstance(caught.value, PermanentDeliveryError)
+    assert not isinstance(caught.value, TransportFault)
+    assert caught.value.reason == "smtp-5xx:552"
+
+
+def test_a_tls_error_after_the_handshake_is_a_lost_connection_not_a_tls_setting(
+    make_notice: Notice, tmp_path: Path
+) -> None:
+    relay = CorruptingRelay(tmp_path)
+    settings = SmtpSettings(
+        "localhost", relay.port, "starttls", str(relay.ca_file), None, None, timeout=5.0
+    )
+    try:
+        with SmtpTransport(settings) as transport, pytest.raises(TransportFault) as caught:
+            transport.send(make_notice())
+    finally:
+        relay.close()
+
+    assert isinstance(caught.value, RelayUnavailable)  # before: permanent "tls-failed"
+    assert caught.value.reason == "connection-lost"

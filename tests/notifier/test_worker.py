@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 import secrets
 import threading
@@ -20,7 +21,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from flask import Flask
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from notifier import outbox, render, worker
 from notifier.sink import MailSink
@@ -298,7 +299,7 @@ def test_a_second_pass_sends_nothing_again(
     assert sink.connection_count == 1  # one connection for the batch
 
 
-def test_server_down_then_up_retries_later_and_loses_nothing(
+def test_server_down_keeps_the_batch_queued_and_sends_it_once_it_is_back(
     make_app: Callable[..., Flask],
     sink_factory: Callable[..., MailSink],
     free_port: int,
@@ -315,51 +316,22 @@ def test_server_down_then_up_retries_later_and_loses_nothing(
 
     stats = worker.drain(app, "w1", clock=fixed(t0))
 
-    assert (stats.sent, stats.retrying) == (0, 2)
+    assert (stats.sent, stats.retrying, stats.failed, stats.delayed) == (0, 0, 0, 2)
+    assert stats.transport_error is not None
+    assert stats.transport_error.reason == "connect-failed"
     first = row(app, seeded.notice_ids[0])
-    assert (first.status, first.attempts, first.failure_reason) == ("queued", 1, "connect-failed")
-    assert first.next_attempt_at == t0 + timedelta(minutes=1)
-    assert first.payload_sealed is not None  # the link is kept until it is sent
+    # The relay's fault, not the notice's: no attempt counted, still due, link kept.
+    assert (first.status, first.attempts, first.failure_reason) == ("queued", 0, "connect-failed")
+    assert (first.claimed_by, first.claimed_at) == (None, None)
+    assert first.next_attempt_at <= t0
+    assert first.payload_sealed is not None
 
     late = sink_factory("late", port=free_port)
-    assert worker.run_once(app, "w1", clock=fixed(t0 + timedelta(seconds=30))) == 0
-    stats = worker.drain(app, "w1", clock=fixed(t0 + timedelta(minutes=2)))
+    stats = worker.drain(app, "w1", clock=fixed(t0 + timedelta(seconds=30)))
 
-    assert stats.sent == 2
+    assert (stats.sent, stats.transport_error) == (2, None)
     assert len(delivered(late)) == 2
     assert row(app, seeded.notice_ids[1]).status == "sent"
-
-
-def test_server_without_starttls_gets_nothing(
-    make_app: Callable[..., Flask], plain_sink: MailSink, other_ca_file: str, t0: datetime
-) -> None:
-    app = app_for(make_app, plain_sink.port, other_ca_file)
-    seeded = seed(app)
-
-    stats = worker.drain(app, "w1", clock=fixed(t0))
-
-    assert stats.failed == 1
-    stored = row(app, seeded.notice_ids[0])
-    assert (stored.status, stored.failure_reason) == ("failed", "starttls-unavailable")
-    assert stored.payload_sealed is None
-    assert plain_sink.handler.stored == 0
-
-
-def test_untrusted_certificate_gets_nothing(
-    make_app: Callable[..., Flask], sink: MailSink, other_ca_file: str, t0: datetime
-) -> None:
-    app = app_for(make_app, sink.port, other_ca_file)
-    seeded = seed(app)
-
-    worker.drain(app, "w1", clock=fixed(t0))
-
-    stored = row(app, seeded.notice_ids[0])
-    assert (stored.status, stored.failure_reason) == ("failed", "tls-verify-failed")
-    assert sink.handler.stored == 0
-    with app.app_context():
-        event = db.session.scalar(select(AuditEvent).where(AuditEvent.action == "notice.failed"))
-        assert event is not None
-        assert json.loads(event.details)["reason"] == "tls-verify-failed"
 
 
 def test_4xx_is_retried_then_sent(
@@ -377,6 +349,63 @@ def test_4xx_is_retried_then_sent(
     assert worker.drain(app, "w1", clock=fixed(t0 + timedelta(minutes=5))).sent == 1
     assert row(app, seeded.notice_ids[0]).attempts == 2
     assert sink.handler.stored == 1
+
+
+def test_a_row_whose_transaction_the_relay_breaks_off_does_not_block_the_queue(
+    make_app: Callable[..., Flask], refusing_sink: Callable[..., MailSink], t0: datetime
+) -> None:
+    sink = refusing_sink(data_reply="421 4.4.2 closing, timed out")  # after MAIL and RCPT
+    app = app_for(make_app, sink.port, sink.cert_file)
+    first, second = seed(app, notices_count=2).notice_ids
+
+    stats = worker.drain(app, "w1", clock=fixed(t0))
+
+    assert stats.transport_error is not None
+    assert stats.delayed == 2
+    stalled = row(app, first)
+    assert (stalled.status, stalled.attempts) == ("queued", 0)
+    assert stalled.failure_reason == "stalled:smtp-4xx:421"
+    assert stalled.next_attempt_at > t0 + timedelta(seconds=30)  # set back behind the rest
+    assert row(app, second).next_attempt_at <= t0  # the rest go back at once
+
+    sink.handler.data_reply = None  # type: ignore[attr-defined]
+    assert worker.drain(app, "w1", clock=fixed(t0 + timedelta(seconds=5))).sent == 1
+    assert (row(app, second).status, row(app, first).status) == ("sent", "queued")
+
+    sink.handler.data_reply = "421 4.4.2 closing"  # type: ignore[attr-defined]
+    worker.drain(app, "w1", clock=fixed(t0 + timedelta(minutes=2)))
+    again = row(app, first)  # the fault recurs on it: an attempt is counted
+    assert (again.status, again.attempts, again.failure_reason) == ("queued", 1, "smtp-4xx:421")
+
+
+def test_a_database_error_on_one_row_is_logged_by_type_without_its_parameters(
+    make_app: Callable[..., Flask],
+    sink: MailSink,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    t0: datetime,
+) -> None:
+    app = app_for(make_app, sink.port, sink.cert_file)
+    seeded = seed(app)
+    marker = "leak.marker.zq@patients.example.org"
+
+    def failing_mark_sent(session: Any, *args: Any, **kwargs: Any) -> None:
+        # An IntegrityError whose text would quote the statement's parameters.
+        session.execute(
+            text("INSERT INTO users (id, email) VALUES (:id, :email)"),
+            {"id": seeded.patient_id, "email": marker},
+        )
+
+    monkeypatch.setattr(outbox, "mark_sent", failing_mark_sent)
+    with caplog.at_level(logging.INFO):
+        stats = worker.drain(app, "w1", clock=fixed(t0))
+
+    assert stats.retrying == 1
+    assert row(app, seeded.notice_ids[0]).failure_reason == "internal-error"
+    [record] = [r for r in caplog.records if "database error" in r.getMessage()]
+    assert "IntegrityError" in record.getMessage()
+    assert record.exc_info is None  # no traceback: it would print the parameters
+    assert all(marker not in r.getMessage() for r in caplog.records)
 
 
 def test_5xx_fails_at_once(
@@ -659,8 +688,8 @@ def test_a_crash_mid_batch_loses_nothing_and_sends_nothing_twice(
     with app.app_context():
         statuses = Counter(db.session.scalars(select(Notification.status)))
     assert statuses == {"sent": 3, "sending": 7}
-    assert worker.run_once(app, "w2", clock=fixed(t0 + timedelta(minutes=5))) == 0
-    assert worker.drain(app, "w2", clock=fixed(t0 + timedelta(minutes=11))).sent == 7
+    assert worker.run_once(app, "w2", clock=fixed(t0 + outbox.LEASE - timedelta(seconds=1))) == 0
+    assert worker.drain(app, "w2", clock=fixed(t0 + outbox.LEASE + timedelta(seconds=1))).sent == 7
 
     ids = _delivered_ids(sink)
     assert len(ids) == 10
