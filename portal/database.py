@@ -9,6 +9,7 @@ from flask import current_app
 from flask.ctx import AppContext
 from flask.globals import app_ctx
 from sqlalchemy import CursorResult, DateTime, Engine, MetaData, Result, create_engine, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Session, scoped_session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 from werkzeug.local import LocalProxy
@@ -70,6 +71,21 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(url, pool_pre_ping=True, **kwargs)
+
+
+def pool_for_threads(url: str, threads: int) -> dict[str, Any]:
+    """Return ``create_engine``'s pool arguments for a process that serves ``threads``
+    requests at once: one pooled connection per thread, and never more.
+
+    A request holds one connection at a time (its ORM session's; the session store's short
+    transactions run before the view and after the commit), so no thread ever waits for
+    another's connection, and workers x threads bounds what one node opens on PostgreSQL.
+    In-memory SQLite keeps SQLAlchemy's single-connection pool (it takes no size).
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        return {}
+    return {"pool_size": threads, "max_overflow": 0}
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -140,8 +156,11 @@ class Database:
         return engine
 
     def init_app(self, app: Any) -> None:
-        """Create the engine from ``app.config['DATABASE_URL']`` and remove sessions at teardown."""
-        app.extensions["engine"] = make_engine(app.config["DATABASE_URL"])
+        """Create the engine from ``app.config['DATABASE_URL']``, its pool sized for
+        ``WEB_THREADS`` (:func:`pool_for_threads`), and remove sessions at teardown."""
+        url = app.config["DATABASE_URL"]
+        threads = int(app.config.get("WEB_THREADS") or 1)
+        app.extensions["engine"] = make_engine(url, **pool_for_threads(url, threads))
         app.teardown_appcontext(self._remove)
 
     def _remove(self, _exc: BaseException | None) -> None:

@@ -26,10 +26,15 @@ class _Gunicorn(BaseApplication):
 
 
 def run_gunicorn(
-    host: str, port: int, workers: int = 2, threads: int = 4, forwarded_allow_ips: str = ""
+    host: str, port: int, *, workers: int, threads: int, forwarded_allow_ips: str = ""
 ) -> None:
-    """Serve ``portal.wsgi:app`` on host:port until interrupted.
+    """Serve ``portal.wsgi:app`` on host:port until interrupted: ``workers`` processes of
+    ``threads`` threads each (gthread; README "Serving" says how to size them).
 
+    gthread because a request's thread spends a download mostly in ``send``, without the
+    GIL, while argon2, AES-GCM, SQLite and WeasyPrint would stall every request of an
+    event-loop worker; idle keep-alive connections wait in the worker's poller, not on a
+    thread. The portal keeps some threads from downloads (portal.web.downloads).
     ``forwarded_allow_ips`` (see :func:`gunicorn_trusted`) are the peers whose
     X-Forwarded-Proto gunicorn itself believes; default none.
     """

@@ -41,7 +41,7 @@ CONTRACT = {
     "audit verify": ["--from-head"],
     "audit export": ["--format", "--since", "--until", "--patient", "-o"],
     "retention run": [],
-    "serve": ["--host", "--port", "--workers"],
+    "serve": ["--host", "--port", "--workers", "--threads", "--download-slots"],
     "demo": ["--port"],
     "backup": ["FOLDER"],
     "restore": ["FOLDER"],
