@@ -15,6 +15,8 @@ from portal.models import Role, User
 from portal.services import accounts, admin
 from portal.services import keys as key_service
 from portal.services.errors import ServiceError
+from portal.services.paging import PageError
+from portal.web.paging import bad_page, page_request
 from portal.web.security import request_meta
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -31,10 +33,13 @@ def _user(public_id: str) -> User:
 @roles(Role.ADMIN)
 def users() -> ResponseReturnValue:
     """Every account that is not a patient's, with its state; then every locked account of
-    any role (patients included), so an admin can find and unlock it."""
-    rows = admin.staff_accounts(db.session)
-    named = [(u, accounts.display_name(db.session, u)) for u in rows]
-    locked = [(u, accounts.display_name(db.session, u)) for u in admin.locked_accounts(db.session)]
+    any role (patients included), so an admin can find and unlock it. Each list is paged on
+    its own (``after``/``before``, ``locked_after``/``locked_before``)."""
+    try:
+        named = admin.staff_accounts(db.session, page_request())
+        locked = admin.locked_accounts(db.session, page_request("locked_"))
+    except PageError as refused:
+        return bad_page(refused, url_for("admin.users"))
     return render_template("admin/users.html", users=named, locked=locked, form=ContinueForm())
 
 

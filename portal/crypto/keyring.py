@@ -31,7 +31,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -49,17 +49,56 @@ _WRAP_LABEL = b"pickup-portal/kek-wrap/v1"
 PathLike = str | os.PathLike[str]
 
 
+class FileIdentity(NamedTuple):
+    """Which file, in which state: device and inode (an atomic replace makes a new inode),
+    modification and change times in nanoseconds, and size.
+
+    Two equal identities mean the same bytes for any writer that replaces the file (as
+    ``Keyring`` does) or rewrites it in place (the times move); a cheap ``stat`` tells
+    whether a cached keyring is still the file on disk.
+    """
+
+    device: int
+    inode: int
+    mtime_ns: int
+    ctime_ns: int
+    size: int
+
+    @classmethod
+    def of(cls, status: os.stat_result) -> FileIdentity:
+        """Return the identity in ``status`` (from ``os.stat`` or ``os.fstat``)."""
+        return cls(
+            status.st_dev, status.st_ino, status.st_mtime_ns, status.st_ctime_ns, status.st_size
+        )
+
+
+def file_identity(path: PathLike) -> FileIdentity | None:
+    """Return the identity of the file at ``path`` now, or None when it cannot be stat-ed."""
+    try:
+        return FileIdentity.of(os.stat(path))
+    except OSError:
+        return None
+
+
 class Keyring:
     """The KEKs of one keyring file, as loaded; mutations rewrite the file."""
 
-    __slots__ = ("_active", "_keys", "_path", "_root")
+    __slots__ = ("_active", "_identity", "_keys", "_path", "_root")
 
-    def __init__(self, path: Path, active: int, keys: dict[int, bytes], root: bytes) -> None:
+    def __init__(
+        self,
+        path: Path,
+        active: int,
+        keys: dict[int, bytes],
+        root: bytes,
+        identity: FileIdentity | None = None,
+    ) -> None:
         """Build a keyring from parts; use ``load`` or ``load_or_create`` instead."""
         self._path = path
         self._active = active
         self._keys = dict(keys)
         self._root = root
+        self._identity = identity
 
     def __repr__(self) -> str:
         return f"<Keyring {self._path} active={self._active} versions={self.versions()}>"
@@ -68,19 +107,23 @@ class Keyring:
     def load(cls, path: PathLike) -> Keyring:
         """Return the keyring read from ``path`` (re-read on every call).
 
-        Raises ``KeyUnavailable``, naming the path but no key material, when
-        the file is missing, unreadable or malformed.
+        Its ``identity`` is that of the file the bytes came from (``fstat`` of the open
+        descriptor), so a file replaced between a caller's ``stat`` and this read is never
+        mistaken for the one read. Raises ``KeyUnavailable``, naming the path but no key
+        material, when the file is missing, unreadable or malformed.
         """
         path = Path(path)
         try:
-            raw = path.read_bytes()
+            with path.open("rb") as handle:
+                identity = FileIdentity.of(os.fstat(handle.fileno()))
+                raw = handle.read()
         except OSError as exc:
             raise KeyUnavailable(f"keyring {path} unreadable: {exc.strerror}") from None
         try:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise KeyUnavailable(f"keyring {path} malformed: not JSON") from None
-        return cls._from_json(path, data)
+        return cls._from_json(path, data, identity)
 
     @classmethod
     def load_or_create(cls, path: PathLike) -> Keyring:
@@ -102,6 +145,15 @@ class Keyring:
     def path(self) -> Path:
         """The keyring file's path."""
         return self._path
+
+    @property
+    def identity(self) -> FileIdentity | None:
+        """The identity of the file this keyring was read from (None: made, not read).
+
+        A keyring whose own methods rewrote the file keeps the identity it was read
+        with, so a cache comparing it with the file re-reads once: never stale.
+        """
+        return self._identity
 
     @property
     def active_version(self) -> int:
@@ -193,6 +245,7 @@ class Keyring:
     def _reload(self) -> None:
         fresh = Keyring.load(self._path)
         self._active, self._keys, self._root = fresh._active, fresh._keys, fresh._root
+        self._identity = fresh._identity
 
     def _write(self) -> None:
         document = {
@@ -204,7 +257,7 @@ class Keyring:
         _write_atomic(self._path, (json.dumps(document, indent=2) + "\n").encode())
 
     @classmethod
-    def _from_json(cls, path: Path, data: Any) -> Keyring:
+    def _from_json(cls, path: Path, data: Any, identity: FileIdentity | None = None) -> Keyring:
         def bad(what: str) -> KeyUnavailable:
             return KeyUnavailable(f"keyring {path} malformed: {what}")
 
@@ -221,7 +274,7 @@ class Keyring:
         if type(active) is not int or active not in keys:
             raise bad("active version is not one of the keys")
         root = _decode_key(data.get("root"), bad("root secret is not 32 bytes"))
-        return cls(path, active, keys, root)
+        return cls(path, active, keys, root, identity)
 
 
 def _wrap_aad(version: int, aad: bytes) -> bytes:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from sqlalchemy import delete, select
+from sqlalchemy import ColumnElement, delete, select
+from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
 from portal import audit
 from portal.audit import Action, Actor, RequestMeta
 from portal.models import RecoveryCode, Role, User
-from portal.services import account_links, accounts, signin
+from portal.services import account_links, accounts, names, paging, signin
 from portal.services.errors import ServiceError
+from portal.services.paging import Listing, Page, PageRequest
 
 
 def invite(
@@ -72,21 +74,37 @@ def reset_mfa(session: Session, user: User, *, actor: Actor, meta: RequestMeta) 
     )
 
 
-def staff_accounts(session: Session) -> list[User]:
-    """Return every account that is not a patient's, oldest first."""
-    return list(
-        session.scalars(select(User).where(User.role != Role.PATIENT).order_by(User.created_at))
-    )
+def staff_accounts(session: Session, want: PageRequest | None = None) -> Page[tuple[User, str]]:
+    """Return one page of the accounts that are not a patient's, oldest first, with names.
+
+    Three queries at most whatever the number of accounts (the cursor's row, the page,
+    their data keys). Raises PageError for a cursor that is not one of these accounts.
+    """
+    return _accounts(session, User.role != Role.PATIENT, want)
 
 
-def locked_accounts(session: Session) -> list[User]:
-    """Return every account of any role locked after MAX_FAILURES failed attempts, oldest
-    first (patients included: nobody but an admin can unlock them)."""
-    return list(
-        session.scalars(
-            select(User).where(User.must_reset.is_(True)).order_by(User.created_at, User.id)
-        )
+def locked_accounts(session: Session, want: PageRequest | None = None) -> Page[tuple[User, str]]:
+    """Return one page of the accounts of any role locked after MAX_FAILURES failed attempts,
+    oldest first, with names (patients included: nobody but an admin can unlock them).
+
+    Three queries at most; raises PageError for a cursor that is not a locked account.
+    """
+    return _accounts(session, User.must_reset.is_(True), want)
+
+
+def _accounts(
+    session: Session, where: ColumnElement[bool], want: PageRequest | None
+) -> Page[tuple[User, str]]:
+    listing = Listing(
+        where=(where,), order=(User.created_at, User.id), cursor=User.public_id, descending=False
     )
+    page = paging.fetch(session, listing, select(User), want or PageRequest(), _public_id)
+    named = names.names_of(session, [row[0] for row in page.rows])
+    return page.map(lambda row: (row[0], named[row[0].id]))
+
+
+def _public_id(row: Row[User]) -> str:
+    return row[0].public_id
 
 
 def unlock(session: Session, user: User, actor: Actor, meta: RequestMeta) -> None:

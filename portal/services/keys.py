@@ -9,9 +9,9 @@ unrecoverable (crypto-shredding).
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from flask import current_app
 from sqlalchemy import event, func, select, true
@@ -20,9 +20,9 @@ from sqlalchemy.orm import Session
 from portal import audit
 from portal.audit import Action, Actor, Outcome, RequestMeta
 from portal.config import current_settings
-from portal.crypto.errors import ContentDestroyed, ContentTampered
+from portal.crypto.errors import ContentDestroyed, ContentTampered, KeyUnavailable
 from portal.crypto.fields import field_aad, open_sealed, seal
-from portal.crypto.keyring import Keyring
+from portal.crypto.keyring import Keyring, file_identity
 from portal.database import utcnow
 from portal.models import AuditEvent, DataKey
 from portal.services.errors import ServiceError
@@ -51,28 +51,33 @@ class RotationResult:
 def keyring() -> Keyring:
     """Return the current app's keyring, created on first use in the embedded default.
 
-    Re-read when the file changes (another process rotated). Raises
+    Cached by the file's identity (device, inode, modification and change times, size):
+    one ``stat`` per call, and the file is read again only when it changed (another
+    process rotated, or an operator restored a copy). A page's unwraps go through
+    :func:`unwrap`, which asks here once per transaction. Raises
     portal.crypto.errors.KeyUnavailable when the keyring file is unreadable.
     """
-    path = current_settings().keyring_path
-    cached = current_app.extensions.get("keyring")
-    stamp = _mtime(path)
-    if cached is None or cached[1] != stamp or stamp is None:
-        ring = Keyring.load_or_create(path)
-        cached = current_app.extensions["keyring"] = (ring, _mtime(path))
-    return cached[0]
+    path = Path(current_settings().keyring_path)
+    cached: Keyring | None = current_app.extensions.get("keyring")
+    if (
+        cached is not None
+        and cached.path == path
+        and cached.identity is not None  # made here, never read: read it once
+        and file_identity(path) == cached.identity
+    ):
+        return cached
+    ring = Keyring.load_or_create(path)
+    current_app.extensions["keyring"] = ring
+    return ring
 
 
-def _mtime(path: str) -> int | None:
-    try:
-        return os.stat(path).st_mtime_ns
-    except OSError:
-        return None
+def create(session: Session, purpose: str, raw: bytes | None = None) -> tuple[DataKey, bytes]:
+    """Return a new data key row (flushed) and the raw key, wrapped under the active KEK.
 
-
-def create(session: Session, purpose: str) -> tuple[DataKey, bytes]:
-    """Return a new data key row (flushed) and the raw key, wrapped under the active KEK."""
-    raw = Keyring.new_data_key()
+    ``raw``: a key made already (``Keyring.new_data_key``), for content encrypted
+    before its row existed (``services.uploads.Staging``); otherwise a fresh one.
+    """
+    raw = raw or Keyring.new_data_key()
     version, wrapped = keyring().wrap(raw, WRAP_AAD)
     row = DataKey(purpose=purpose, kek_version=version, wrapped=wrapped)
     session.add(row)
@@ -83,29 +88,82 @@ def create(session: Session, purpose: str) -> tuple[DataKey, bytes]:
 def unwrap(session: Session, data_key_id: int) -> bytes:
     """Return the raw data key of ``data_key_id``.
 
-    Raises ContentDestroyed when it was shredded, KeyUnavailable when its KEK is
-    missing from the keyring, ContentTampered when the wrapped key was altered.
+    Each key is unwrapped once per transaction (then served from memory), with the
+    keyring the transaction first asked for; a key wrapped under a KEK that keyring
+    lacks (a rotation committed since) asks for the keyring again once. Raises
+    ContentDestroyed when it was shredded, KeyUnavailable when its KEK is missing from
+    the keyring, ContentTampered when the wrapped key was altered.
+    """
+    cache: dict[int, bytes] = session.info.get(_CACHE, {})
+    if data_key_id in cache:
+        return cache[data_key_id]
+    held: dict[int, DataKey] = session.info.get(_ROWS, {})
+    row = held.get(data_key_id) or session.get(DataKey, data_key_id)
+    if row is None:
+        raise ContentDestroyed("the data key was destroyed")
+    return unwrap_loaded(session, row.id, row.kek_version, row.wrapped)
+
+
+def unwrap_loaded(
+    session: Session, data_key_id: int, kek_version: int, wrapped: bytes | None
+) -> bytes:
+    """Return the raw data key of the ``data_keys`` row the caller already read (a list
+    joins its rows' keys into its own query): ``data_key_id``, ``kek_version`` and
+    ``wrapped`` must be that row's. Remembered like :func:`unwrap`'s; raises what it raises.
     """
     cache: dict[int, bytes] = session.info.setdefault(_CACHE, {})
     if data_key_id in cache:
         return cache[data_key_id]
-    row = session.get(DataKey, data_key_id)
-    if row is None or row.wrapped is None:
+    if wrapped is None:
         raise ContentDestroyed("the data key was destroyed")
-    cache[data_key_id] = key = keyring().unwrap(row.kek_version, row.wrapped, WRAP_AAD)
+    ring = _ring(session)
+    try:
+        key = ring.unwrap(kek_version, wrapped, WRAP_AAD)
+    except KeyUnavailable:
+        fresh = session.info[_RING] = keyring()
+        if fresh is ring:
+            raise
+        key = fresh.unwrap(kek_version, wrapped, WRAP_AAD)
+    cache[data_key_id] = key
     return key
+
+
+def prefetch(session: Session, data_key_ids: Iterable[int]) -> None:
+    """Load the data key rows of ``data_key_ids`` in one query (none when all are unwrapped
+    already), so that :func:`unwrap` of each needs no query of its own. Returns None;
+    raises nothing of ours (a missing or destroyed key is :func:`unwrap`'s to report)."""
+    cache: dict[int, bytes] = session.info.get(_CACHE, {})
+    held: dict[int, DataKey] = session.info.setdefault(_ROWS, {})
+    missing = {i for i in data_key_ids if i not in cache and i not in held}
+    if missing:
+        # Held for the transaction: the identity map alone keeps rows only weakly.
+        held.update(
+            (row.id, row) for row in session.scalars(select(DataKey).where(DataKey.id.in_(missing)))
+        )
+
+
+def _ring(session: Session) -> Keyring:
+    """The keyring this transaction unwraps with (one ``stat`` of the file per transaction)."""
+    ring: Keyring | None = session.info.get(_RING)
+    if ring is None:
+        ring = session.info[_RING] = keyring()
+    return ring
 
 
 # Unwrapped keys are remembered for one transaction only (a page or a notice reads the same
 # key several times); the cache goes at commit and rollback, so a key destroyed by another
-# transaction is never served from it afterwards.
+# transaction is never served from it afterwards. The keyring the transaction unwraps with
+# goes with it, so the next transaction sees a rotation at once.
 _CACHE = "unwrapped_data_keys"
+_ROWS = "prefetched_data_keys"
+_RING = "transaction_keyring"
 
 
 @event.listens_for(Session, "after_commit")
 @event.listens_for(Session, "after_soft_rollback")
 def _forget_keys(session: Session, *_args: object) -> None:
-    session.info.pop(_CACHE, None)
+    for name in (_CACHE, _ROWS, _RING):
+        session.info.pop(name, None)
 
 
 def status(session: Session) -> dict[int, int]:
@@ -290,6 +348,7 @@ def remove_kek(session: Session, version: int) -> None:
 def destroy(session: Session, data_key_id: int) -> None:
     """Destroy a data key for good (crypto-shredding); idempotent. The caller audits it."""
     session.info.get(_CACHE, {}).pop(data_key_id, None)
+    session.info.get(_ROWS, {}).pop(data_key_id, None)
     row = session.get(DataKey, data_key_id)
     if row is not None and row.wrapped is not None:
         row.wrapped = None

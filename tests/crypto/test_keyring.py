@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from portal.crypto.errors import ContentTampered, KeyUnavailable
-from portal.crypto.keyring import Keyring
+from portal.crypto.keyring import Keyring, file_identity
 
 AAD = b"data_keys:17"
 
@@ -194,3 +194,17 @@ def test_unreadable_file_is_unavailable(path: Path) -> None:
 def test_new_data_key_is_random_32_bytes() -> None:
     assert len(Keyring.new_data_key()) == 32
     assert Keyring.new_data_key() != Keyring.new_data_key()
+
+
+def test_a_loaded_keyring_knows_the_file_it_came_from(path: Path) -> None:
+    """Issue 13: callers cache a keyring by the identity of the file it was read from."""
+    made = Keyring.load_or_create(path)
+    assert made.identity is None  # made here, not read
+    loaded = Keyring.load(path)
+    assert loaded.identity == file_identity(path)
+    assert loaded.identity is not None
+    assert loaded.identity.inode == path.stat().st_ino
+    loaded.add_version()  # the file is replaced: the identity read no longer matches it
+    assert file_identity(path) != loaded.identity
+    assert Keyring.load(path).identity == file_identity(path)
+    assert file_identity(path.with_name("missing.json")) is None
