@@ -12,8 +12,10 @@ import contextlib
 import errno
 import fcntl
 import os
+import queue
 import re
 import secrets
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -28,6 +30,7 @@ _TMP_SUFFIX = ".part"
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 WRITE_BUFFER = 1024 * 1024  # bytes; one write(2) per MiB, not per segment (64 KiB puts +35%)
+WRITE_BEHIND = 2  # batches of WRITE_BUFFER a writer may have queued for its writing thread
 # A temporary file is created and then locked: one younger than this may not be locked yet.
 TEMP_GRACE_SECONDS = 60
 _PROBE_NAME = "writable-probe"
@@ -44,6 +47,34 @@ class StorageUnavailable(OSError):
     """
 
 
+class BlobWriter(Protocol):
+    """A blob being written piece by piece: no blob at all until ``keep``.
+
+    For producers that push (an upload arriving from a request body) and for content
+    that must be checked before it may become a blob. Whatever happens, exactly one of
+    ``keep`` or ``abort`` ends it; a writer whose process dies is swept
+    (``FilesystemBlobStore.sweep_temp``).
+    """
+
+    blob_id: str
+
+    def write(self, data: bytes) -> None:
+        """Append ``data``. Raises ``StorageUnavailable`` when the store has no room."""
+        ...
+
+    def reader(self) -> BinaryIO:
+        """Return the bytes written so far, opened for seekable binary reading (caller closes)."""
+        ...
+
+    def keep(self) -> str:
+        """Make the bytes a durable blob; return its id. ``StorageUnavailable``: nothing kept."""
+        ...
+
+    def abort(self) -> None:
+        """Discard what was written; idempotent, and a no-op after ``keep``."""
+        ...
+
+
 class BlobStore(Protocol):
     """Where ciphertext blobs live. Ids are random and opaque."""
 
@@ -52,6 +83,10 @@ class BlobStore(Protocol):
 
         Raises ``StorageUnavailable`` (and keeps nothing) when the store has no room.
         """
+        ...
+
+    def begin(self) -> BlobWriter:
+        """Start a new blob, written piece by piece; raises ``StorageUnavailable``."""
         ...
 
     def open(self, blob_id: str) -> BinaryIO:
@@ -109,22 +144,23 @@ class FilesystemBlobStore(BlobStore):
             raise FileExistsError(f"blob {blob_id} exists")
         self._write(blob_id, chunks)
 
+    def begin(self) -> _PartWriter:
+        """Start a new blob: a locked temporary file, renamed into place by ``keep``.
+
+        Raises ``StorageUnavailable`` when the temporary file cannot be created.
+        """
+        return _PartWriter(self, secrets.token_hex(BLOB_ID_BYTES))
+
     def _write(self, blob_id: str, chunks: Iterable[bytes]) -> None:
-        final = self._path(blob_id)
-        tmp = self._tmp / f"{blob_id}{_TMP_SUFFIX}"
-        try:
-            _write_synced(tmp, chunks)
-            self._ensure_fanout(final.parent)
-            os.rename(tmp, final)
-            _fsync_dir(final.parent)
-        except BaseException as error:
-            for leftover in (tmp, final):  # final too: the rename may be done, its fsync not
-                with contextlib.suppress(FileNotFoundError):
-                    leftover.unlink()
-            if isinstance(error, OSError) and error.errno in _FULL_OR_BROKEN:
-                name = errno.errorcode.get(error.errno, "error")
-                raise StorageUnavailable(error.errno, f"blob store: {name}") from None
-            raise
+        with _unavailable_when_full():  # chunks failing with ENOSPC too, as they always did
+            writer = _PartWriter(self, blob_id)
+            try:
+                for chunk in chunks:
+                    writer.write(chunk)
+                writer.keep()
+            except BaseException:
+                writer.abort()
+                raise
 
     def open(self, blob_id: str) -> BinaryIO:
         """Return the blob opened for binary reading (caller closes it).
@@ -277,9 +313,177 @@ def _delete_if_abandoned(path: Path) -> bool:
         os.close(fd)
 
 
-def _write_synced(path: Path, chunks: Iterable[bytes]) -> None:
+class _PartWriter(BlobWriter):
+    """``tmp/<id>.part``, created 0600 and ``flock``-ed until ``keep`` or ``abort`` ends it.
+
+    Writes are gathered (``writev``) into about ``WRITE_BUFFER`` bytes per system call,
+    without copying the pieces, and written behind: a thread of the writer's own writes
+    each full batch while the producer goes on (parsing, hashing, encrypting the next),
+    with at most ``WRITE_BEHIND`` batches queued, so memory stays bounded and a busy disk
+    (the kernel throttles writers of dirty pages) slows the producer only once the queue
+    is full. ``reader`` and ``keep`` wait for it; its failure is raised by the next call.
+    ``keep`` fsyncs the file, renames it into its fan-out folder and fsyncs that folder,
+    as ``put`` always has.
+    """
+
+    def __init__(self, store: FilesystemBlobStore, blob_id: str) -> None:
+        self.blob_id = blob_id
+        self._store = store
+        self._tmp = store._tmp / f"{blob_id}{_TMP_SUFFIX}"
+        self._final = store._path(blob_id)
+        with _unavailable_when_full():
+            self._fd: int | None = _create_locked(self._tmp)
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._kept = False
+        self._batches: queue.Queue[tuple[list[bytes], int] | None] | None = None
+        self._behind: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        self._aborting = False
+
+    def write(self, data: bytes) -> None:
+        """Append ``data`` (kept by reference until written: do not mutate it).
+
+        Raises StorageUnavailable when an earlier batch could not be written, ValueError
+        once the writer is closed.
+        """
+        self._check()
+        if data:
+            self._pending.append(data)
+            self._pending_size += len(data)
+            if self._pending_size >= WRITE_BUFFER or len(self._pending) >= _MAX_GATHER:
+                self._hand_off()
+
+    def reader(self) -> BinaryIO:
+        """Write out everything, then open the temporary file for reading (the lock is kept)."""
+        self._flush()
+        return self._tmp.open("rb")
+
+    def keep(self) -> str:
+        """Write out everything, fsync, rename into place, fsync the folder; return the id."""
+        if self._kept:
+            return self.blob_id
+        try:
+            with _unavailable_when_full():
+                self._flush()
+                assert self._fd is not None  # _flush raised otherwise
+                os.fsync(self._fd)
+                self._store._ensure_fanout(self._final.parent)
+                os.rename(self._tmp, self._final)
+                _fsync_dir(self._final.parent)
+        except BaseException:
+            self._remove(self._final)  # the rename may be done, its fsync not
+            self.abort()
+            raise
+        self._kept = True
+        self._close()
+        return self.blob_id
+
+    def abort(self) -> None:
+        """Close and delete the temporary file, what is not yet written dropped; idempotent."""
+        if self._kept:
+            return
+        self._pending.clear()
+        self._aborting = True
+        self._wait_behind()
+        self._close()
+        self._remove(self._tmp)
+
+    def _check(self) -> None:
+        if self._fd is None:
+            raise ValueError("blob writer is closed")
+        if self._failure is not None:
+            with _unavailable_when_full():
+                raise self._failure
+
+    def _hand_off(self) -> None:
+        if self._batches is None:
+            self._batches = queue.Queue(maxsize=WRITE_BEHIND)
+            self._behind = threading.Thread(
+                target=self._write_behind, name="blob-write-behind", daemon=True
+            )
+            self._behind.start()
+        self._batches.put((self._pending, self._pending_size))  # waits while the queue is full
+        self._pending, self._pending_size = [], 0
+
+    def _write_behind(self) -> None:
+        assert self._batches is not None  # made before this thread starts
+        while (batch := self._batches.get()) is not None:
+            if self._failure is None and not self._aborting and self._fd is not None:
+                try:
+                    _write_all(self._fd, *batch)
+                except BaseException as error:  # raised to the producer by its next call
+                    self._failure = error
+
+    def _wait_behind(self) -> None:
+        """Let the write-behind thread finish what it was handed, and end it."""
+        if self._behind is not None and self._batches is not None:
+            self._batches.put(None)
+            self._behind.join()
+        self._behind = self._batches = None
+
+    def _flush(self) -> None:
+        if self._fd is None:
+            raise ValueError("blob writer is closed")
+        self._wait_behind()
+        self._check()
+        if not self._pending:
+            return
+        with _unavailable_when_full():
+            _write_all(self._fd, self._pending, self._pending_size)
+        self._pending.clear()
+        self._pending_size = 0
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # releases the lock
+
+    @staticmethod
+    def _remove(path: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+_MAX_GATHER = 64  # pieces per writev, well under IOV_MAX (1024 on Linux)
+
+
+@contextlib.contextmanager
+def _unavailable_when_full() -> Iterator[None]:
+    """Turn "no room or no disk" OSErrors into StorageUnavailable (errno only, no path)."""
+    try:
+        yield
+    except StorageUnavailable:
+        raise
+    except OSError as error:
+        if error.errno not in _FULL_OR_BROKEN:
+            raise
+        name = errno.errorcode.get(error.errno, "error")
+        raise StorageUnavailable(error.errno, f"blob store: {name}") from None
+
+
+def _write_all(fd: int, pieces: list[bytes], size: int) -> None:
+    written = os.writev(fd, pieces)
+    if written == size:
+        return
+    rest = memoryview(b"".join(pieces))[written:]  # a short write: rare on a regular file
+    while rest:
+        rest = rest[os.write(fd, rest) :]
+
+
+def _create_locked(path: Path) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # held until closed: tells a sweep this writer is alive
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held until closed: tells a sweep this writer is alive
+    except BaseException:
+        os.close(fd)
+        path.unlink()
+        raise
+    return fd
+
+
+def _write_synced(path: Path, chunks: Iterable[bytes]) -> None:
+    fd = _create_locked(path)
     with os.fdopen(fd, "wb", buffering=WRITE_BUFFER) as handle:
         for chunk in chunks:
             handle.write(chunk)

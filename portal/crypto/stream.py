@@ -28,16 +28,20 @@ message holds.
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from collections.abc import Iterable, Iterator
 from itertools import chain
-from typing import BinaryIO, cast
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from portal.crypto.errors import ContentTampered
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 MAGIC = b"PPS"
 VERSION = 1
@@ -135,6 +139,153 @@ def decrypt_stream(key: bytes, object_id: str, src: BinaryIO) -> Iterator[bytes]
     segments = _decrypt_segments(aesgcm, _aad(header, object_id), src, segment_size)
     first = next(segments)  # always at least one segment, or ContentTampered
     return chain((first,), segments)
+
+
+class StreamEncryptor:
+    """Push-style ``encrypt_stream``: plaintext handed in as it arrives, sealed segments out.
+
+    For a producer that calls us (a multipart parser writing a file part) rather than one
+    we can iterate. The output is byte-for-byte the wire format above: ``header``, then the
+    segments ``update`` returns, then the final one ``finalize`` returns. One segment is
+    held back (at most ``segment_size`` plaintext bytes) because a segment can only be
+    sealed once it is known whether another follows. Not thread-safe.
+    """
+
+    def __init__(self, key: bytes, object_id: str, segment_size: int = SEGMENT_SIZE) -> None:
+        """Start a stream for ``object_id``. Raises ValueError for a bad key or segment size."""
+        self._aesgcm = AESGCM(_check_key(key))
+        _check_segment_size(segment_size)
+        self.header = _HEADER.pack(MAGIC, VERSION, segment_size, os.urandom(NONCE_PREFIX_SIZE))
+        self._aad = _aad(self.header, object_id)
+        self._prefix = self.header[-NONCE_PREFIX_SIZE:]
+        self._size = segment_size
+        self._pending = bytearray()
+        self._counter = 0
+        self._done = False
+
+    def update(self, data: bytes) -> list[bytes]:
+        """Take ``data``; return the segments it completed (often none), in order.
+
+        Raises ValueError after ``finalize`` or past the 2**32-segment limit.
+        """
+        if self._done:
+            raise ValueError("stream already finalized")
+        self._pending += data
+        sealed = []
+        while len(self._pending) > self._size:  # strictly more: the held-back one is not last
+            with memoryview(self._pending) as view:
+                sealed.append(self._seal(view[: self._size], last=False))
+            del self._pending[: self._size]
+        return sealed
+
+    def finalize(self) -> bytes:
+        """Return the final segment (the rest of the plaintext, possibly empty); call once.
+
+        Raises ValueError when called twice.
+        """
+        if self._done:
+            raise ValueError("stream already finalized")
+        self._done = True
+        final = self._seal(self._pending, last=True)
+        self._pending = bytearray()
+        return final
+
+    def _seal(self, piece: bytes | bytearray | memoryview, *, last: bool) -> bytes:
+        if self._counter >= MAX_SEGMENTS:
+            raise ValueError("plaintext too long for one stream")
+        sealed = self._aesgcm.encrypt(
+            _nonce(self._prefix, self._counter, last=last), piece, self._aad
+        )
+        self._counter += 1
+        return sealed
+
+
+class SeekableDecryptor(io.RawIOBase):
+    """Random-access plaintext of a stream ``encrypt_stream`` made, verified segment by segment.
+
+    For readers that seek (a PDF parser reads the cross-reference table at the end, then
+    objects anywhere): each ``read`` decrypts and authenticates only the segments it
+    touches, and keeps the last one, so memory stays at one segment whatever the size.
+    The final segment is opened with the "last" nonce flag, so a stream cut at a segment
+    boundary fails as it does for ``decrypt_stream``. Raises ``ContentTampered`` (at
+    construction for a bad header or an impossible size, on ``read`` for a segment that
+    fails authentication). Wrap it in ``io.BufferedReader`` for readers that expect full reads.
+    """
+
+    def __init__(self, key: bytes, object_id: str, src: BinaryIO) -> None:
+        """Read and check the header of ``src`` (seekable); raise ContentTampered or ValueError."""
+        super().__init__()
+        self._aesgcm = AESGCM(_check_key(key))
+        self._src = src
+        src.seek(0)
+        header = _read_exact(src, HEADER_SIZE)
+        self._segment = _parse_header(header)
+        self._aad = _aad(header, object_id)
+        self._prefix = header[-NONCE_PREFIX_SIZE:]
+        total = src.seek(0, io.SEEK_END)
+        try:
+            self._length = plaintext_size(total, self._segment)
+        except ValueError:
+            raise ContentTampered("stream truncated or malformed") from None
+        self._count = max(1, -(-self._length // self._segment))
+        self._position = 0
+        self._cached: tuple[int, bytes] | None = None
+        self._open(
+            self._count - 1
+        )  # the end first: a truncated or empty-but-forged stream fails now
+
+    def readable(self) -> bool:
+        """Return True."""
+        return True
+
+    def seekable(self) -> bool:
+        """Return True."""
+        return True
+
+    def tell(self) -> int:
+        """Return the plaintext position."""
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Move to a plaintext position (any ``whence``); return it. ValueError if negative."""
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._position = base + offset
+        return self._position
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        """Fill ``buffer`` from the current segment (a short read at its end); 0 at the end."""
+        if self._position >= self._length:
+            return 0
+        index, within = divmod(self._position, self._segment)
+        plaintext = self._open(index)
+        with memoryview(buffer) as target:
+            count = min(len(target), len(plaintext) - within)
+            target[:count] = plaintext[within : within + count]
+        self._position += count
+        return count
+
+    def _open(self, index: int) -> bytes:
+        if self._cached is not None and self._cached[0] == index:
+            return self._cached[1]
+        last = index == self._count - 1
+        self._src.seek(HEADER_SIZE + index * (self._segment + TAG_SIZE))
+        sealed = _read_exact(self._src, self._segment + TAG_SIZE)
+        plaintext = _open_segment(
+            self._aesgcm, _nonce(self._prefix, index, last=last), sealed, self._aad
+        )
+        self._cached = (index, plaintext)
+        return plaintext
+
+
+def open_seekable(key: bytes, object_id: str, src: BinaryIO) -> io.BufferedReader:
+    """Return a buffered, seekable reader of the verified plaintext of ``src``.
+
+    See ``SeekableDecryptor``; closing the reader does not close ``src``. Raises
+    ``ContentTampered`` (here or while reading) and ValueError for a bad key.
+    """
+    return io.BufferedReader(SeekableDecryptor(key, object_id, src))
 
 
 def _encrypt_segments(

@@ -1,0 +1,442 @@
+"""Uploads: each file streams from its source into the encrypted blob store, inspected on the way.
+
+No plaintext ever reaches a disk. Every piece of a file, as it arrives (from a
+request body, or a file the CLI reads), is counted against the size limit, hashed
+(SHA-256), handed to each inspector and encrypted (``portal.crypto.stream``) onto a
+temporary blob (``BlobWriter``: ``tmp/<id>.part``, locked while its writer lives).
+When the file ends, the last segment is written and each inspector finishes; an
+inspector that needs random access (pypdf) reads the stored ciphertext back through
+:meth:`StagedUpload.open_plaintext`, decrypted one segment at a time. Only when the
+message is created does :meth:`StagedUpload.keep` rename the blob into place; a
+refused, oversize, abandoned or interrupted upload is deleted (``discard``), and one
+whose process died is swept at start-up and by ``portal retention run``.
+
+Inspectors follow ``portal.security.inspection.Inspector`` (``feed``, ``finish``,
+``close``; refuse by raising ``UploadRejected``) and plug in as factories in an
+:class:`UploadPolicy`, each called with the :class:`UploadView` of one file when its
+first byte arrives: the malware scan (``lambda view:
+upload_scans.open_scan(settings)``, ``portal.security.scan``), the content check
+(``portal.security.attachments.inspect_upload``), the PDF check
+(``pdfcheck.PdfInspector``). Each ``finish()`` result is kept in
+``StagedUpload.findings`` (a ScanResult to audit, say); a refusal in
+``StagedUpload.rejection`` and ``UploadRefused.rejection``.
+
+All files of one staging share one fresh data key, which becomes the message's
+(``keys.create(..., raw=staging.key)``): the files are encrypted before the message
+exists, and nothing needs encrypting twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, BinaryIO, Protocol
+
+from portal.crypto.keyring import Keyring
+from portal.crypto.stream import StreamEncryptor, open_seekable
+from portal.models.types import new_public_id
+from portal.security.inspection import Inspector, UploadRejected
+from portal.services.errors import ServiceError
+from portal.storage import BlobStore, BlobWriter
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+MAX_FILES = 20  # file parts per staging: each holds an open, locked temporary blob
+PIPELINE_DEPTH = 4  # pieces (of about 256 KiB from a parser) queued for a file's pipeline
+READ_CHUNK = 256 * 1024  # bytes read at a time from a file the caller hands in
+MAX_FILENAME = 255
+
+
+def safe_filename(raw: str) -> str:
+    """Return a file name without paths or control characters, at most 255 characters."""
+    name = raw.replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if ch.isprintable() and ch not in '"<>:|?*').strip(" .")
+    return (name or "document.pdf")[:MAX_FILENAME]
+
+
+class UploadView(Protocol):
+    """What an inspector factory is given about one file (nothing it could write to)."""
+
+    @property
+    def name(self) -> str:
+        """The file's sanitised name (PHI: shown to its uploader only, never logged)."""
+        ...
+
+    @property
+    def content_type(self) -> str | None:
+        """The media type the client declared for the file, if any."""
+        ...
+
+    def open_plaintext(self) -> contextlib.AbstractContextManager[BinaryIO]:
+        """Return the whole file as a seekable reader, decrypted from the store as it is read.
+
+        Only once the file has ended (in an inspector's ``finish``). Raises
+        ContentTampered when the stored ciphertext fails authentication.
+        """
+        ...
+
+
+InspectorFactory = Callable[[UploadView], Inspector[object]]
+
+
+class UploadTooLarge(ServiceError):
+    """A file passed the policy's size limit; what had been stored of it is deleted."""
+
+
+class TooManyFiles(ServiceError):
+    """More files than the policy allows at once; none of them is kept."""
+
+
+class UploadRefused(ServiceError):
+    """An inspector refused a file; ``rejection`` is its ``UploadRejected`` (to audit)."""
+
+    def __init__(self, message: str, rejection: UploadRejected) -> None:
+        super().__init__(message)
+        self.rejection = rejection
+
+
+@dataclass(frozen=True)
+class UploadPolicy:
+    """Which inspectors see a kind of upload, and its limits; read when a staging begins.
+
+    ``inspectors`` and ``max_bytes`` are callables so that settings (a scanner
+    switched on, ``PORTAL_MAX_UPLOAD``) apply from the next upload on.
+    """
+
+    name: str
+    inspectors: Callable[[], Sequence[InspectorFactory]]
+    max_bytes: Callable[[], int | None]
+    max_files: int = MAX_FILES
+
+    def start(self, store: BlobStore) -> Staging:
+        """Return an empty staging under this policy, writing into ``store``."""
+        return Staging(
+            store,
+            inspectors=self.inspectors(),
+            max_bytes=self.max_bytes(),
+            max_files=self.max_files,
+            policy=self,
+        )
+
+
+class Staging:
+    """The files of one request (or one CLI send), encrypted under one fresh data key.
+
+    Files arrive one after the other (a multipart body holds one part at a time), so
+    opening a file seals the previous one: only one is ever being written. Not
+    thread-safe: one staging per request.
+    """
+
+    def __init__(
+        self,
+        store: BlobStore,
+        *,
+        inspectors: Sequence[InspectorFactory] = (),
+        max_bytes: int | None = None,
+        max_files: int = MAX_FILES,
+        policy: UploadPolicy | None = None,
+    ) -> None:
+        """Start staging into ``store``; no file and no blob yet."""
+        self.store = store
+        self.key = Keyring.new_data_key()
+        self.inspectors = tuple(inspectors)
+        self.max_bytes = max_bytes
+        self.max_files = max_files
+        self.policy = policy
+        self.uploads: list[StagedUpload] = []
+
+    def open(self, filename: str, content_type: str | None = None) -> StagedUpload:
+        """Seal the file before (if any) and start the next; return it to ``write`` into.
+
+        Raises TooManyFiles past ``max_files``, and whatever sealing the previous raises.
+        """
+        self.seal()
+        if len(self.uploads) >= self.max_files:
+            self.discard()
+            raise TooManyFiles(f"Attach at most {self.max_files} files at a time.")
+        upload = StagedUpload(self, filename, content_type)
+        self.uploads.append(upload)
+        return upload
+
+    def add(self, filename: str, src: IO[bytes], content_type: str | None = None) -> StagedUpload:
+        """Stream the readable ``src`` in as the next file, seal it and return it.
+
+        Raises UploadTooLarge, TooManyFiles, or StorageUnavailable; a refusal by an
+        inspector is kept in the returned upload's ``rejection``.
+        """
+        upload = self.open(filename, content_type)
+        while chunk := src.read(READ_CHUNK):
+            upload.write(chunk)
+        upload.seal()
+        return upload
+
+    def seal(self) -> None:
+        """End the file being written, if any: see :meth:`StagedUpload.seal`."""
+        if self.uploads:
+            self.uploads[-1].seal()
+
+    def accepted(self) -> list[StagedUpload]:
+        """Seal, then return every file chosen (empty file inputs left out).
+
+        Raises UploadRefused for the first file an inspector refused, and ServiceError
+        for a file sent without a name (no browser does that; a name is what the
+        recipient sees).
+        """
+        self.seal()
+        chosen = [upload for upload in self.uploads if upload.chosen]
+        for upload in chosen:
+            if not upload.filename.strip():
+                raise ServiceError("A file was sent without a file name. Choose it again.")
+            if upload.rejection is not None:
+                raise UploadRefused(f"{upload.name}: {upload.rejection.message}", upload.rejection)
+        return chosen
+
+    def discard(self) -> None:
+        """Delete every file not yet kept; idempotent. Returns None, raises nothing."""
+        for upload in self.uploads:
+            upload.discard()
+
+
+class StagedUpload(io.RawIOBase):
+    """One file on its way into the store: written to (as a multipart parser writes a file
+    part), never read back as plaintext except through :meth:`open_plaintext`.
+
+    Nothing is created until the first byte arrives, so an empty file input costs nothing.
+    Then the temporary blob and the inspectors are made (on the caller's thread, so that
+    a full disk or a scanner out of reach is told at once), and a thread of the file's
+    own hashes, inspects and encrypts each piece while the caller reads and parses the
+    next (at most ``PIPELINE_DEPTH`` pieces queued): SHA-256 and the blob's writes do
+    not hold the interpreter, so on a machine with a core to spare they cost the
+    request nothing. ``seal`` waits for it; a failure of it is raised by the next call.
+    """
+
+    def __init__(self, staging: Staging, filename: str, content_type: str | None) -> None:
+        """A file of ``staging`` named ``filename`` as its client gave it (PHI: never log it)."""
+        super().__init__()
+        self.filename = filename
+        self._name = safe_filename(filename)
+        self._content_type = content_type
+        self.object_id = new_public_id()  # the attachment's public id, bound into the AAD
+        self.size = 0
+        self.sha256 = ""
+        self.findings: tuple[object, ...] = ()  # each inspector's finish() result, in order
+        # (up to the one that refused, if any)
+        self.rejection: UploadRejected | None = None
+        self.blob_id: str | None = None  # once kept
+        self._staging = staging
+        self._hasher = hashlib.sha256()
+        self._writer: BlobWriter | None = None
+        self._encryptor: StreamEncryptor | None = None
+        self._inspectors: list[Inspector[object]] | None = None
+        self._sealed = False
+        self._discarded = False
+        self._pieces: queue.Queue[bytes | None] | None = None
+        self._pipeline: threading.Thread | None = None
+        self._failure: BaseException | None = None
+
+    @property
+    def name(self) -> str:
+        """The sanitised file name (``safe_filename``)."""
+        return self._name
+
+    @property
+    def content_type(self) -> str | None:
+        """The media type the client declared, if any."""
+        return self._content_type
+
+    @property
+    def chosen(self) -> bool:
+        """False for what a browser sends for a file input left empty: no name, no bytes."""
+        return bool(self.filename) or self.size > 0
+
+    def writable(self) -> bool:
+        """Return True until the file is sealed."""
+        return not self._sealed
+
+    def write(self, data: ReadableBuffer) -> int:
+        """Take the next piece of the file; return its length.
+
+        Raises UploadTooLarge past the size limit (the stored part deleted first) and
+        StorageUnavailable. A refusal by an inspector does not raise: it deletes what
+        was stored, is kept in ``rejection``, and the rest of the file is counted only.
+        Raises ValueError once the file is sealed or discarded.
+        """
+        if self._sealed or (self._discarded and self.rejection is None):
+            raise ValueError("this upload is sealed or discarded")
+        chunk = bytes(data)  # the same object for bytes, which is what parsers hand in
+        self.size += len(chunk)
+        if self._staging.max_bytes is not None and self.size > self._staging.max_bytes:
+            self.discard()
+            raise UploadTooLarge(f"{self._name} is larger than this portal accepts.")
+        self._raise_failure()
+        if self.rejection is None and chunk and self._started() is not None:
+            self._hand_off(chunk)
+        return len(chunk)
+
+    def read(self, size: int = -1) -> bytes:
+        """Raise io.UnsupportedOperation: the plaintext is not kept (see ``open_plaintext``)."""
+        raise io.UnsupportedOperation("an upload cannot be read back in plaintext")
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Allow only the rewind a multipart parser does at the end of a part; return 0.
+
+        Raises io.UnsupportedOperation otherwise: the plaintext is not kept to seek in.
+        """
+        if (offset, whence) == (0, io.SEEK_SET):
+            return 0
+        raise io.UnsupportedOperation("an upload cannot be read back in plaintext")
+
+    def seal(self) -> None:
+        """End the file: write the last segment, let every inspector finish; idempotent.
+
+        A refusal is kept in ``rejection`` (and the stored part deleted). Raises
+        StorageUnavailable, and ContentTampered when an inspector re-reads the store.
+        """
+        if self._sealed:
+            return
+        self._sealed = True
+        self._end_pipeline()
+        self.sha256 = self._hasher.hexdigest()
+        self._raise_failure()
+        if self.rejection is not None or self._discarded or not self.chosen:
+            return
+        started = self._started()
+        if started is None:
+            return
+        writer, encryptor = started
+        try:
+            writer.write(encryptor.finalize())
+            for inspector in self._inspectors or ():  # kept one by one: a scan's verdict
+                self.findings += (inspector.finish(),)  # survives a later inspector's refusal
+        except UploadRejected as refused:
+            self._reject(refused)
+        except BaseException:
+            self.discard()
+            raise
+        finally:
+            self._close_inspectors()
+
+    def keep(self) -> str:
+        """Rename the sealed, accepted file into the store; return its blob id.
+
+        Raises ValueError for a file refused, discarded or not sealed (callers check
+        ``Staging.accepted`` first), StorageUnavailable when the rename cannot be made durable.
+        """
+        if self.blob_id is not None:
+            return self.blob_id
+        if not self._sealed or self._discarded or self._writer is None:
+            raise ValueError("only a sealed, accepted upload can be kept")
+        self.blob_id = self._writer.keep()
+        return self.blob_id
+
+    def discard(self) -> None:
+        """Delete what was stored, unless kept; idempotent, raises nothing."""
+        self._discarded = True
+        self._end_pipeline()
+        self._close_inspectors()
+        if self._writer is not None and self.blob_id is None:
+            self._writer.abort()
+
+    def close(self) -> None:
+        """Discard unless kept (Werkzeug closes every file at the end of a request)."""
+        self.discard()
+        super().close()
+
+    @contextlib.contextmanager
+    def open_plaintext(self) -> Iterator[BinaryIO]:
+        """Yield the whole file as a seekable reader, decrypted from the store as it is read.
+
+        For an inspector's ``finish`` (the last segment is written by then). Raises
+        ValueError before that, ContentTampered for stored ciphertext that fails its check.
+        """
+        if not self._sealed or self._writer is None or self._discarded:
+            raise ValueError("the upload is not stored whole")
+        with self._writer.reader() as ciphertext:
+            yield open_seekable(self._staging.key, self.object_id, ciphertext)
+
+    def _hand_off(self, chunk: bytes) -> None:
+        if not PIPELINE_DEPTH:  # no pipeline thread: everything on the caller's
+            self._take(chunk)
+            return
+        if self._pieces is None:
+            self._pieces = queue.Queue(maxsize=PIPELINE_DEPTH)
+            self._pipeline = threading.Thread(
+                target=self._run_pipeline, name="upload-pipeline", daemon=True
+            )
+            self._pipeline.start()
+        self._pieces.put(chunk)  # waits while the queue is full: memory stays bounded
+
+    def _run_pipeline(self) -> None:
+        assert self._pieces is not None  # made before this thread starts
+        while (chunk := self._pieces.get()) is not None:
+            if self.rejection is None and self._failure is None and not self._discarded:
+                try:
+                    self._take(chunk)
+                except BaseException as error:  # raised to the caller by its next call
+                    self._failure = error
+
+    def _end_pipeline(self) -> None:
+        """Let the pipeline thread finish the pieces it was handed (none, once discarded)."""
+        if self._pipeline is not None and self._pieces is not None:
+            self._pieces.put(None)
+            self._pipeline.join()
+        self._pipeline = self._pieces = None
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            self.discard()
+            raise failure
+
+    def _take(self, chunk: bytes) -> None:
+        """Hash, inspect, encrypt and write one piece (on the pipeline thread)."""
+        started = self._started()
+        if started is None:
+            return
+        writer, encryptor = started
+        self._hasher.update(chunk)
+        try:
+            for inspector in self._inspectors or ():
+                inspector.feed(chunk)
+        except UploadRejected as refused:
+            self._reject(refused)
+            return
+        for segment in encryptor.update(chunk):
+            writer.write(segment)
+
+    def _started(self) -> tuple[BlobWriter, StreamEncryptor] | None:
+        """The temporary blob and its encryptor, made with the inspectors on the first byte
+        (or at the end, for an empty file); None once the file is refused."""
+        if self._writer is None:
+            self._writer = self._staging.store.begin()
+            self._encryptor = StreamEncryptor(self._staging.key, self.object_id)
+            self._writer.write(self._encryptor.header)
+            self._inspectors = []
+            try:
+                for make in self._staging.inspectors:
+                    self._inspectors.append(make(self))
+            except UploadRejected as refused:  # a scanner out of reach refuses at once
+                self._reject(refused)
+        if self.rejection is not None or self._encryptor is None:
+            return None
+        return self._writer, self._encryptor
+
+    def _reject(self, refused: UploadRejected) -> None:
+        """Keep the refusal and delete what was stored (from either thread: no join here)."""
+        self.rejection = refused
+        self._discarded = True
+        self._close_inspectors()
+        if self._writer is not None:
+            self._writer.abort()
+
+    def _close_inspectors(self) -> None:
+        for inspector in self._inspectors or ():
+            with contextlib.suppress(Exception):  # close() never raises; a bug must not leak
+                inspector.close()
+        self._inspectors = None
