@@ -10,6 +10,9 @@ fc-list 2>/dev/null | grep -qi dejavu || need+=(fonts-dejavu-core fontconfig)
 # (the nginx package's own service is not started: the tests run nginx from a temp folder).
 [ -x /usr/sbin/nginx ] || need+=(nginx)
 [ -x /usr/bin/systemd-analyze ] || need+=(systemd)
+# tests/security: ClamAV's daemon, run by the tests from a temp folder with a one-signature
+# database (EICAR); neither the package's clamav-daemon service nor freshclam is used.
+[ -x /usr/sbin/clamd ] || need+=(clamav-daemon)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

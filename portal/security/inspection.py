@@ -1,0 +1,49 @@
+"""The shape every upload inspector has: fed the plaintext as it streams, then asked to finish.
+
+The upload path hands each chunk of a file to every inspector (the malware
+scanner, the content check) on its way into the encrypting blob writer, so no
+inspector needs the plaintext on disk. Any inspector may refuse, at any chunk or
+at the end, by raising :class:`UploadRejected`; the upload path then stops
+reading, discards what it wrote and shows ``message`` to the uploader.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, TypeVar
+
+T_co = TypeVar("T_co", covariant=True)
+
+
+class UploadRejected(ValueError):
+    """An inspector refused the file; ``message`` is fit to show the uploader.
+
+    It names no file and quotes none of its content (the uploader knows which
+    file they sent; the message may reach a log). ``reason`` is a short code
+    for the audit trail and logs.
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+
+
+class Inspector(Protocol[T_co]):
+    """Sees one file's plaintext in order, once; ``finish`` returns what it found.
+
+    ``feed`` and ``finish`` raise :class:`UploadRejected` (or a subclass) to
+    refuse the file. ``close`` releases what the inspector holds (a socket, a
+    buffer) and is safe to call at any point, also after a refusal or twice.
+    """
+
+    def feed(self, chunk: bytes) -> None:
+        """Inspect the next ``chunk`` of the file; raise UploadRejected to refuse it."""
+        ...
+
+    def finish(self) -> T_co:
+        """Inspect the end of the file and return the finding; raise UploadRejected to refuse."""
+        ...
+
+    def close(self) -> None:
+        """Release any resource; never raises."""
+        ...
