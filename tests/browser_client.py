@@ -16,6 +16,7 @@ from portal.extensions import db
 from portal.models import Notification, User
 from portal.security import otp
 from portal.services import notices, signin
+from tests.support.teams import TEST_TEAM, put_in_team
 
 _CSRF = re.compile(r'name="csrf_token"[^>]*value="([^"]+)"')
 
@@ -85,10 +86,12 @@ def enrolled_user(
     email: str = "sam@example.org",
     password: str = "Correct horse battery staple 42",
     name: str = "Sam Staffer",
+    team: str | None = TEST_TEAM,
 ) -> tuple[User, str, list[str]]:
     """Create a user with a password and an enrolled authenticator; return (user, secret, codes).
 
-    The enrolment code used an older time step, so current codes still work.
+    The enrolment code used an older time step, so current codes still work. Staff join
+    the care team ``team`` (None: no team).
     """
     from portal.audit import NO_REQUEST, SYSTEM
     from portal.services import accounts
@@ -105,6 +108,8 @@ def enrolled_user(
             meta=NO_REQUEST,
             **kwargs,
         ).user
+        if role == "staff" and team is not None:
+            put_in_team(db.session, user, team)
         secret, shown = signin.start_enrolment(db.session, user, None)
         codes = signin.finish_enrolment(
             db.session, user, current_code(secret, -1), NO_REQUEST, shown

@@ -12,6 +12,7 @@ from portal.audit import NO_REQUEST, SYSTEM
 from portal.database import utcnow
 from portal.models import Message, User
 from portal.services import accounts, messages
+from tests.support.teams import TEST_TEAM, put_in_team
 
 # Recognisable PHI: tests search every output for these strings.
 PATIENT_NAME = "Zebulon Quagmire-Phiseed"
@@ -44,13 +45,18 @@ def make_user(
     role: str = "staff",
     email: str | None = None,
     name: str = "Sam Staffer",
+    team: str | None = TEST_TEAM,
     **kwargs: Any,
 ) -> User:
-    """Create a user through the accounts service (flushed)."""
+    """Create a user through the accounts service (flushed); staff join the care team
+    ``team`` (None: no team)."""
     address = email or f"{role}-{utcnow().timestamp()}@example.org".replace(".", "-", 1)
-    return accounts.create_user(
+    user = accounts.create_user(
         session, role=role, email=address, name=name, actor=SYSTEM, meta=NO_REQUEST, **kwargs
     ).user
+    if role == "staff" and team is not None:
+        put_in_team(session, user, team)
+    return user
 
 
 def make_patient(session: Session, email: str = "zq@example.org", **kwargs: Any) -> User:

@@ -103,14 +103,26 @@ def fresh_auth(view: F) -> F:
 
 # Navigation per role: (endpoint, label). Blueprints add theirs when they register.
 NAV: dict[Role, list[tuple[str, str]]] = {
-    Role.ADMIN: [("admin.users", "Accounts"), ("admin.keys", "Keys")],
-    Role.STAFF: [("staff.index", "Sent messages"), ("staff.patients", "Patients")],
+    Role.ADMIN: [
+        ("admin.users", "Accounts"),
+        ("admin.teams_page", "Care teams"),
+        ("admin.keys", "Keys"),
+    ],
+    Role.STAFF: [
+        ("staff.inbox", "Team inbox"),
+        ("staff.index", "Sent messages"),
+        ("staff.patients", "Patients"),
+    ],
     Role.AUDITOR: [
         ("auditor.search", "Audit trail"),
         ("auditor.disclosures_report", "Disclosures"),
         ("auditor.verify", "Verify"),
     ],
-    Role.PATIENT: [("pickup.inbox", "Messages"), ("pickup.history", "Access history")],
+    Role.PATIENT: [
+        ("pickup.inbox", "Messages"),
+        ("pickup.conversations", "Conversations"),
+        ("pickup.history", "Access history"),
+    ],
 }
 
 

@@ -22,7 +22,7 @@ from portal.extensions import db
 from portal.migrate import upgrade
 from portal.models import User
 from portal.security import otp
-from portal.services import accounts, signin
+from portal.services import accounts, signin, teams
 
 DEMO_PORT = 5000
 DEMO_SMTP_PORT = 8025
@@ -41,17 +41,31 @@ class DemoAccount:
 
 ACCOUNTS = (
     DemoAccount("staff", "staff@demo.example", "Sam Staffer", "Lantern-Ocelot-Ripple-41"),
+    DemoAccount("staff", "records@demo.example", "Rhea Records", "Pebble-Saffron-Orbit-64"),
     DemoAccount(
         "patient", "patient@demo.example", "Pat Demo", "Harbour-Quince-Velvet-73", date(1980, 1, 31)
     ),
     DemoAccount("auditor", "auditor@demo.example", "Ada Auditor", "Meadow-Cobalt-Thistle-58"),
     DemoAccount("admin", "admin@demo.example", "Al Admin", "Granite-Willow-Saffron-26"),
 )
+# Care teams: (name, open to patients, description, members). Sam is in one team, so
+# `portal messages send --from staff@demo.example` needs no --team; Rhea is in both and
+# chooses one when she writes.
+TEAMS = (
+    (
+        "Cardiology clinic",
+        True,
+        "Heart care: results, appointments, questions.",
+        ("staff@demo.example", "records@demo.example"),
+    ),
+    ("Records office", False, "Copies of medical records.", ("records@demo.example",)),
+)
 
 
 @one_transaction
 def seed() -> None:
-    """Create the demo accounts that do not exist yet (idempotent), in one transaction."""
+    """Create the demo accounts and care teams that do not exist yet (idempotent), in one
+    transaction."""
     for account in ACCOUNTS:
         if accounts.find_by_email(db.session, account.email) is None:
             user = accounts.create_user(
@@ -65,6 +79,24 @@ def seed() -> None:
                 meta=NO_REQUEST,
             ).user
             _enrol(user)
+    _seed_teams()
+
+
+def _seed_teams() -> None:
+    """Create the demo teams that do not exist yet, with their demo staff in them."""
+    for name, open_to_patients, description, staff in TEAMS:
+        team = teams.find_by_name(db.session, name) or teams.create_team(
+            db.session,
+            name=name,
+            description=description,
+            open_to_patients=open_to_patients,
+            actor=SYSTEM,
+            meta=NO_REQUEST,
+        )
+        members = {u.email for u in teams.members_of(db.session, team, active_only=False)}
+        for email in staff:
+            if email not in members:
+                teams.add_member(db.session, team, email, actor=SYSTEM, meta=NO_REQUEST)
 
 
 def _enrol(user: User) -> None:
@@ -89,6 +121,11 @@ def _banner(app: Flask, port: int, maildir: Path) -> str:
         "  Demo logins (email / password):",
     ]
     lines += [f"    {a.role:<8} {a.email:<24} {a.password}" for a in ACCOUNTS]
+    lines += ["", "  Care teams:"]
+    lines += [
+        f"    {n}{' (patients may write first)' if o else ''}: {', '.join(m)}"
+        for n, o, _, m in TEAMS
+    ]
     lines += ["", f"  Instance folder: {app.config['INSTANCE_DIR']}", "  Stop with Ctrl-C.", ""]
     return "\n".join(lines)
 
@@ -104,7 +141,8 @@ def demo(info: ScriptInfo, port: int, smtp_port: int) -> None:
     # factory hook, so a malformed setting still stops it with the one-line error.
     folder = Path(current_app.config["INSTANCE_DIR"])
     maildir, cert = Path(current_app.config["DEMO_MAILDIR"]), folder / "sink-cert.pem"
-    processes = [_start_sink(smtp_port, maildir, cert)]
+    bounces = Path(current_app.config.get("BOUNCE_MAILDIR") or folder / "bounces")
+    processes = [_start_sink(smtp_port, maildir, cert, bounces)]
     os.environ.setdefault("PORTAL_BASE_URL", f"http://127.0.0.1:{port}")
     os.environ.update(
         PORTAL_DEMO="1",
@@ -113,6 +151,7 @@ def demo(info: ScriptInfo, port: int, smtp_port: int) -> None:
         PORTAL_SMTP_TLS="starttls",
         PORTAL_SMTP_CA_FILE=str(cert),
         PORTAL_MAIL_FROM="notices@demo.example",
+        PORTAL_BOUNCE_MAILDIR=str(bounces),  # the sink bounces mail to bounce-hard@... here
     )
     if info.create_app is None:  # portal.cli.main always passes its factory hook
         raise click.UsageError("run the demo as `portal demo`")
@@ -128,8 +167,9 @@ def demo(info: ScriptInfo, port: int, smtp_port: int) -> None:
     _wait(processes)
 
 
-def _start_sink(port: int, maildir: Path, cert: Path) -> subprocess.Popen[bytes]:
-    """Start the TLS mail sink and wait until its certificate is written."""
+def _start_sink(port: int, maildir: Path, cert: Path, bounces: Path) -> subprocess.Popen[bytes]:
+    """Start the TLS mail sink (bouncing into ``bounces``) and wait until its certificate is
+    written."""
     cert.unlink(missing_ok=True)
     sink = subprocess.Popen(
         [
@@ -143,6 +183,8 @@ def _start_sink(port: int, maildir: Path, cert: Path) -> subprocess.Popen[bytes]
             str(maildir),
             "--cert",
             str(cert),
+            "--bounce-maildir",
+            str(bounces),
         ]
     )
     deadline = time.monotonic() + 30

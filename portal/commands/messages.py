@@ -10,10 +10,10 @@ from pathlib import Path
 
 import click
 
-from portal.audit import NO_REQUEST
+from portal.audit import NO_REQUEST, SYSTEM, actor_of
 from portal.commands.base import CommandGroup
 from portal.extensions import db
-from portal.services import accounts, messaging
+from portal.services import accounts, content, messaging, teams, upload_scans
 from portal.services.errors import ServiceError
 from portal.services.messages import Upload
 
@@ -43,6 +43,9 @@ messages = CommandGroup("messages", help="Messages.")
     "--attach", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
 @click.option("--expires-in", default=None, help="7d (default: PORTAL_LINK_TTL), 36h, 90m.")
+@click.option(
+    "--team", "team_name", default=None, help="Care team it is from (when the sender has several)."
+)
 def send(
     sender_email: str,
     recipient_email: str,
@@ -52,6 +55,7 @@ def send(
     markdown: bool,
     attach: tuple[Path, ...],
     expires_in: str | None,
+    team_name: str | None,
 ) -> None:
     """Send a message; the patient gets a PHI-free notice with a pickup link."""
     if (body is None) == (body_file is None):
@@ -61,9 +65,15 @@ def send(
     sender = accounts.find_by_email(db.session, sender_email)
     with ExitStack() as files:
         uploads = [Upload(p.name, files.enter_context(p.open("rb"))) for p in attach]
+        staging = messaging.ATTACHMENTS.start(content.blob_store())  # scanned as the web's
+        files.callback(staging.discard)  # what was staged and not kept
+        actor = actor_of(sender) if sender is not None else SYSTEM
         try:
             if sender is None:
                 raise ServiceError("No staff account has that --from address.")
+            team = teams.find_by_name(db.session, team_name) if team_name else None
+            if team_name and team is None:
+                raise ServiceError("No care team has that --team name.")
             sent = messaging.send(
                 db.session,
                 sender=sender,
@@ -72,10 +82,18 @@ def send(
                 body=text,
                 body_format="markdown" if markdown else "text",
                 uploads=uploads,
+                staged=staging,
                 expires_in=parse_expiry(expires_in),
+                team=team,
                 meta=NO_REQUEST,
             )
         except ServiceError as refused:
+            # The refused send rolls back, but the scan verdicts (malware turned away) are
+            # kept: committed here, as the command's exit would roll them back.
+            db.session.rollback()
+            if upload_scans.record_staging(db.session, staging, actor=actor):
+                db.session.commit()
             click.echo(f"portal: {refused}", err=True)
             sys.exit(1)
+        upload_scans.record_staging(db.session, staging, actor=actor)
     click.echo(f"sent message {sent.message.public_id}; the notice is queued for the notifier")

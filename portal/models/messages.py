@@ -50,6 +50,10 @@ class Message(Base):
     recipient_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     data_key_id: Mapped[int] = mapped_column(ForeignKey("data_keys.id"))
     in_reply_to_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id"))
+    # The care team and conversation it belongs to (portal.models.teams); set for every
+    # message the services create (migration 0005 filled them in for older rows).
+    team_id: Mapped[int | None] = mapped_column(ForeignKey("care_teams.id"), index=True)
+    conversation_id: Mapped[int | None] = mapped_column(ForeignKey("conversations.id"), index=True)
     subject_sealed: Mapped[bytes] = sealed_column(nullable=False)
     body_sealed: Mapped[bytes] = sealed_column(nullable=False)
     body_format: Mapped[str] = mapped_column(String(16), default="text")

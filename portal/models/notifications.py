@@ -20,6 +20,8 @@ class NoticeKind(StrEnum):
     INVITE = "invite"
     RESET = "reset"
     REPLY = "reply"
+    # A patient started a conversation with a care team: to its members, linking to it.
+    TEAM_MESSAGE = "team_message"
     # Security notices (ASVS 2.2.3): a credential changed. They carry no name and link only
     # to the portal's front page (no per-notice link, nothing stored in the payload).
     MFA_CHANGED = "mfa_changed"
@@ -36,6 +38,7 @@ class NoticeStatus(StrEnum):
     SENT = "sent"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    BOUNCED = "bounced"  # accepted, then returned by a hard bounce (RFC 3464 DSN, 5.x.x)
 
 
 class Notification(Base):

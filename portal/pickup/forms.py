@@ -4,11 +4,19 @@ scripts rely on: keep them."""
 from __future__ import annotations
 
 from flask_wtf import FlaskForm
-from wtforms import HiddenField, PasswordField, StringField, TextAreaField
+from wtforms import (
+    HiddenField,
+    MultipleFileField,
+    PasswordField,
+    SelectField,
+    StringField,
+    TextAreaField,
+)
 from wtforms.validators import DataRequired, Length, ValidationError
 from wtforms.widgets import DateInput
 
 from portal.auth import forms as auth_forms
+from portal.services.messages import MAX_SUBJECT
 from portal.services.pickup import MAX_REPLY, parse_dob
 from portal.web.fields import DayField, DayRequired
 
@@ -76,3 +84,36 @@ class DisclosureRangeForm(FlaskForm):
 
     since = DayField("From", validators=[DayRequired("Enter the first day.")])
     until = DayField("To (inclusive)", validators=[DayRequired("Enter the last day.")])
+
+
+class StartConversationForm(FlaskForm):
+    """A patient writing first to a care team the organisation opened to patients. The
+    teams are the view's choices; the service checks the one posted (and audits a team
+    that does not take patients' messages)."""
+
+    team = SelectField("Care team", choices=[], validate_choice=False)
+    subject = StringField(
+        "Subject",
+        validators=[DataRequired("Enter a subject."), Length(max=MAX_SUBJECT)],
+    )
+    body = TextAreaField(
+        "Your message",
+        validators=[
+            DataRequired("Write your message."),
+            Length(max=MAX_REPLY, message=f"Keep your message under {MAX_REPLY:,} characters."),
+        ],
+    )
+    attachments = MultipleFileField("Attachments (optional)")
+
+
+class WriteForm(FlaskForm):
+    """The patient's next message in one of their conversations."""
+
+    body = TextAreaField(
+        "Your message",
+        validators=[
+            DataRequired("Write your message."),
+            Length(max=MAX_REPLY, message=f"Keep your message under {MAX_REPLY:,} characters."),
+        ],
+    )
+    attachments = MultipleFileField("Attachments (optional)")

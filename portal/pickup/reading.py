@@ -37,8 +37,11 @@ from portal.pickup import bp, forms
 from portal.pickup.forms import DisclosureRangeForm
 from portal.services import disclosures, patient_lists, pdf, pickup
 from portal.services.errors import NotFound, ServiceError
+from portal.services.paging import PageError
+from portal.web import downloads
 from portal.web.errors import database_down, page, report_tampered
 from portal.web.outage import DATABASE_DOWN, is_outage
+from portal.web.paging import bad_page, page_request
 from portal.web.security import request_meta
 from portal.web.transaction import commit_now
 
@@ -106,11 +109,21 @@ def _attachment(message_id: str, attachment_id: str) -> Attachment:
 @bp.get("/inbox")
 @roles(Role.PATIENT)
 def inbox() -> ResponseReturnValue:
-    """The patient's messages, newest first, unread ones marked (subjects are PHI: audited)."""
+    """The patient's messages, a page at a time, newest first, unread ones marked (subjects
+    are PHI: audited).
+
+    The page is rendered before its audit event is written: the event takes the trail's
+    head (a lock every audited request queues for) and the commit follows at once, so the
+    lock is held for the event alone, not for the queries and the template.
+    """
     user = _user()
-    rows = patient_lists.inbox(db.session, user)
-    patient_lists.record_inbox_view(db.session, user, len(rows), request_meta())
-    return render_template("pickup/inbox.html", rows=rows)
+    try:
+        listed = patient_lists.inbox(db.session, user, page_request())
+    except PageError as refused:
+        return bad_page(refused, url_for("pickup.inbox"))
+    html = render_template("pickup/inbox.html", page=listed)
+    patient_lists.record_inbox_view(db.session, user, len(listed.rows), request_meta())
+    return html
 
 
 @bp.get("/messages/<message_id>")
@@ -143,6 +156,12 @@ def content_disposition(kind: str, filename: str) -> str:
 
 
 def _stream(attachment: Attachment, *, inline: bool) -> ResponseReturnValue:
+    # One of the worker's download slots for as long as the body streams (portal.web.downloads):
+    # slow readers cannot take the threads that pages and health checks need.
+    return downloads.in_slot(lambda: _open_stream(attachment, inline=inline))
+
+
+def _open_stream(attachment: Attachment, *, inline: bool) -> ResponseReturnValue:
     try:
         name, chunks = pickup.open_attachment(
             db.session, attachment, _user(), request_meta(), inline=inline
@@ -251,13 +270,17 @@ def history() -> ResponseReturnValue:
 
 def _history_page(form: DisclosureRangeForm, status: int = 200) -> ResponseReturnValue:
     user = _user()
-    rows = patient_lists.history(db.session, user)
     try:
-        patient_lists.record_history_view(db.session, user, len(rows), request_meta())
+        listed = patient_lists.history(db.session, user, page_request())
+    except PageError as refused:
+        return bad_page(refused, url_for("pickup.history"))
+    html = render_template("pickup/history.html", page=listed, form=form)
+    try:
+        patient_lists.record_history_view(db.session, user, len(listed.rows), request_meta())
         commit_now()  # fail closed with our own 503 page if the event cannot be written
     except SQLAlchemyError:
         return _unrecorded()
-    return render_template("pickup/history.html", rows=rows, form=form), status
+    return html, status
 
 
 def _valid_period(form: DisclosureRangeForm) -> bool:

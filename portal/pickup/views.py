@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
-from portal.pickup import bp, landing, reading  # noqa: F401 - importing them adds their routes
+from portal.pickup import (  # noqa: F401 - importing them adds their routes
+    bp,
+    conversations,
+    landing,
+    reading,
+)
 
 __all__ = ["bp"]

@@ -96,6 +96,17 @@ _FHIR_ACTION: dict[Action, str] = {
     Action.USER_MFA_RESET: "U",
     Action.USER_UNLOCK: "U",
     Action.MESSAGE_SHRED: "D",
+    Action.TEAM_CREATED: "C",
+    Action.TEAM_MEMBER_ADDED: "C",
+    Action.TEAM_UPDATED: "U",
+    Action.TEAM_ARCHIVED: "U",
+    Action.TEAM_MEMBER_REMOVED: "D",
+    Action.CONVERSATION_READ: "R",
+    Action.REPLY_READ: "R",
+    Action.CONVERSATION_START: "C",
+    Action.CONVERSATION_ASSIGN: "U",
+    Action.CONVERSATION_DONE: "U",
+    Action.CONVERSATION_REOPEN: "U",
 }
 # AuditEvent.outcome (R4 value set audit-event-outcome): a refused access is a
 # serious failure (8), anything else that failed a minor one (4).

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from flask import current_app
 from sqlalchemy import event, select
@@ -24,9 +24,12 @@ from portal import audit
 from portal.audit import Action, Actor, Outcome, RequestMeta
 from portal.config import current_settings
 from portal.database import utcnow
-from portal.models import Attachment, AuditEvent, Message
+from portal.models import Attachment, AuditEvent, Conversation, Message, Role, User
 from portal.services import keys
 from portal.storage import FilesystemBlobStore, read_decrypted
+
+if TYPE_CHECKING:
+    from portal.services.uploads import StagedUpload
 
 log = logging.getLogger(__name__)
 ORPHAN_GRACE_SECONDS = 3600  # a blob younger than this may belong to a transaction in flight
@@ -72,6 +75,17 @@ def store_blob(session: Session, key: bytes, object_id: str, chunks: Iterator[by
     from portal.storage import put_encrypted
 
     blob_id = put_encrypted(blob_store(), key, object_id, chunks)
+    session.info.setdefault("new_blobs", []).append(blob_id)
+    return blob_id
+
+
+def keep_upload(session: Session, upload: StagedUpload) -> str:
+    """Rename the sealed, accepted ``upload`` into the blob store; return its blob id.
+
+    Like :func:`store_blob`, the blob is deleted again if ``session`` rolls back.
+    Raises StorageUnavailable, and ValueError for an upload not sealed and accepted.
+    """
+    blob_id = upload.keep()
     session.info.setdefault("new_blobs", []).append(blob_id)
     return blob_id
 
@@ -142,7 +156,7 @@ def record_tampered(
         outcome=Outcome.FAILURE,
         target_type=target_type if target else None,
         target_id=target.public_id if target else None,
-        patient_id=message.recipient_id if message else None,
+        patient_id=patient_of(session, message) if message else None,
         message_id=message.id if message else None,
         details={"severity": "high", "stage": stage},
     )
@@ -159,6 +173,28 @@ def record_tampered(
         },
     )
     return event
+
+
+def patient_of(session: Session, message: Message) -> int | None:
+    """Return the id of the patient ``message`` is about: its conversation's patient, else
+    its sender when a patient wrote it (a reply's recipient is a member of staff), else its
+    recipient (staff write to patients). Two queries at most; None for a message between
+    staff members outside any conversation (none is created so, but old data may hold one).
+    """
+    if message.conversation_id is not None:
+        found = session.scalar(
+            select(Conversation.patient_id).where(Conversation.id == message.conversation_id)
+        )
+        if found is not None:
+            return found
+    wanted = {message.sender_id, message.recipient_id}
+    found_roles = session.execute(select(User.id, User.role).where(User.id.in_(wanted)))
+    people = {row.id: row.role for row in found_roles}
+    if people.get(message.sender_id) == Role.PATIENT:
+        return message.sender_id
+    if people.get(message.recipient_id) == Role.PATIENT:
+        return message.recipient_id
+    return None
 
 
 def shred(session: Session, message: Message, *, actor: Actor, meta: RequestMeta) -> None:

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from portal import audit
 from portal.audit import Action, Actor, RequestMeta
 from portal.config import current_settings
-from portal.models import AuditEvent, User
+from portal.models import AuditEvent, Role, User
 from portal.services import accounts, pdf
 from portal.services.audit_query import (
     DAY_RANGE_HINT,
@@ -22,13 +22,24 @@ from portal.services.audit_query import (
     select_events,
 )
 from portal.services.audit_query import to_rows as audit_rows
-from portal.services.patient_lists import OTHER_PATIENT, is_other_patient
+from portal.services.patient_lists import (
+    OTHER_PATIENT,
+    STAFF_READS,
+    conversation_team_names,
+    is_other_patient,
+    staff_read_text,
+    team_names,
+)
 
-# What counts as an access to or a disclosure of the patient's messages and records.
+# What counts as an access to or a disclosure of the patient's messages and records. A
+# conversation's assignment, "done" and reopening disclose nothing: the history shows them,
+# this record does not (as for a look-up or a new link).
 HOW = {
     Action.MESSAGE_SEND: "sent to the patient (secure message)",
     Action.NOTICE_SENT: "email notice (no health information) delivered",
     Action.MESSAGE_VIEW: "viewed in the portal",
+    Action.CONVERSATION_READ: "conversation opened in the portal",
+    Action.REPLY_READ: "viewed in the portal",
     Action.MESSAGE_PDF: "saved as PDF from the portal",
     Action.ATTACHMENT_DOWNLOAD: "record downloaded from the portal",
     Action.ATTACHMENT_VIEW: "record viewed in the portal",
@@ -44,6 +55,7 @@ ITEMS = {
     "attachment": "Record (PDF)",
     "link": "Pickup link",
     "notification": "Email notice",
+    "conversation": "Conversation",
 }
 
 
@@ -67,12 +79,28 @@ def rows(session: Session, patient: User, since: date, until: date) -> list[dict
         .order_by(AuditEvent.seq)
     )
     events = audit_rows(session, session.execute(stmt).all(), Names(session))
-    return [_row(e, patient) for e in events]
+    teams = team_names(session, {e.message_id for e in events if e.message_id is not None})
+    threads = conversation_team_names(
+        session, {e.target_id for e in events if e.target_type == "conversation" and e.target_id}
+    )
+    return [_row(e, patient, teams, threads) for e in events]
 
 
-def _row(event: EventRow, patient: User) -> dict[str, object]:
-    """One line of the record: another patient is never named nor located."""
+def _row(
+    event: EventRow, patient: User, teams: dict[int, str], threads: dict[str, str]
+) -> dict[str, object]:
+    """One line of the record: another patient is never named nor located; a read by
+    staff names their care team (the message's; for a conversation opened, its team's)."""
     other = is_other_patient(patient, event.actor_id, event.actor_role)
+    how = HOW[Action(event.action)]
+    team = teams.get(event.message_id or 0)
+    if team and event.actor_role == Role.STAFF and event.action in STAFF_READS:
+        how = staff_read_text(team, event.actor_name)
+    thread_team = (
+        threads.get(event.target_id or "") if event.target_type == "conversation" else None
+    )
+    if thread_team and event.action == Action.CONVERSATION_READ:
+        how = f"conversation with the {thread_team} opened in the portal"
     who = (
         "the patient"
         if event.actor_id == patient.id
@@ -84,7 +112,7 @@ def _row(event: EventRow, patient: User) -> dict[str, object]:
         "when": event.occurred_at,
         "who": who,
         "role": "" if other else event.actor_role or "",
-        "action": HOW[Action(event.action)],
+        "action": how,
         "item": f"{ITEMS.get(event.target_type or '', 'Account')} {(event.target_id or '')[:8]}",
         "how": "portal" if event.client_ip else "system",
         "from_address": "-" if other else event.client_ip or "-",

@@ -17,14 +17,27 @@ from portal import audit
 from portal.audit import SYSTEM, Action, Actor, Outcome, RequestMeta
 from portal.config import current_settings
 from portal.database import utcnow
-from portal.models import AuditEvent, Message, Notification, PickupLink, Role, User
+from portal.models import (
+    AuditEvent,
+    CareTeam,
+    Conversation,
+    Message,
+    Notification,
+    PickupLink,
+    Role,
+    User,
+)
 from portal.models.notifications import NoticeKind, NoticeStatus
+from portal.models.teams import StartedBy
 from portal.security import tokens
-from portal.services import messages, notices
-from portal.services.accounts import find_by_email
+from portal.services import content, delivery, messages, notices, teams, upload_scans
 from portal.services.errors import NotFound, ServiceError
 from portal.services.messages import Upload
-from portal.services.pdfcheck import validate_pdf
+from portal.services.uploads import InspectorFactory, Staging, UploadPolicy
+
+# portal.services.accounts (argon2, zxcvbn, email_validator) and pdfcheck (pypdf) are
+# imported by the functions that use them: the notifier imports this module for remind()
+# and starts faster without them (README "Notifier throughput": start-up).
 
 
 @dataclass(frozen=True)
@@ -33,6 +46,29 @@ class Sent:
 
     message: Message
     url: str
+
+
+def attachment_inspectors() -> list[InspectorFactory]:
+    """Return the inspectors every file a member of staff attaches goes through, in order.
+
+    Each is called with the file's ``UploadView`` when its first byte arrives, fed the
+    plaintext as it streams, and finishes once the file is stored encrypted
+    (``portal.services.uploads``); any may refuse the file with UploadRejected.
+    With ``PORTAL_SCAN_UPLOADS=required`` the malware scan comes first: its
+    connection is opened on the file's first byte (a clamd out of reach refuses
+    it before anything is kept) and its verdict decides before any content check.
+    """
+    from portal.services.pdfcheck import PdfInspector
+
+    return upload_scans.scanned(current_settings(), [PdfInspector])
+
+
+# Staff attachments: readable PDFs of at most PORTAL_MAX_UPLOAD bytes each.
+ATTACHMENTS = UploadPolicy(
+    "attachment",
+    inspectors=attachment_inspectors,
+    max_bytes=lambda: current_settings().max_upload,
+)
 
 
 def expiry(expires_in: timedelta | None) -> datetime:
@@ -47,6 +83,8 @@ def expiry(expires_in: timedelta | None) -> datetime:
 
 def recipient_for(session: Session, email: str) -> User:
     """Return the active patient with this address; NotFound otherwise."""
+    from portal.services.accounts import find_by_email
+
     user = find_by_email(session, email)
     if user is None or user.role != Role.PATIENT or user.disabled:
         raise NotFound("No active patient has that email address. Register the patient first.")
@@ -59,6 +97,8 @@ def lookup_patient(session: Session, email: str, *, actor: Actor, meta: RequestM
     A staff lookup shows the patient's name: a read of PHI (patient.lookup). The
     address searched for is never recorded, only whether a patient was found.
     """
+    from portal.services.accounts import find_by_email
+
     user = find_by_email(session, email)
     found = user if user is not None and user.role == Role.PATIENT else None
     audit.record(
@@ -83,31 +123,48 @@ def send(
     body: str,
     body_format: str = "text",
     uploads: list[Upload] | None = None,
+    staged: Staging | None = None,
     expires_in: timedelta | None = None,
+    team: CareTeam | None = None,
+    conversation: Conversation | None = None,
     meta: RequestMeta,
 ) -> Sent:
     """Store and send a message (flushed, not committed); return it with its pickup URL.
 
-    Raises ServiceError for a sender who is not staff, a recipient who is not an
-    active patient, a bad expiry, subject or body, and for any upload that is
-    not a readable, unencrypted PDF within PORTAL_MAX_UPLOAD.
+    The message joins ``conversation`` (an answer in a thread), or starts one of
+    ``team`` (default: the sender's only team). Attachments: the files of ``staged``
+    (uploaded under :data:`ATTACHMENTS`), then ``uploads`` (streams, staged here the
+    same way). Raises ServiceError for a sender who is not staff, a recipient who is
+    not an active patient, a team or conversation that is not the sender's
+    (teams.NoTeam for a sender in no team), a bad expiry, subject or body, and for
+    any upload that is not a readable, unencrypted PDF within PORTAL_MAX_UPLOAD
+    (UploadTooLarge, UploadRefused). Raises ValueError for files staged under
+    another policy.
     """
+    if staged is not None and staged.policy is not ATTACHMENTS:
+        raise ValueError("attachments must be staged under messaging.ATTACHMENTS")
     if sender.role != Role.STAFF or sender.disabled:
         raise ServiceError("Only staff can send messages.")
     if recipient.role != Role.PATIENT or recipient.disabled:
         raise ServiceError("Messages go to active patients only.")
-    message = messages.create(
-        session,
-        sender=sender,
-        recipient=recipient,
-        subject=subject,
-        body=body,
-        body_format=body_format,
-        expires_at=expiry(expires_in),
-        uploads=uploads or [],
-        max_upload=current_settings().max_upload,
-        validate=validate_pdf,
-    )
+    thread = conversation_for(session, sender, recipient, team, conversation)
+    staging = staged or ATTACHMENTS.start(content.blob_store())
+    try:
+        message = messages.create(
+            session,
+            sender=sender,
+            recipient=recipient,
+            subject=subject,
+            body=body,
+            body_format=body_format,
+            expires_at=expiry(expires_in),
+            uploads=uploads or [],
+            staged=staging,
+        )
+    finally:
+        if staged is None:
+            staging.discard()  # what was staged here and not committed
+    teams.file_message(session, message, thread)
     url = issue_link(session, message, NoticeKind.PICKUP)
     audit.record(
         session,
@@ -121,6 +178,32 @@ def send(
         details={"attachments": len(message.attachments), "format": body_format},
     )
     return Sent(message, url)
+
+
+def conversation_for(
+    session: Session,
+    sender: User,
+    recipient: User,
+    team: CareTeam | None,
+    conversation: Conversation | None,
+) -> Conversation:
+    """Return the conversation a message from ``sender`` to ``recipient`` joins: the one
+    given, or a new one of ``team`` (default: the sender's only team), flushed.
+
+    Raises ServiceError when the conversation is with another patient or the sender is
+    not a member of its team or of ``team``; teams.NoTeam for a sender in no team.
+    """
+    if conversation is not None:
+        if conversation.patient_id != recipient.id:
+            raise ServiceError("This conversation is with another patient.")
+        if not teams.is_member(session, sender, conversation.team_id):
+            raise ServiceError("Only members of its care team can answer in this conversation.")
+        return conversation
+    if team is None:
+        team = teams.sending_team(session, sender, None)
+    elif not teams.is_member(session, sender, team.id):
+        raise ServiceError("Choose one of your care teams.")
+    return teams.start_conversation(session, team, recipient, StartedBy.STAFF)
 
 
 def issue_link(session: Session, message: Message, kind: NoticeKind) -> str:
@@ -153,10 +236,57 @@ def remind(session: Session, message: Message, now: datetime) -> Notification:
     return notice
 
 
-def _issue(
-    session: Session, message: Message, kind: NoticeKind, due: datetime | None
-) -> tuple[PickupLink, str, Notification]:
+def relink(session: Session, notice: Notification, message: Message, now: datetime) -> None:
+    """Give ``notice`` a fresh link for another attempt after a soft bounce (flushed).
+
+    Its URL was erased when the mail server accepted it, and only token hashes
+    are stored, so the retry carries a new link, as a reminder does; the link it
+    carried is revoked (it sits in a mail system that could not deliver it).
+    Audited (link.reissue, reason bounce). Raises ServiceError when the message
+    is revoked, destroyed or no longer available; ContentDestroyed when the
+    recipient's data key was shredded.
+    """
+    if message.revoked_at or message.destroyed_at or message.expires_at <= now:
+        raise ServiceError("This message is no longer available.")
     token = tokens.new_token()
+    notices.reseal(session, notice, _pickup_url(token))  # first: a shredded key changes nothing
+    revoke_notice_link(session, notice, now)
+    link = _add_link(session, message, token)
+    notice.link_id = link.id
+    audit.record(
+        session,
+        Action.LINK_REISSUE,
+        actor=SYSTEM,
+        target_type="pickup_link",
+        target_id=link.public_id,
+        patient_id=message.recipient_id,
+        message_id=message.id,
+        details={"reason": "bounce"},
+    )
+
+
+def revoke_notice_link(session: Session, notice: Notification, now: datetime) -> None:
+    """Revoke the pickup link ``notice`` carried, if any and not revoked yet (flushed).
+
+    For a notice that bounced: a copy of it, link included, sits in a bounce
+    mailbox. The caller audits (notice.bounced). Returns None.
+    """
+    if notice.link_id is not None:
+        session.execute(
+            update(PickupLink)
+            .where(PickupLink.id == notice.link_id, PickupLink.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )
+        session.flush()
+
+
+def _new_link(session: Session, message: Message) -> tuple[PickupLink, str]:
+    """A new pickup link to ``message`` (flushed) and its URL."""
+    token = tokens.new_token()
+    return _add_link(session, message, token), _pickup_url(token)
+
+
+def _add_link(session: Session, message: Message, token: str) -> PickupLink:
     link = PickupLink(
         message_id=message.id,
         recipient_id=message.recipient_id,
@@ -165,7 +295,17 @@ def _issue(
     )
     session.add(link)
     session.flush()
-    url = f"{current_settings().base_url}/p/{token}"
+    return link
+
+
+def _pickup_url(token: str) -> str:
+    return f"{current_settings().base_url}/p/{token}"
+
+
+def _issue(
+    session: Session, message: Message, kind: NoticeKind, due: datetime | None
+) -> tuple[PickupLink, str, Notification]:
+    link, url = _new_link(session, message)
     recipient = session.get(User, message.recipient_id)
     assert recipient is not None  # a foreign key guarantees it
     notice = notices.enqueue(
@@ -237,68 +377,25 @@ def resend(
     return url
 
 
-# Why a colleague acts on a message they did not send: a fixed list, never free text, so
-# the audit trail gains no room for PHI (ASVS V7.1.1). Keys are stored; labels are shown.
-COVER_REASONS: dict[str, str] = {
-    "sender_absent": "The sender is away or off shift",
-    "on_call": "I am on call for the sender's patients",
-    "sender_request": "The sender asked me to take this message over",
-    "patient_request": "The patient asked for help with this message",
-}
-
-
 def check_staff_access(
-    session: Session, message: Message, staff: User, *, covering: bool, meta: RequestMeta
+    session: Session, message: Message, staff: User, *, meta: RequestMeta
 ) -> None:
-    """Let the message's sender, or a colleague covering for them, act on it; return None.
+    """Let the members of the message's care team act on it; return None.
 
-    Object-level access for every per-message staff route (ASVS V4.2.1) until
-    care teams exist. Anyone else is audited (access.denied, reason not_sender)
-    and gets NotFound, so the refusal does not confirm that the message exists.
+    Object-level access for every per-message staff route (ASVS V4.2.1): team
+    membership is how a colleague covers for another. Anyone else is audited
+    (access.denied, reason not_in_team) and gets NotFound, so the refusal does not
+    confirm that the message exists.
     """
-    if (
-        staff.role == Role.STAFF
-        and not staff.disabled
-        and (message.sender_id == staff.id or covering)
-    ):
-        return
-    audit.record(
+    teams.require_member(
         session,
-        Action.ACCESS_DENIED,
-        actor=audit.actor_of(staff),
-        meta=meta,
-        outcome=Outcome.DENIED,
-        target_type="message",
-        target_id=message.public_id,
-        patient_id=message.recipient_id,
-        message_id=message.id,
-        details={"reason": "not_sender"},
-    )
-    raise NotFound("There is nothing here.")
-
-
-def cover(
-    session: Session, message: Message, staff: User, *, reason: str, meta: RequestMeta
-) -> None:
-    """Audit that ``staff`` acts on ``message`` for its sender (message.cover); return None.
-
-    Raises ServiceError for a reason outside COVER_REASONS and for anyone who is
-    not active staff. The caller decides how long the cover lasts (the web: the session).
-    """
-    if reason not in COVER_REASONS:
-        raise ServiceError("Choose why you are covering for the sender.")
-    if staff.role != Role.STAFF or staff.disabled:
-        raise ServiceError("Only staff can cover for a colleague.")
-    audit.record(
-        session,
-        Action.MESSAGE_COVER,
-        actor=audit.actor_of(staff),
+        staff,
+        message.team_id,
         meta=meta,
         target_type="message",
         target_id=message.public_id,
         patient_id=message.recipient_id,
         message_id=message.id,
-        details={"reason": reason, "sender_id": message.sender_id},
     )
 
 
@@ -309,6 +406,7 @@ class StatusEntry:
     when: datetime
     what: str
     detail: str = ""
+    alert: str = ""  # what staff should do about it, shown at the top of the page
 
 
 STATUS_ACTIONS = {
@@ -321,17 +419,18 @@ STATUS_ACTIONS = {
     Action.MESSAGE_RESEND: "New link sent",
     Action.AUTH_IDENTITY_VERIFY: "Identity check",
     Action.ACCESS_DENIED: "Access denied",
-    Action.MESSAGE_COVER: "A colleague covered for the sender",
+    Action.MESSAGE_COVER: "A colleague covered for the sender",  # before care teams (0005)
 }
 
 
 def status(session: Session, message: Message) -> list[StatusEntry]:
     """Return the message's history: notices (queued, sent, failed with reason) and accesses."""
     entries = [StatusEntry(message.created_at, "Sent")]
+    delayed = delivery.delayed(session)  # the notifier cannot use the mail relay right now
     for notice in session.scalars(
         select(Notification).where(Notification.message_id == message.id).order_by(Notification.id)
     ):
-        entries.append(_notice_entry(notice))
+        entries.append(_notice_entry(notice, delayed))
     for event in session.scalars(
         select(AuditEvent)
         .where(
@@ -343,12 +442,14 @@ def status(session: Session, message: Message) -> list[StatusEntry]:
         label = STATUS_ACTIONS[Action(event.action)]
         if event.action == Action.MESSAGE_VIEW and event.actor_id != message.recipient_id:
             label = "Viewed by staff"
+        if event.action == Action.ATTACHMENT_DOWNLOAD and event.actor_id != message.recipient_id:
+            label = "Attachment downloaded by staff"  # from the conversation page
         detail = "" if event.outcome == Outcome.SUCCESS else event.outcome
         entries.append(StatusEntry(event.occurred_at, label, detail))
     return sorted(entries, key=lambda e: e.when)
 
 
-def _notice_entry(notice: Notification) -> StatusEntry:
+def _notice_entry(notice: Notification, delayed: bool = False) -> StatusEntry:
     kind = "Reminder email" if notice.kind == NoticeKind.REMINDER else "Email notice"
     if notice.status == NoticeStatus.SENT and notice.sent_at:
         return StatusEntry(notice.sent_at, f"{kind} delivered to the mail server")
@@ -356,22 +457,24 @@ def _notice_entry(notice: Notification) -> StatusEntry:
         return StatusEntry(notice.created_at, f"{kind} failed", notice.failure_reason or "")
     if notice.status == NoticeStatus.CANCELLED:
         return StatusEntry(notice.created_at, f"{kind} cancelled")
+    if notice.status == NoticeStatus.BOUNCED:
+        return StatusEntry(
+            notice.sent_at or notice.created_at,
+            f"{kind} bounced: check the patient's address",
+            notice.failure_reason or "",
+            alert="Email bounced: check the patient's address",
+        )
+    if delayed:  # queued or being sent, with its link, until the relay is usable again
+        return StatusEntry(
+            notice.created_at,
+            f"{kind} queued: delivery delayed",
+            "the notifier cannot use the mail server; it is sent once that is fixed",
+            alert="Email delivery delayed: the mail server is not usable right now",
+        )
     return StatusEntry(
         notice.created_at,
         f"{kind} queued",
         f"attempt {notice.attempts + 1}" if notice.attempts else "",
-    )
-
-
-def sent_by(session: Session, staff: User, limit: int = 100) -> list[Message]:
-    """Return the newest messages ``staff`` sent."""
-    return list(
-        session.scalars(
-            select(Message)
-            .where(Message.sender_id == staff.id)
-            .order_by(Message.created_at.desc())
-            .limit(limit)
-        )
     )
 
 

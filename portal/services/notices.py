@@ -44,10 +44,7 @@ def enqueue(
     except ValueError:
         raise ServiceError("Unknown notice kind.") from None
     public_id = new_public_id()
-    payload = None
-    if url is not None:
-        key = keys.unwrap(session, recipient.data_key_id)
-        payload = keys.seal_text(key, *PAYLOAD_FIELD, public_id, url)
+    payload = _seal(session, recipient, public_id, url) if url is not None else None
     row = Notification(
         public_id=public_id,
         kind=kind,
@@ -62,6 +59,24 @@ def enqueue(
     session.add(row)
     session.flush()
     return row
+
+
+def _seal(session: Session, recipient: User, public_id: str, url: str) -> bytes:
+    key = keys.unwrap(session, recipient.data_key_id)
+    return keys.seal_text(key, *PAYLOAD_FIELD, public_id, url)
+
+
+def reseal(session: Session, notification: Notification, url: str) -> None:
+    """Give a notice whose URL was erased a new one, sealed as :func:`enqueue` seals (flushed).
+
+    For another attempt after a soft bounce: the first URL was erased once the
+    server accepted it. Raises ContentDestroyed when the recipient's data key
+    was shredded.
+    """
+    recipient = session.get(User, notification.recipient_id)
+    assert recipient is not None  # a foreign key guarantees it
+    notification.payload_sealed = _seal(session, recipient, notification.public_id, url)
+    session.flush()
 
 
 def open_payload(session: Session, notification: Notification) -> str | None:

@@ -25,6 +25,8 @@ from portal.crypto.errors import ContentDestroyed
 from portal.database import utcnow
 from portal.models import (
     Attachment,
+    CareTeam,
+    Conversation,
     Message,
     PatientProfile,
     PickupLink,
@@ -34,7 +36,18 @@ from portal.models import (
 from portal.models.messages import LinkState, MessageState
 from portal.models.notifications import NoticeKind
 from portal.security import tokens
-from portal.services import accounts, content, keys, messages, messaging, notices, pdf
+from portal.services import (
+    accounts,
+    content,
+    conversations,
+    keys,
+    messages,
+    messaging,
+    names,
+    notices,
+    pdf,
+    teams,
+)
 from portal.services.errors import NotFound, ServiceError
 
 MAX_VERIFY_FAILURES = 5  # then the link locks; staff see it and send a new one
@@ -69,11 +82,21 @@ def find_link(session: Session, token: str) -> PickupLink | None:
 
 def message_state(message: Message, now: datetime | None = None) -> MessageState:
     """Return whether ``message`` is available, revoked, deleted or expired."""
-    if message.destroyed_at is not None:
+    return state_at(message.destroyed_at, message.revoked_at, message.expires_at, now)
+
+
+def state_at(
+    destroyed_at: datetime | None,
+    revoked_at: datetime | None,
+    expires_at: datetime,
+    now: datetime | None = None,
+) -> MessageState:
+    """Return the state of a message with these timestamps (lists read columns, not rows)."""
+    if destroyed_at is not None:
         return MessageState.DELETED
-    if message.revoked_at is not None:
+    if revoked_at is not None:
         return MessageState.REVOKED
-    if message.expires_at <= (now or utcnow()):
+    if expires_at <= (now or utcnow()):
         return MessageState.EXPIRED
     return MessageState.AVAILABLE
 
@@ -324,12 +347,9 @@ class Shown:
 
 
 def display_name_of(session: Session, user_id: int) -> str:
-    """Return a user's name for a page, or a placeholder when unknown or shredded."""
-    user = session.get(User, user_id)
-    try:
-        return accounts.display_name(session, user) if user else "(unknown)"
-    except ContentDestroyed:
-        return "(deleted account)"
+    """Return a user's name for a page, or a placeholder when unknown or shredded
+    (services.names: unsealed once per transaction)."""
+    return names.display_name(session, user_id)
 
 
 def view_message(session: Session, message: Message, user: User, meta: RequestMeta) -> Shown:
@@ -431,26 +451,30 @@ def message_pdf(session: Session, message: Message, user: User, meta: RequestMet
 def reply(
     session: Session, original: Message, patient: User, text: str, meta: RequestMeta
 ) -> Message:
-    """Store the patient's reply encrypted, audit it and queue a PHI-free notice to the sender.
+    """Store the patient's reply encrypted, audit it and queue a PHI-free notice to the team.
 
-    Raises ServiceError for an empty or over-long reply or a sender who left.
+    The reply joins the message's conversation; the notice, linking to the conversation's
+    staff page, goes to its assignee, else the sender while still in the team, else every
+    member (conversations.notify_team). Raises ServiceError for an empty or over-long
+    reply, and when nobody is left in the team to read it.
     """
     if not text.strip() or len(text) > MAX_REPLY:
         raise ServiceError(f"Write a reply of 1 to {MAX_REPLY:,} characters.")
-    sender = session.get(User, original.sender_id)
-    if sender is None or sender.disabled:
-        raise ServiceError("The sender can no longer receive replies. Contact the practice.")
+    thread = session.get(Conversation, original.conversation_id or 0)
+    addressee = _reply_recipient(session, original, thread)
     subject = ("Re: " + read_or_unavailable(session, original).subject)[: messages.MAX_SUBJECT]
     lifetime = timedelta(seconds=current_settings().link_max_ttl)
     answer = messages.create(
         session,
         sender=patient,
-        recipient=sender,
+        recipient=addressee,
         subject=subject,
         body=text,
         expires_at=utcnow() + lifetime,
         in_reply_to=original,
     )
+    if thread is not None:  # the reply joins its message's conversation and team
+        teams.file_message(session, answer, thread)
     audit.record(
         session,
         Action.MESSAGE_REPLY,
@@ -461,14 +485,45 @@ def reply(
         patient_id=patient.id,
         message_id=original.id,
     )
-    notices.enqueue(
-        session,
-        kind=NoticeKind.REPLY,
-        recipient=sender,
-        url=f"{current_settings().base_url}/",
-        message=answer,
-    )
+    if thread is None:  # a message older than care teams that no migration filed
+        notices.enqueue(
+            session,
+            kind=NoticeKind.REPLY,
+            recipient=addressee,
+            url=f"{current_settings().base_url}/",
+            message=answer,
+        )
+    else:
+        conversations.notify_team(
+            session,
+            thread,
+            answer,
+            NoticeKind.REPLY,
+            addressed_to=original_sender(session, original),
+        )
     return answer
+
+
+def original_sender(session: Session, message: Message) -> User | None:
+    """Return the active member of staff who sent ``message``, or None."""
+    sender = session.get(User, message.sender_id)
+    return sender if sender is not None and not sender.disabled else None
+
+
+def _reply_recipient(session: Session, original: Message, thread: Conversation | None) -> User:
+    """Whom a reply is addressed to (``recipient_id``): the message's sender while they are
+    in its team, else the member longest in the team (the team reads it, whoever that is).
+    Raises ServiceError when nobody is left to read it."""
+    sender = original_sender(session, original)
+    if thread is None:
+        if sender is None:
+            raise ServiceError("The sender can no longer receive replies. Contact the practice.")
+        return sender
+    if sender is not None and teams.is_member(session, sender, thread.team_id):
+        return sender
+    team = session.get(CareTeam, thread.team_id)
+    assert team is not None  # a foreign key guarantees it
+    return conversations.patient_message_recipient(session, team)
 
 
 # --- Lists -------------------------------------------------------------------------------------

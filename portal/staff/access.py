@@ -1,13 +1,11 @@
-"""Object-level access for staff to one message: its sender, or a colleague covering for them.
+"""Object-level access for staff to one message: the members of its care team.
 
-Until care teams exist, only the member of staff who sent a message may open,
-revoke or resend it (ASVS V4.2.1). A colleague may act on it after choosing
-"covering for a colleague" with a reason from a fixed list on an interstitial
-form; that cover is audited (message.cover) and lasts for the rest of the
-signed-in session: the server-side session keeps the public ids of the messages
-covered (ids only, never PHI), and sign-in starts a fresh session, so every new
-session needs a new, newly audited cover. Everyone else gets the same 404 as
-for a message that does not exist, and an access.denied event.
+A member of staff may open, revoke or resend a message only when they belong to the
+active team it belongs to (ASVS V4.2.1); a colleague covers for another by being in
+the same team, so there is no per-message "cover" any more. Membership is read on
+every request, so someone removed from a team loses access at once, in a session
+already open too. Everyone else gets the same 404 as for a message that does not
+exist, and an access.denied event.
 """
 
 from __future__ import annotations
@@ -16,18 +14,15 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from flask import render_template, session
+from flask import render_template
 from flask.typing import ResponseReturnValue
 from flask_login import current_user
 
 from portal.extensions import db
-from portal.models import Message
+from portal.models import Message, Role, User
 from portal.services import messaging
 from portal.services.errors import NotFound
 from portal.web.security import request_meta
-
-COVER_KEY = "covering"
-MAX_COVERS = 100  # keeps the session row small; the oldest cover is forgotten first
 
 
 def well_formed(public_id: str) -> bool:
@@ -36,35 +31,27 @@ def well_formed(public_id: str) -> bool:
 
 
 def find_message(public_id: str) -> Message | None:
-    """Return the sent message (not a patient's reply) with this public id, or None."""
+    """Return the sent message (not a patient's reply, nor the first message of a
+    conversation a patient started: those are read in the conversation) with this public
+    id, or None."""
     if not well_formed(public_id):
         return None
     message = messaging.find_by_public_id(db.session, public_id)
-    return message if message is not None and message.in_reply_to_id is None else None
+    if message is None or message.in_reply_to_id is not None:
+        return None
+    recipient = db.session.get(User, message.recipient_id)
+    return message if recipient is not None and recipient.role == Role.PATIENT else None
 
 
-def is_covering(public_id: str) -> bool:
-    """Return True when this session chose to cover for the sender of ``public_id``."""
-    return public_id in session.get(COVER_KEY, [])
-
-
-def remember_cover(public_id: str) -> None:
-    """Let this session act on ``public_id`` until it ends (the caller audits the cover)."""
-    covered = [c for c in session.get(COVER_KEY, []) if c != public_id]
-    session[COVER_KEY] = [*covered, public_id][-MAX_COVERS:]
-
-
-def nothing_here(public_id: str) -> ResponseReturnValue:
-    """The 404 page for a message that is missing or not this staff member's to act on."""
-    return render_template(
-        "staff/not_found.html", public_id=public_id if well_formed(public_id) else None
-    ), 404
+def nothing_here() -> ResponseReturnValue:
+    """The 404 page for a message that is missing or not this staff member's team's."""
+    return render_template("staff/not_found.html"), 404
 
 
 def staff_message(
     view: Callable[[Message], ResponseReturnValue],
 ) -> Callable[[str], ResponseReturnValue]:
-    """Hand the view the message at ``public_id`` if this staff member may act on it.
+    """Hand the view the message at ``public_id`` if this staff member's team holds it.
 
     Otherwise the refusal is audited (committed with the page) and the answer is a 404.
     """
@@ -73,17 +60,11 @@ def staff_message(
     def wrapper(public_id: str, **kwargs: Any) -> ResponseReturnValue:
         message = find_message(public_id)
         if message is None:
-            return nothing_here(public_id)
+            return nothing_here()
         try:
-            messaging.check_staff_access(
-                db.session,
-                message,
-                current_user,
-                covering=is_covering(public_id),
-                meta=request_meta(),
-            )
+            messaging.check_staff_access(db.session, message, current_user, meta=request_meta())
         except NotFound:  # returned, not raised: the boundary commits the access.denied event
-            return nothing_here(public_id)
+            return nothing_here()
         return view(message, **kwargs)
 
     return wrapper

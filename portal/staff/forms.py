@@ -17,8 +17,6 @@ from wtforms import (
 from wtforms.fields.choices import SelectChoice
 from wtforms.validators import DataRequired, Length, NumberRange, Optional
 
-from portal.services.messaging import COVER_REASONS
-
 
 class FindPatientForm(FlaskForm):
     """Look a patient up by email address: a POST, so the address stays out of URLs (history,
@@ -44,8 +42,10 @@ class RegisterPatientForm(FlaskForm):
 
 
 class ComposeForm(FlaskForm):
-    """Write a message with any number of PDF attachments."""
+    """Write a message with any number of PDF attachments, from one of the sender's teams."""
 
+    # Choices are the sender's care teams (the view sets them); shown when they have several.
+    team = SelectField("Care team", choices=[], default="")
     subject = StringField("Subject", validators=[DataRequired("Enter a subject."), Length(max=200)])
     body = TextAreaField(
         "Message", validators=[DataRequired("Write the message."), Length(max=100_000)]
@@ -65,14 +65,18 @@ class ActionForm(FlaskForm):
     """A button: revoke or resend."""
 
 
-class CoverForm(FlaskForm):
-    """Covering for a colleague: a reason from a fixed list (free text could carry PHI)."""
+class AnswerForm(FlaskForm):
+    """A member of staff's answer in a conversation: sent to the patient like any message."""
 
-    reason = SelectField(
-        "Why are you acting on a colleague's message?",
-        choices=[
-            SelectChoice("", "Choose a reason"),
-            *(SelectChoice(key, label) for key, label in COVER_REASONS.items()),
-        ],
-        validators=[DataRequired("Choose why you are covering for the sender.")],
+    body = TextAreaField(
+        "Your answer", validators=[DataRequired("Write your answer."), Length(max=100_000)]
     )
+    attachments = MultipleFileField("Attachments (PDF)")
+
+
+class AssignForm(FlaskForm):
+    """Who on the team looks after a conversation. The choices are the team's members (the
+    view sets them); the service checks the one posted, so any other answer is refused
+    with its own message rather than WTForms' generic one."""
+
+    assignee = SelectField("Assigned to", choices=[], validate_choice=False)

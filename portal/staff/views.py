@@ -1,7 +1,7 @@
 """Staff pages: find or register patients, compose, the sent list, status, revoke, resend.
 
 Every page that shows PHI (names, subjects) writes an audit event; per-message pages
-are for the sender, or a colleague covering for them (see portal.staff.access).
+are for the members of the message's care team (see portal.staff.access).
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ from portal.audit import actor_of
 from portal.auth.policy import fresh_auth, roles
 from portal.crypto.errors import ContentDestroyed
 from portal.extensions import db
-from portal.models import Message, Role, User
-from portal.services import accounts, messages, messaging
+from portal.models import CareTeam, Message, Role, User
+from portal.services import accounts, conversations, messages, messaging, staff_lists, teams
 from portal.services.errors import ServiceError
-from portal.services.messages import Upload
+from portal.services.paging import PageError
 from portal.staff import access, forms
+from portal.web.paging import bad_page, page_request
 from portal.web.security import request_meta
+from portal.web.uploads import accepts_uploads, staged
 
 bp = Blueprint("staff", __name__, url_prefix="/staff")
 
@@ -48,24 +50,14 @@ def index() -> ResponseReturnValue:
 
     Patients' names and subjects are PHI, so the listing is audited (message.list).
     """
-    rows = _sent_rows()
-    messaging.record_sent_list(db.session, current_user, len(rows), request_meta())
-    return render_template("staff/index.html", rows=rows)
-
-
-def _sent_rows() -> list[tuple[Message, str, str]]:
-    rows = []
-    for message in messaging.sent_by(db.session, current_user):
-        patient = db.session.get(User, message.recipient_id)
-        readable = _safe_read(message)
-        rows.append(
-            (
-                message,
-                accounts.display_name(db.session, patient) if patient else "",
-                readable.subject if readable else "(deleted)",
-            )
-        )
-    return rows
+    try:
+        listed = staff_lists.sent(db.session, current_user, page_request())
+    except PageError as refused:
+        return bad_page(refused, url_for("staff.index"))
+    html = render_template("staff/index.html", page=listed)
+    # Last, so the trail's head is held from here to the commit only (see pickup's inbox).
+    messaging.record_sent_list(db.session, current_user, len(listed.rows), request_meta())
+    return html
 
 
 @bp.get("/patients")
@@ -140,24 +132,45 @@ def _register(form: forms.RegisterPatientForm) -> ResponseReturnValue:
 
 
 @bp.route("/messages/new", methods=["GET", "POST"])
+@accepts_uploads(messaging.ATTACHMENTS)
 @roles(Role.STAFF)
 def compose() -> ResponseReturnValue:
-    """Write and send a message; attachments stream to the encrypted store."""
+    """Write and send a message from one of the sender's care teams (chosen when they are
+    in several; staff in no team cannot send); attachments stream from the body to the
+    encrypted store."""
     patient = _patient(request.args.get("to"))
+    mine = teams.teams_of(db.session, current_user)
+    if not mine:  # the patient is not named: nothing read, nothing to audit
+        return render_template("staff/compose.html", no_team=str(teams.NoTeam())), 403
     form = forms.ComposeForm()
+    form.team.choices = [("", "Choose a care team"), *((t.public_id, t.name) for t in mine)]
     if form.validate_on_submit():
-        try:
-            sent = _send(form, patient)
-        except ServiceError as refused:
-            db.session.rollback()
-            form.attachments.errors = list(refused.messages)
-        else:
-            flash("Message sent. The patient will get an email with a secure link.", "success")
-            return redirect(url_for("staff.status", public_id=sent.message.public_id))
-    return _compose_page(form, patient)
+        team = _chosen_team(form)
+        if team is not None:
+            try:
+                sent = _send(form, patient, team)
+            except ServiceError as refused:
+                db.session.rollback()  # a refused upload's scan verdict is audited still
+                form.attachments.errors = list(refused.messages)
+                return _compose_page(form, patient, mine, 400)
+            else:
+                flash("Message sent. The patient will get an email with a secure link.", "success")
+                return redirect(url_for("staff.status", public_id=sent.message.public_id))
+    return _compose_page(form, patient, mine)
 
 
-def _compose_page(form: forms.ComposeForm, patient: User) -> ResponseReturnValue:
+def _chosen_team(form: forms.ComposeForm) -> CareTeam | None:
+    """The team the message is from, or None with the reason under the team field."""
+    try:
+        return teams.sending_team(db.session, current_user, form.team.data or None)
+    except ServiceError as refused:
+        form.team.errors = list(refused.messages)
+        return None
+
+
+def _compose_page(
+    form: forms.ComposeForm, patient: User, mine: list[CareTeam], status: int = 200
+) -> ResponseReturnValue:
     # The page names the patient: a read of PHI, audited like any other.
     messaging.record_patient_view(db.session, patient, actor_of(current_user), request_meta())
     return render_template(
@@ -165,15 +178,11 @@ def _compose_page(form: forms.ComposeForm, patient: User) -> ResponseReturnValue
         form=form,
         patient=patient,
         patient_name=accounts.display_name(db.session, patient),
-    )
+        teams=mine,
+    ), status
 
 
-def _send(form: forms.ComposeForm, patient: User) -> messaging.Sent:
-    uploads = [
-        Upload(f.filename or "document.pdf", f.stream)
-        for f in request.files.getlist(form.attachments.name)
-        if f.filename
-    ]
+def _send(form: forms.ComposeForm, patient: User, team: CareTeam) -> messaging.Sent:
     return messaging.send(
         db.session,
         sender=current_user,
@@ -181,8 +190,9 @@ def _send(form: forms.ComposeForm, patient: User) -> messaging.Sent:
         subject=form.subject.data or "",
         body=form.body.data or "",
         body_format=form.body_format.data or "text",
-        uploads=uploads,
+        staged=staged(form.attachments.name),  # encrypted as they arrived (portal.web.uploads)
         expires_in=timedelta(days=form.expires_days.data or 7),
+        team=team,
         meta=request_meta(),
     )
 
@@ -202,6 +212,8 @@ def status(message: Message) -> ResponseReturnValue:
         readable=readable,
         locked=locked,
         patient_name=accounts.display_name(db.session, patient) if patient else "",
+        team=db.session.get(CareTeam, message.team_id or 0),
+        conversation=conversations.of_message(db.session, message),
         timeline=messaging.status(db.session, message),
         form=forms.ActionForm(),
     )
@@ -234,45 +246,4 @@ def _act(message: Message, action: Callable[..., object], done: str) -> Response
         flash(str(refused), "error")
     else:
         flash(done, "success")
-    return redirect(url_for("staff.status", public_id=message.public_id))
-
-
-@bp.get("/messages/<public_id>/cover")
-@roles(Role.STAFF)
-def cover(public_id: str) -> ResponseReturnValue:
-    """Ask why this member of staff acts on a colleague's message.
-
-    Shows nothing of the message, and the same page whether or not it exists.
-    """
-    if not access.well_formed(public_id):
-        return access.nothing_here(public_id)
-    return render_template(
-        "staff/cover.html", form=forms.CoverForm(formdata=None), public_id=public_id
-    )
-
-
-@bp.post("/messages/<public_id>/cover")
-@roles(Role.STAFF)
-def cover_post(public_id: str) -> ResponseReturnValue:
-    """Cover for the sender with a reason from the fixed list: audited, for this session."""
-    message = access.find_message(public_id)
-    if message is None:
-        return access.nothing_here(public_id)
-    form = forms.CoverForm()
-    if not form.validate():
-        return render_template("staff/cover.html", form=form, public_id=public_id), 400
-    if message.sender_id != current_user.id:
-        try:
-            messaging.cover(
-                db.session,
-                message,
-                current_user,
-                reason=form.reason.data or "",
-                meta=request_meta(),
-            )
-        except ServiceError as refused:
-            db.session.rollback()
-            form.reason.errors = list(refused.messages)
-            return render_template("staff/cover.html", form=form, public_id=public_id), 400
-        access.remember_cover(message.public_id)
     return redirect(url_for("staff.status", public_id=message.public_id))

@@ -15,6 +15,7 @@ from portal.extensions import db, limiter
 from portal.models import User
 from tests.browser_client import enrolled_user
 from tests.factories import make_patient
+from tests.support.lists import add_people
 from tests.support.pickup import PATIENT_EMAIL, STAFF_EMAIL
 
 
@@ -40,3 +41,9 @@ def patient(app: Flask) -> User:
         user = make_patient(db.session, email=PATIENT_EMAIL)
         db.session.commit()
         return user
+
+
+@pytest.fixture
+def senders(app: Flask, staff: tuple[User, str, list[str]]) -> list[str]:
+    """Three members of staff who send: sam (the enrolled one), ada and bo (not enrolled)."""
+    return [STAFF_EMAIL, *add_people(app, "staff", ["ada@example.org", "bo@example.org"])]

@@ -19,7 +19,7 @@ from portal import audit
 from portal.audit import NO_REQUEST, SYSTEM
 from portal.database import utcnow
 from portal.extensions import db
-from portal.models import Attachment, AuditEvent, Message, Notification, User
+from portal.models import Attachment, AuditEvent, Conversation, Message, Notification, User
 from portal.services import content, messaging, notices
 from tests.browser_client import Browser, current_code
 from tests.factories import BODY, FILENAME, MINIMAL_PDF, PHI_STRINGS, SUBJECT
@@ -328,7 +328,10 @@ def test_reply_is_stored_encrypted_and_notifies_staff_without_phi(
         assert notice
         assert notice.recipient_id == staff_user.id
         url = notices.open_payload(db.session, notice)
-        assert url == f"{app.config['BASE_URL']}/"
+        conversation = db.session.get(Conversation, answer.conversation_id)
+        assert conversation is not None
+        # Straight to the conversation's staff page (after sign-in), by its public id only.
+        assert url == f"{app.config['BASE_URL']}/staff/conversations/{conversation.public_id}"
         email = render.render(
             notice,
             url=url,

@@ -357,7 +357,8 @@ def bulk_events(session: Session, n: int, actors: list[User], patients: list[Use
 def test_export_memory_stays_flat(app: Flask) -> None:
     with app.app_context():
         actors = [
-            make_user(db.session, "staff", f"s{i}@example.org", f"Staff {i}") for i in range(3)
+            make_user(db.session, "staff", f"s{i}@example.org", f"Staff {i}", team=None)
+            for i in range(3)
         ]
         patients = [
             make_user(

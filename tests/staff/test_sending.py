@@ -115,7 +115,7 @@ def test_bad_uploads_refused_and_nothing_stored(
     browser, _ = staff
     data = encrypted_pdf() if blob == "encrypted" else blob
     response = compose(browser, patient, [(MINIMAL_PDF, "good.pdf"), (data, "bad.pdf")])
-    assert response.status_code == 200
+    assert response.status_code == 400
     assert message in response.get_data(as_text=True)
     assert "Traceback" not in response.get_data(as_text=True)
     assert counts(app) == NOTHING
