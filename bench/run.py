@@ -18,8 +18,11 @@ BENCHMARKS = sorted(p for p in HERE.glob("bench_*.py"))
 QUICK_ARGS = {  # BENCH_QUICK=1: tiny sizes, to prove each benchmark runs
     "bench_audit": ["--events", "3000", "--patients", "20", "--actors", "5", "--queries", "5"],
     "bench_crypto": ["--mib", "4", "--repeat", "1"],
-    "bench_notifier": ["--count", "20", "--repeat", "1"],
+    "bench_inbox": ["--requests", "5", "--clients", "2", "--small", "3", "--large", "60"],
+    "bench_notifier": ["--count", "20", "--repeat", "1", "--workers", "1,2", "--startup-runs", "1"],
     "bench_pickup": ["--mib", "2", "--repeat", "1"],
+    "bench_upload": ["--mib", "4", "--repeat", "1"],
+    "bench_serve": ["--mib", "4", "--slow-clients", "4", "--samples", "10", "--repeat", "1"],
 }
 
 

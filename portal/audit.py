@@ -5,6 +5,13 @@ canonical JSON encoding of every field, so an edited, deleted or reordered row
 breaks the chain. Appends lock the single ``audit_head`` row first (an UPDATE,
 which PostgreSQL row-locks and SQLite serialises with its write lock), so
 concurrent writers queue: no forks, no gaps in ``seq``.
+
+The lock is held until the transaction ends, so every writer waits for the one
+before it to commit. A session that records many events per transaction (the
+notifier) can call :func:`chain_at_commit`: its events are then chained when it
+commits, all of them under one short hold of the lock (one head update, one
+batched insert), instead of the first one taking the lock for the rest of the
+transaction.
 """
 
 from __future__ import annotations
@@ -19,8 +26,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from sqlalchemy import event as sa_event
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 from portal.database import utcnow
 from portal.models import AuditEvent, AuditHead, User
@@ -56,6 +64,11 @@ class Action(StrEnum):
     USER_ENABLE = "user.enable"
     USER_MFA_RESET = "user.mfa.reset"
     USER_UNLOCK = "user.unlock"
+    TEAM_CREATED = "team.created"
+    TEAM_UPDATED = "team.updated"  # renamed, described, opened to or closed to patients
+    TEAM_ARCHIVED = "team.archived"
+    TEAM_MEMBER_ADDED = "team.member.added"
+    TEAM_MEMBER_REMOVED = "team.member.removed"
     MESSAGE_SEND = "message.send"
     MESSAGE_LIST = "message.list"
     MESSAGE_VIEW = "message.view"
@@ -65,17 +78,25 @@ class Action(StrEnum):
     MESSAGE_RESEND = "message.resend"
     MESSAGE_SHRED = "message.shred"
     MESSAGE_COVER = "message.cover"
+    CONVERSATION_START = "conversation.start"  # a patient wrote first, to a care team
+    CONVERSATION_READ = "conversation.read"  # staff opened a conversation's thread
+    REPLY_READ = "reply.read"  # staff were shown one patient message of a thread
+    CONVERSATION_ASSIGN = "conversation.assign"
+    CONVERSATION_DONE = "conversation.done"
+    CONVERSATION_REOPEN = "conversation.reopen"
     PATIENT_LOOKUP = "patient.lookup"
     PATIENT_VIEW = "patient.view"
     PATIENT_HISTORY_VIEW = "patient.history.view"
     ATTACHMENT_DOWNLOAD = "attachment.download"
     ATTACHMENT_VIEW = "attachment.view"
+    UPLOAD_SCANNED = "upload.scanned"
     LINK_OPEN = "link.open"
     LINK_REISSUE = "link.reissue"
     ACCESS_DENIED = "access.denied"
     CONTENT_TAMPERED = "content.tampered"
     NOTICE_SENT = "notice.sent"
     NOTICE_FAILED = "notice.failed"
+    NOTICE_BOUNCED = "notice.bounced"
     KEY_ROTATE = "key.rotate"
     KEY_REWRAP_FAILED = "key.rewrap.failed"
     AUDIT_SEARCH = "audit.search"
@@ -233,18 +254,15 @@ def record(
     """Append an event in ``session``'s transaction (flushed, not committed) and return it.
 
     The caller's commit makes the event and the change it records durable
-    together. Raises AuditDetailError for details that could carry free text.
+    together. In a session given to :func:`chain_at_commit` the event is only
+    staged: it gets its ``seq``, time and hashes, and is inserted, when the
+    session commits (a rollback drops it); inside a savepoint it is appended at
+    once, so that rolling the savepoint back takes it with it. Raises
+    AuditDetailError for details that could carry free text.
     """
     detail_text = _check_details(details or {})
-    seq, prev_hash = session.execute(
-        update(AuditHead)
-        .where(AuditHead.id == 1)
-        .values(seq=AuditHead.seq + 1)
-        .returning(AuditHead.seq, AuditHead.hash)
-    ).one()
+    pending: list[AuditEvent] | None = session.info.get(_PENDING)
     event = AuditEvent(
-        seq=seq,
-        occurred_at=utcnow(),
         actor_id=actor.id,
         actor_role=actor.role,
         action=Action(action).value,
@@ -257,13 +275,62 @@ def record(
         user_agent=(meta.user_agent or "")[:256] or None,
         request_id=meta.request_id,
         details=detail_text,
-        prev_hash=prev_hash,
     )
-    event.hash = event_hash(event)
-    session.add(event)
-    session.execute(update(AuditHead).where(AuditHead.id == 1).values(hash=event.hash))
+    if pending is not None and not session.connection().in_nested_transaction():
+        pending.append(event)
+        return event
+    _append(session, [event])
     session.flush()
     return event
+
+
+def _append(session: Session, events: list[AuditEvent]) -> None:
+    """Chain ``events`` after the head, in order, under one lock of the head row (flushed)."""
+    last, prev_hash = session.execute(
+        update(AuditHead)
+        .where(AuditHead.id == 1)
+        .values(seq=AuditHead.seq + len(events))
+        .returning(AuditHead.seq, AuditHead.hash)
+    ).one()
+    now = utcnow()
+    for seq, event in enumerate(events, start=last - len(events) + 1):
+        event.seq, event.occurred_at, event.prev_hash = seq, now, prev_hash
+        event.hash = prev_hash = event_hash(event)
+    session.add_all(events)
+    session.execute(update(AuditHead).where(AuditHead.id == 1).values(hash=prev_hash))
+
+
+# Session.info key: the events a chain_at_commit session has recorded and not yet chained.
+_PENDING = "audit_events_pending"
+
+
+def chain_at_commit(session: Session) -> None:
+    """From now on, chain ``session``'s events when it commits instead of as recorded.
+
+    Each commit then appends all its events under one short hold of the head lock
+    (one head update, one batched insert), so concurrent writers wait for each
+    other's commit only, not for each other's whole transaction. An event
+    recorded this way is not in the database (nor its ``seq`` known) before the
+    commit: for sessions whose transactions do not read their own new events
+    back, such as the notifier's. Lasts for the session's life. Raises nothing.
+    """
+    session.info.setdefault(_PENDING, [])
+
+
+@sa_event.listens_for(Session, "before_commit")
+def _chain_pending(session: Session) -> None:
+    pending: list[AuditEvent] | None = session.info.get(_PENDING)
+    if pending:
+        events = pending[:]
+        pending.clear()
+        _append(session, events)  # the commit flushes them with the rest
+
+
+@sa_event.listens_for(Session, "after_soft_rollback")
+def _drop_pending(session: Session, previous: SessionTransaction) -> None:
+    pending: list[AuditEvent] | None = session.info.get(_PENDING)
+    if pending and not previous.nested:  # a savepoint's own events were appended at once
+        pending.clear()  # their changes are gone: so are the events that recorded them
 
 
 @dataclass(frozen=True)

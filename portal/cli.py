@@ -10,13 +10,14 @@ factory) -> portal.commands; no command module imports this one.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import click
 from flask import Flask
 from flask.cli import FlaskGroup
 
-from portal import create_app
+from portal import create_app, create_worker_app
 from portal.config import ConfigError
 
 # FlaskGroup's development options, left out of the contract: --app and --env-file would
@@ -31,8 +32,18 @@ def load_app() -> Flask:
     The hook runs before any command (FlaskGroup loads the app to find the command),
     so no command starts on bad settings.
     """
+    return _loaded(create_app)
+
+
+def load_worker_app() -> Flask:
+    """Return the notifier's app (portal.create_worker_app: the same settings and database,
+    no web), or exit 2 with the same one line as :func:`load_app` for a malformed setting."""
+    return _loaded(create_worker_app)
+
+
+def _loaded(factory: Callable[[Mapping[str, Any] | None], Flask]) -> Flask:
     try:
-        return create_app()
+        return factory(None)
     except ConfigError as error:
         click.echo(f"portal: configuration error: {error}", err=True)
         sys.exit(2)

@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from flask import Flask, current_app
@@ -22,13 +22,25 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from portal.files import OutputExists, open_output
-from portal.security import passwords
+
+if TYPE_CHECKING:  # imported where used: argon2 and zxcvbn are not needed to read settings
+    from portal.security import passwords
+from portal.security.scan import ClamdAddress
 
 SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 MIB = 1024 * 1024
 MAX_PROXY_HOPS = 10
+DEFAULT_LEASE, MIN_LEASE, MAX_LEASE = 120, 2, 3600  # seconds a notifier worker holds a claim
+# Serving (portal serve; README "Serving: workers, threads and download slots"): threads per
+# worker, of which some may stream downloads; the others are kept for pages and health checks.
+MAX_WEB_WORKERS = 64
+MAX_WEB_THREADS = 256
+DEFAULT_WEB_THREADS = 16
+DEFAULT_RESERVED_THREADS = 4
+MIN_RESERVED_THREADS = 2
 ProxyNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 SmtpTls = Literal["starttls", "implicit"]
+ScanMode = Literal["required", "off"]
 
 
 class ConfigError(Exception):
@@ -176,6 +188,77 @@ def _bool(name: str, raw: str) -> bool:
     return _parse_bool(name, raw)
 
 
+def _clamd_address(name: str, raw: str) -> str:
+    try:
+        ClamdAddress.parse(raw)
+    except ValueError as error:
+        raise ConfigError(f"{name}: {error}") from None
+    return raw.strip()
+
+
+def _scan_mode(name: str, raw: str) -> ScanMode:
+    value = raw.strip().lower()
+    if value == "required":
+        return "required"
+    if value == "off":
+        return "off"
+    raise ConfigError(f"{name}: expected required or off")
+
+
+def _lease(name: str, raw: str) -> int:
+    # Shorter than a send plus its commit would let another worker take a row being sent;
+    # longer than an hour leaves a crashed worker's notices waiting that long.
+    seconds = parse_duration(name, raw)
+    if not MIN_LEASE <= seconds <= MAX_LEASE:
+        raise ConfigError(f"{name}: expected a duration from {MIN_LEASE}s to 1h, such as 2m")
+    return seconds
+
+
+def parse_worker_id(name: str, raw: str) -> str:
+    """Return ``raw``, a notifier worker's name in ``claimed_by``: 1 to 64 printable ASCII
+    characters, no spaces. Raises ConfigError naming ``name`` otherwise."""
+    if not re.fullmatch(r"[!-~]{1,64}", raw):
+        raise ConfigError(f"{name}: expected 1 to 64 printable characters without spaces")
+    return raw
+
+
+def _web_workers(name: str, raw: str) -> int:
+    return _parse_int(name, raw, 1, MAX_WEB_WORKERS)
+
+
+def _web_threads(name: str, raw: str) -> int:
+    return _parse_int(name, raw, MIN_RESERVED_THREADS + 1, MAX_WEB_THREADS)
+
+
+def _download_slots(name: str, raw: str) -> int:
+    return _parse_int(name, raw, 1, MAX_WEB_THREADS - MIN_RESERVED_THREADS)
+
+
+def download_slots(
+    threads: int,
+    slots: int | None,
+    *,
+    threads_name: str = "PORTAL_WEB_THREADS",
+    slots_name: str = "PORTAL_DOWNLOAD_SLOTS",
+) -> int:
+    """Return how many of a worker's ``threads`` may stream a download at once: ``slots``,
+    or, when None, all but DEFAULT_RESERVED_THREADS of them (at least one).
+
+    The rest stay free for pages and health checks whatever slow clients do. Raises
+    ConfigError (naming both settings) when ``slots`` leaves fewer than
+    MIN_RESERVED_THREADS.
+    """
+    if slots is None:
+        return max(1, threads - DEFAULT_RESERVED_THREADS)
+    most = threads - MIN_RESERVED_THREADS
+    if slots > most:
+        raise ConfigError(
+            f"{slots_name}: {slots} leaves fewer than {MIN_RESERVED_THREADS} of the {threads} "
+            f"threads ({threads_name}) for pages and health checks; at most {most}"
+        )
+    return slots
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("PORTAL_DATABASE_URL", "DATABASE_URL", _parse_database_url, None),
     Setting("PORTAL_SECRET_KEY", "SECRET_KEY", _secret_key, None, empty_is_unset=False),
@@ -197,7 +280,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PORTAL_LINK_TTL", "LINK_TTL", parse_duration, 7 * 86400),
     Setting("PORTAL_LINK_MAX_TTL", "LINK_MAX_TTL", parse_duration, 30 * 86400),
     Setting("PORTAL_MAX_UPLOAD", "MAX_UPLOAD", parse_size, 100 * MIB),
+    Setting("PORTAL_CLAMD_SOCKET", "CLAMD_SOCKET", _clamd_address, None),
+    Setting("PORTAL_SCAN_UPLOADS", "SCAN_UPLOADS", _scan_mode, None),  # see _settle_scanning
     Setting("PORTAL_REMINDER_AFTER", "REMINDER_AFTER", parse_duration, 3 * 86400),
+    Setting("PORTAL_NOTIFIER_LEASE", "NOTIFIER_LEASE", _lease, DEFAULT_LEASE),
+    Setting("PORTAL_NOTIFIER_WORKER_ID", "NOTIFIER_WORKER_ID", parse_worker_id, None),
     Setting("PORTAL_SESSION_IDLE", "SESSION_IDLE", parse_duration, 15 * 60),
     Setting("PORTAL_SESSION_LIFETIME", "SESSION_LIFETIME", parse_duration, 12 * 3600),
     Setting("PORTAL_TOTP_DRIFT", "TOTP_DRIFT", _drift, 1),
@@ -206,7 +293,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PORTAL_DKIM_SELECTOR", "DKIM_SELECTOR", _text, "pickup"),
     Setting("PORTAL_DEMO", "DEMO", _bool, False),
     Setting("PORTAL_DEMO_MAILDIR", "DEMO_MAILDIR", _text, None),
+    Setting("PORTAL_BOUNCE_MAILDIR", "BOUNCE_MAILDIR", _text, None),
     Setting("PORTAL_LOG_LEVEL", "LOG_LEVEL", _text, "INFO"),
+    Setting("PORTAL_WEB_WORKERS", "WEB_WORKERS", _web_workers, None),
+    Setting("PORTAL_WEB_THREADS", "WEB_THREADS", _web_threads, DEFAULT_WEB_THREADS),
+    Setting("PORTAL_DOWNLOAD_SLOTS", "DOWNLOAD_SLOTS", _download_slots, None),
 )
 
 
@@ -272,7 +363,11 @@ class Settings:
     link_ttl: int
     link_max_ttl: int
     max_upload: int
+    clamd_socket: str | None  # clamd's Unix socket path or host:port (portal.security.scan)
+    scan_uploads: ScanMode
     reminder_after: int
+    notifier_lease: int
+    notifier_worker_id: str | None
     totp_drift: int
     keyring_path: str
     blob_dir: str
@@ -285,6 +380,7 @@ class Settings:
     smtp_password: str | None = field(repr=False)  # never in a log line or traceback
     dkim_key: str | None
     dkim_selector: str
+    bounce_maildir: str | None  # where delivery status notifications arrive (notifier.bounces)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Settings:
@@ -328,6 +424,12 @@ def load(
         config[setting.key] = setting.default if unset else setting.parse(setting.env, raw)
     config.update(overrides or {})
     _fill_embedded_defaults(config, folder)
+    _settle_scanning(config)
+    config["WEB_THREADS"] = int(config["WEB_THREADS"])  # a test override may pass "8"
+    slots = config["DOWNLOAD_SLOTS"]
+    config["DOWNLOAD_SLOTS"] = download_slots(
+        config["WEB_THREADS"], None if slots is None else int(slots)
+    )
     secret = config["SECRET_KEY"]
     if not isinstance(secret, str | bytes) or not secret.strip():
         raise ConfigError("SECRET_KEY: is empty; the portal will not sign sessions without one")
@@ -342,6 +444,8 @@ def password_hasher(config: Mapping[str, Any]) -> passwords.PasswordHasher:
     serves real users never hashes below the OWASP floor. The key has no environment
     variable; only create_app's overrides can set it.
     """
+    from portal.security import passwords
+
     params = config.get("PASSWORD_HASH_PARAMS")
     if params is None:
         return passwords.default_hasher()
@@ -362,3 +466,20 @@ def _fill_embedded_defaults(config: dict[str, Any], folder: Path) -> None:
         config["BLOB_DIR"] = str(folder / "blobs")
     if not config.get("DEMO_MAILDIR"):
         config["DEMO_MAILDIR"] = str(folder / "maildir")
+
+
+def _settle_scanning(config: dict[str, Any]) -> None:
+    """Scan uploads when clamd is configured, unless told off; never "required" without one.
+
+    Unset PORTAL_SCAN_UPLOADS means required when PORTAL_CLAMD_SOCKET is set, off
+    otherwise (the demo, a development machine). Raises ConfigError for required
+    without a socket: the portal would otherwise refuse every upload.
+    """
+    config.setdefault("CLAMD_SOCKET", None)
+    if config.get("SCAN_UPLOADS") is None:
+        config["SCAN_UPLOADS"] = "required" if config["CLAMD_SOCKET"] else "off"
+    if config["SCAN_UPLOADS"] == "required" and not config["CLAMD_SOCKET"]:
+        raise ConfigError(
+            "PORTAL_SCAN_UPLOADS: required needs PORTAL_CLAMD_SOCKET (clamd's socket path "
+            "or host:port); set it, or set PORTAL_SCAN_UPLOADS=off"
+        )

@@ -19,6 +19,7 @@ from flask.testing import FlaskClient
 
 from portal import create_app
 from portal.security import passwords
+from tests.support.clamd import Clamd
 from tests.support.databases import BACKENDS, Template
 
 # Every test fails if anything it logged carries PHI, an email address or a token.
@@ -116,6 +117,31 @@ def db_session(app: Flask) -> Iterator[Any]:
 
     with app.app_context():
         yield db.session
+
+
+@pytest.fixture
+def world(app: Flask) -> Any:
+    """Care teams Clinic (sam, ada) and Records (olive), two patients, and a message from sam
+    to the recognisable-PHI patient; browsers sign in when first used, with empty rate-limit
+    counters (tests/support/conversations.py)."""
+    from portal.extensions import limiter
+    from tests.support.conversations import build_world
+
+    with app.app_context():
+        limiter.reset()
+    return build_world(app)
+
+
+@pytest.fixture(scope="session")
+def clamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clamd]:
+    """A private clamd with the EICAR signature (tests/support/clamd.py), started the first
+    time a test of this process asks for it and stopped when the session ends."""
+    server = Clamd(tmp_path_factory.mktemp("clamd"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

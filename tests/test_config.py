@@ -74,6 +74,16 @@ def test_environment_overrides_defaults(instance: Path) -> None:
         ("PORTAL_REDIS_URL", "http://127.0.0.1:6379"),
         ("PORTAL_MAIL_FROM", "nobody"),
         ("PORTAL_DEMO", "maybe"),
+        ("PORTAL_WEB_WORKERS", "0"),
+        ("PORTAL_WEB_WORKERS", "two"),
+        ("PORTAL_WEB_THREADS", "2"),
+        ("PORTAL_WEB_THREADS", "1000"),
+        ("PORTAL_DOWNLOAD_SLOTS", "0"),
+        ("PORTAL_DOWNLOAD_SLOTS", "15"),  # of the default 16 threads: 2 must stay for pages
+        ("PORTAL_CLAMD_SOCKET", "clamd"),
+        ("PORTAL_CLAMD_SOCKET", "localhost:0"),
+        ("PORTAL_SCAN_UPLOADS", "maybe"),
+        ("PORTAL_SCAN_UPLOADS", "required"),  # without PORTAL_CLAMD_SOCKET
     ],
 )
 def test_malformed_setting_names_itself(instance: Path, name: str, value: str) -> None:
@@ -308,3 +318,32 @@ def test_a_secret_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
         (disk / "instance").mkdir(mode=0o700)
         fill(disk)
         _one_config_line(_portal_upgrade(disk / "instance"), "PORTAL_SECRET_KEY")
+
+
+@pytest.mark.parametrize(
+    ("environ", "threads", "slots"),
+    [
+        ({}, 16, 12),  # the defaults: 4 threads kept for pages and health checks
+        ({"PORTAL_WEB_THREADS": "40"}, 40, 36),
+        ({"PORTAL_WEB_THREADS": "5"}, 5, 1),
+        ({"PORTAL_WEB_THREADS": "3"}, 3, 1),
+        ({"PORTAL_WEB_THREADS": "40", "PORTAL_DOWNLOAD_SLOTS": "38"}, 40, 38),
+        ({"PORTAL_DOWNLOAD_SLOTS": "2"}, 16, 2),
+    ],
+)
+def test_download_slots_follow_the_threads(
+    instance: Path, environ: dict[str, str], threads: int, slots: int
+) -> None:
+    loaded = config.load({"PORTAL_INSTANCE_DIR": str(instance), **environ})
+    assert (loaded["WEB_THREADS"], loaded["DOWNLOAD_SLOTS"]) == (threads, slots)
+    assert loaded["WEB_WORKERS"] is None  # portal serve decides: 2 with Redis, else 1
+
+
+def test_too_many_download_slots_name_both_settings(instance: Path) -> None:
+    environ = {"PORTAL_WEB_THREADS": "8", "PORTAL_DOWNLOAD_SLOTS": "7"}
+    with pytest.raises(ConfigError) as raised:
+        config.load({"PORTAL_INSTANCE_DIR": str(instance), **environ})
+    assert str(raised.value) == (
+        "PORTAL_DOWNLOAD_SLOTS: 7 leaves fewer than 2 of the 8 threads (PORTAL_WEB_THREADS) "
+        "for pages and health checks; at most 6"
+    )

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 # The values are in the database (columns, audit details, the hash chain) and in old
 # exports: changing one needs a migration, so the test spells them out.
 STORED = {
-    NoticeStatus: {"queued", "sending", "sent", "failed", "cancelled"},
+    NoticeStatus: {"queued", "sending", "sent", "failed", "cancelled", "bounced"},
     MessageState: {"available", "revoked", "expired", "deleted"},
     LinkState: {"usable", "revoked", "expired", "unknown", "unavailable"},
     Outcome: {"success", "failure", "denied"},

@@ -6,9 +6,11 @@ test process (so per xdist worker), emptied between tests and dropped at the end
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
@@ -85,3 +87,19 @@ class Template:
             with admin.connect() as connection:
                 connection.execute(text(f'DROP SCHEMA "{self.schema}" CASCADE'))
             admin.dispose()
+
+
+@contextlib.contextmanager
+def own_schema(prefix: str) -> Iterator[str]:
+    """Yield the URL of a new, empty PostgreSQL schema (``prefix`` + random), dropped after:
+    for a server process that migrates it itself and must not share the tests' schema."""
+    schema = f"{prefix}_{secrets.token_hex(6)}"
+    admin = create_engine(pg_url(), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield pg_url(schema)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
