@@ -17,15 +17,19 @@ from flask.cli import ScriptInfo, pass_script_info
 
 from portal.audit import NO_REQUEST, SYSTEM
 from portal.commands.base import one_transaction
+from portal.config import settings_of
 from portal.database import utcnow
 from portal.extensions import db
 from portal.migrate import upgrade
 from portal.models import User
 from portal.security import otp
+from portal.security.scan import ClamdAddress, Scanner, Timeouts
 from portal.services import accounts, signin, teams
 
 DEMO_PORT = 5000
 DEMO_SMTP_PORT = 8025
+DEBIAN_CLAMD = "/var/run/clamav/clamd.ctl"  # clamav-daemon's socket on Debian and Ubuntu
+PING_TIMEOUT = 1.0  # seconds: the demo starts at once whether or not a clamd answers
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,31 @@ def _enrol(user: User) -> None:
     signin.finish_enrolment(db.session, user, otp.code_at(secret, step), NO_REQUEST, shown)
 
 
-def _banner(app: Flask, port: int, maildir: Path) -> str:
+def demo_scanning(
+    configured: str | None, told_off: bool, default: str = DEBIAN_CLAMD
+) -> tuple[str | None, str]:
+    """Decide the demo's malware scanning: return (the clamd socket to scan with when none is
+    ``configured``, or None; the banner's line saying whether scanning is on and why).
+
+    The demo scans when a clamd answers PING: the configured one, else Debian's at
+    ``default``. Unless ``told_off`` (PORTAL_SCAN_UPLOADS=off), a configured clamd that does
+    not answer means uploads are refused until it does (required mode), and is said so.
+    """
+    if told_off:
+        return None, "malware scanning: off (PORTAL_SCAN_UPLOADS=off)"
+    where = configured or default
+    answers = Scanner(ClamdAddress.parse(where), timeouts=Timeouts(connect=PING_TIMEOUT)).ping()
+    if answers:
+        return (None if configured else where), f"malware scanning: on (clamd at {where})"
+    if configured:
+        return (
+            None,
+            f"malware scanning: required, but clamd at {where} does not answer (uploads refused)",
+        )
+    return None, f"malware scanning: off (no clamd found at {where})"
+
+
+def _banner(app: Flask, port: int, maildir: Path, scanning: str) -> str:
     base = f"http://127.0.0.1:{port}"
     lines = [
         "",
@@ -117,6 +145,7 @@ def _banner(app: Flask, port: int, maildir: Path) -> str:
         f"  Mail sink:     {base}/demo/mail  (emails land in {maildir})",
         f"  Demo codes:    {base}/demo/  (current authenticator codes of the demo logins)",
         f"  Health:        {base}/healthz",
+        f"  {scanning}",
         "",
         "  Demo logins (email / password):",
     ]
@@ -153,6 +182,12 @@ def demo(info: ScriptInfo, port: int, smtp_port: int) -> None:
         PORTAL_MAIL_FROM="notices@demo.example",
         PORTAL_BOUNCE_MAILDIR=str(bounces),  # the sink bounces mail to bounce-hard@... here
     )
+    settings = settings_of(current_app)
+    found, scanning = demo_scanning(
+        settings.clamd_socket, os.environ.get("PORTAL_SCAN_UPLOADS") == "off"
+    )
+    if found is not None:
+        os.environ["PORTAL_CLAMD_SOCKET"] = found  # required mode follows (portal.config)
     if info.create_app is None:  # portal.cli.main always passes its factory hook
         raise click.UsageError("run the demo as `portal demo`")
     app = info.create_app()
@@ -163,7 +198,7 @@ def demo(info: ScriptInfo, port: int, smtp_port: int) -> None:
     processes.append(
         subprocess.Popen([sys.executable, "-m", "portal", "serve", "--port", str(port)])
     )
-    click.echo(_banner(app, port, maildir))
+    click.echo(_banner(app, port, maildir, scanning))
     _wait(processes)
 
 

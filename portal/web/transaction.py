@@ -82,6 +82,11 @@ def _boundary(response: Response) -> Response:
     return response
 
 
+def rolls_back() -> bool:
+    """Whether an exception escaped this request's view: the boundary will roll it back."""
+    return bool(g.get(_FAILED))
+
+
 def commit_now() -> None:
     """Commit the request's work *now*, ahead of the boundary, and carry on in a new transaction.
 

@@ -19,7 +19,14 @@ from tests.browser_client import Browser
 from tests.factories import BODY, MINIMAL_PDF, SUBJECT
 from tests.support import samples
 from tests.support.clamd import EICAR, SIGNATURE, Clamd
-from tests.support.conversations import PATIENT, SAM, World, public_id_of, team_public_id
+from tests.support.conversations import (
+    PATIENT,
+    SAM,
+    World,
+    public_id_of,
+    team_public_id,
+    thread_url,
+)
 from tests.support.scanning import scan_events, scan_with, stored_files
 from tests.support.teams import TEST_TEAM
 
@@ -72,6 +79,26 @@ def test_an_infected_file_is_refused_audited_and_nothing_stored(
     for event in (clean, infected):
         assert "Quagmire" not in event["raw"]
         assert "clean.pdf" not in event["raw"]
+
+
+def test_an_infected_file_in_an_answer_is_refused(world: World, clamd: Clamd) -> None:
+    name, data = INFECTED["eicar-in-pdf"]
+    scan_with(world.app, str(clamd.socket_path))
+    url = thread_url(world.conversation)
+    fields = {
+        "csrf_token": world.sam.token(url),
+        "body": BODY,
+        "attachments": (io.BytesIO(data), name),
+    }
+    before, blobs = messages(world.app), stored_files(world.app)
+    refused = world.sam.client.post(
+        f"{url}/answer", data=fields, content_type="multipart/form-data"
+    )
+    assert refused.status_code == 400
+    assert f"{name}: This file contains a virus" in refused.get_data(as_text=True)
+    assert (messages(world.app), stored_files(world.app)) == (before, blobs)
+    (event,) = scan_events(world.app)
+    assert (event["outcome"], event["details"]["verdict"]) == ("denied", "infected")
 
 
 def test_a_clean_pdf_is_sent_with_a_clean_verdict(world: World, clamd: Clamd) -> None:
