@@ -28,6 +28,10 @@ no figure pays for another's Python:
 - start-up: ``notifier run --once`` with nothing due (a real process, best of
   ``--startup-runs``), beside ``python -c pass``, with the load average.
 
+Each line's notes give the workers' CPU time per notice beside the ceiling
+client's: unlike the rates, CPU time hardly moves with the machine's load, so it
+compares runs made on a busy machine.
+
 Targets (issue 12): one worker at least 50% of the ceiling; more workers not
 below one worker's rate (a 5% margin for noise); start-up under 1.5 s on an
 idle machine. Exits non-zero only on an error (a notice lost, stored twice or
