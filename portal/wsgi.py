@@ -1,7 +1,9 @@
 """``portal.wsgi:app`` for any WSGI server. A wrong setting exits with one line.
 
 Each process that loads it first sweeps the partial uploads of killed processes
-(``portal serve`` workers included); live uploads hold a lock and are left alone.
+(``portal serve`` workers included); live uploads hold a lock and are left alone. It
+logs one WARNING when uploads are not malware-scanned (``PORTAL_SCAN_UPLOADS=off``, the
+default without ``PORTAL_CLAMD_SOCKET``), so an unscanned deployment says so at start.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import sys
 from flask import Flask
 
 from portal import create_app
-from portal.config import ConfigError
+from portal.config import ConfigError, settings_of
+from portal.services import upload_scans
 
 log = logging.getLogger("portal.startup")
 
@@ -44,3 +47,4 @@ except ConfigError as error:
     print(f"portal: configuration error: {error}", file=sys.stderr)  # noqa: T201
     sys.exit(2)
 sweep_partial_uploads(app)
+upload_scans.warn_if_unscanned(settings_of(app))

@@ -2,10 +2,10 @@
 
 Every thread request loads the conversation and checks that it is the signed-in
 patient's (anyone else: 404 and ``access.denied``, committed by the blueprint's NotFound
-handler). Writing is rate limited per patient (Flask-Limiter keyed on the account's
-public id, not the address: a household behind one router is not one patient), with a
-429 page that says what to do. Files stream into the encrypted store under the same
-upload policy (inspectors, size) as staff attachments (``messaging.ATTACHMENTS``).
+handler). Writing is rate limited per patient (``portal.pickup.limits``: keyed on the
+account, not the address), with a 429 page that says what to do. Files stream into the
+encrypted store under the same upload policy (inspectors, size) as staff attachments
+(``messaging.ATTACHMENTS``).
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ from __future__ import annotations
 from flask import flash, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 from flask_limiter import RateLimitExceeded
-from flask_limiter.util import get_remote_address
 from flask_login import current_user
 
 from portal.auth.policy import roles
-from portal.extensions import db, limiter
+from portal.extensions import db
 from portal.models import CareTeam, Conversation, Role, User
 from portal.pickup import bp, forms
+from portal.pickup.limits import PATIENT_STARTS, PATIENT_WRITES
+from portal.services import conversations as threads
 from portal.services import messaging, patient_conversations, pdf
 from portal.services.errors import ServiceError
 from portal.services.paging import PageError
@@ -29,16 +30,13 @@ from portal.web.paging import bad_page, page_request
 from portal.web.security import request_meta
 from portal.web.uploads import accepts_uploads, staged
 
-# A patient writes first a few times a day at most; past that it is a script or a flood
-# that would bury the team's inbox. Follow-ups in a thread are limited as replies are.
-START_LIMIT = "5/hour;20/day"
-WRITE_LIMIT = "30/hour"
+# Limits: portal.pickup.limits (follow-ups here and replies to a message share one).
 TOO_MANY = (
     "You have sent several messages in a short time, so this one was not sent. Please wait "
     "an hour before you write again. If it is urgent, call the practice or, in an "
     "emergency, your local emergency number."
 )
-WRITING = ("pickup.start_conversation", "pickup.write")
+WRITING = ("pickup.start_conversation", "pickup.write", "pickup.reply")
 
 
 def _user() -> User:
@@ -46,11 +44,16 @@ def _user() -> User:
     return user
 
 
-def _patient_key() -> str:
-    """The rate-limit key of the signed-in patient: their public id (opaque, no PHI)."""
-    if current_user.is_authenticated:
-        return "patient:" + str(current_user.public_id)
-    return get_remote_address()  # signed out: roles() sends them to sign in anyway
+def _can_start() -> bool:
+    """Whether the signed-in patient has a team to write to (the upload gate's check)."""
+    return bool(patient_conversations.with_team(db.session, _user()))
+
+
+def _is_theirs(public_id: str) -> bool:
+    """Whether the conversation is the signed-in patient's (the upload gate's check: no audit;
+    find_for_patient audits the refusal)."""
+    found = threads.find(db.session, public_id)
+    return found is not None and found.patient_id == _user().id
 
 
 @bp.errorhandler(RateLimitExceeded)
@@ -81,9 +84,11 @@ def conversations() -> ResponseReturnValue:
 
 
 @bp.route("/conversations/new", methods=["GET", "POST"])
-@accepts_uploads(messaging.ATTACHMENTS)
+@accepts_uploads(
+    messaging.ATTACHMENTS, roles=[Role.PATIENT], limit=PATIENT_STARTS, access=_can_start
+)
 @roles(Role.PATIENT)
-@limiter.limit(START_LIMIT, methods=["POST"], key_func=_patient_key)
+@PATIENT_STARTS
 def start_conversation() -> ResponseReturnValue:
     """Write to a care team that takes patients' messages; its members get a PHI-free notice."""
     user, form = _user(), forms.StartConversationForm()
@@ -163,9 +168,11 @@ def _thread_page(
 
 
 @bp.post("/conversations/<public_id>/write")
-@accepts_uploads(messaging.ATTACHMENTS)
+@accepts_uploads(
+    messaging.ATTACHMENTS, roles=[Role.PATIENT], limit=PATIENT_WRITES, access=_is_theirs
+)
 @roles(Role.PATIENT)
-@limiter.limit(WRITE_LIMIT, key_func=_patient_key)
+@PATIENT_WRITES
 def write(public_id: str) -> ResponseReturnValue:
     """Write again in the conversation; the team is told with a PHI-free notice."""
     user = _user()

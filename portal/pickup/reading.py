@@ -31,10 +31,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from portal.audit import actor_of
 from portal.auth.policy import roles, signed_in
 from portal.crypto.errors import ContentTampered
-from portal.extensions import db, limiter
+from portal.extensions import db
 from portal.models import Attachment, Message, Role, User
 from portal.pickup import bp, forms
 from portal.pickup.forms import DisclosureRangeForm
+from portal.pickup.limits import PATIENT_WRITES
+from portal.security.content_types import is_image, stored_name
 from portal.services import disclosures, patient_lists, pdf, pickup
 from portal.services.errors import NotFound, ServiceError
 from portal.services.paging import PageError
@@ -48,6 +50,7 @@ from portal.web.transaction import commit_now
 log = logging.getLogger(__name__)
 # Shown inline under a sandbox: no script, no plugins but the PDF itself, never framed.
 VIEW_CSP = "sandbox; default-src 'none'; object-src 'self'; frame-ancestors 'none'"
+IMAGE_CSP = "sandbox; default-src 'none'; frame-ancestors 'none'"  # a photo: pixels only
 UNRECORDED = (
     "We could not record this access in the audit trail, so nothing was sent. "
     "Please try again in a few minutes."
@@ -121,7 +124,10 @@ def inbox() -> ResponseReturnValue:
         listed = patient_lists.inbox(db.session, user, page_request())
     except PageError as refused:
         return bad_page(refused, url_for("pickup.inbox"))
-    html = render_template("pickup/inbox.html", page=listed)
+    # The messages' link built once for the page, each row's public id (hex: nothing to
+    # quote) appended in the template: not a url_for per row (README "Inbox").
+    message_path = url_for("pickup.message", message_id="-").removesuffix("-")
+    html = render_template("pickup/inbox.html", page=listed, message_path=message_path)
     patient_lists.record_inbox_view(db.session, user, len(listed.rows), request_meta())
     return html
 
@@ -175,7 +181,7 @@ def _open_stream(attachment: Attachment, *, inline: bool) -> ResponseReturnValue
         #   blob file.
         chunks.close()  # type: ignore[attr-defined]
         return _unrecorded()
-    return _pdf_response(_tamper_guarded(chunks), attachment.size, name, inline)
+    return _file_response(_tamper_guarded(chunks), attachment, name, inline)
 
 
 def _tamper_guarded(chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -193,17 +199,21 @@ def _tamper_guarded(chunks: Iterator[bytes]) -> Iterator[bytes]:
         chunks.close()  # type: ignore[attr-defined]
 
 
-def _pdf_response(chunks: Iterator[bytes], size: int, name: str, inline: bool) -> Response:
-    response = Response(
-        stream_with_context(chunks), mimetype="application/pdf", direct_passthrough=True
-    )
+def _file_response(
+    chunks: Iterator[bytes], attachment: Attachment, name: str, inline: bool
+) -> Response:
+    """The stored file as its stored type (a photo is a re-encoded JPEG or PNG), never sniffed."""
+    media_type = attachment.content_type or "application/pdf"
+    response = Response(stream_with_context(chunks), mimetype=media_type, direct_passthrough=True)
     headers = response.headers
-    headers["Content-Length"] = str(size)
-    headers["Content-Disposition"] = content_disposition("inline" if inline else "attachment", name)
+    headers["Content-Length"] = str(attachment.size)
+    headers["Content-Disposition"] = content_disposition(
+        "inline" if inline else "attachment", stored_name(name, media_type)
+    )
     headers["Cache-Control"] = "no-store"
     headers["X-Content-Type-Options"] = "nosniff"
     if inline:
-        headers["Content-Security-Policy"] = VIEW_CSP
+        headers["Content-Security-Policy"] = IMAGE_CSP if is_image(media_type) else VIEW_CSP
     return response
 
 
@@ -217,7 +227,8 @@ def download(message_id: str, attachment_id: str) -> ResponseReturnValue:
 @bp.get("/messages/<message_id>/attachments/<attachment_id>/view")
 @signed_in
 def view(message_id: str, attachment_id: str) -> ResponseReturnValue:
-    """Stream the decrypted attachment for the browser's PDF viewer, under a sandbox CSP."""
+    """Stream the decrypted attachment inline under a sandbox CSP: a PDF for the browser's
+    viewer, a photo (stored re-encoded) for the message page's ``<img>``."""
     return _stream(_attachment(message_id, attachment_id), inline=True)
 
 
@@ -241,7 +252,7 @@ def message_pdf(message_id: str) -> ResponseReturnValue:
 
 @bp.post("/messages/<message_id>/reply")
 @signed_in
-@limiter.limit("30/hour")
+@PATIENT_WRITES  # per patient, shared with follow-ups in a conversation (portal.pickup.limits)
 def reply(message_id: str) -> ResponseReturnValue:
     """Answer the message; the reply is stored encrypted and the sender gets a PHI-free notice."""
     original, form = _message(message_id), forms.ReplyForm()

@@ -200,8 +200,11 @@ def patient_of(session: Session, message: Message) -> int | None:
 def shred(session: Session, message: Message, *, actor: Actor, meta: RequestMeta) -> None:
     """Destroy ``message``'s data key and blobs: its content is unrecoverable. Audited.
 
-    Idempotent. The blob files are deleted too once the caller commits;
-    without the key they were already unreadable.
+    The ``message.shred`` event names ``actor`` as who shredded, and as its patient the
+    patient the message is about (:func:`patient_of`), not its recipient: a patient's
+    reply or a patient-started message is addressed to a member of staff. Ids only, no
+    details. Idempotent. The blob files are deleted too once the caller commits;
+    without the key they were already unreadable. Returns None; raises nothing of ours.
     """
     if message.destroyed_at is not None:
         return
@@ -214,7 +217,7 @@ def shred(session: Session, message: Message, *, actor: Actor, meta: RequestMeta
         meta=meta,
         target_type="message",
         target_id=message.public_id,
-        patient_id=message.recipient_id,
+        patient_id=patient_of(session, message),
         message_id=message.id,
     )
     session.flush()

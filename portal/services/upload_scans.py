@@ -7,6 +7,7 @@ fails closed); ``off`` scans nothing and records the verdict ``not-scanned``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from sqlalchemy import select
@@ -28,6 +29,7 @@ from portal.security.scan import (
 )
 from portal.services.uploads import InspectorFactory, StagedUpload, Staging, UploadView
 
+log = logging.getLogger(__name__)
 _OUTCOMES = {
     Verdict.CLEAN: Outcome.SUCCESS,
     Verdict.NOT_SCANNED: Outcome.SUCCESS,
@@ -63,19 +65,31 @@ def open_scan(settings: Settings, timeouts: Timeouts | None = None) -> ScanStrea
 def scanned(settings: Settings, content: Sequence[InspectorFactory]) -> list[InspectorFactory]:
     """Return the inspectors of an upload policy: the malware scan first, then ``content``.
 
-    With scanning off, ``content`` as it is (no scan, no ``upload.scanned`` event).
-    With it on, each content check's refusal is held until the file ends, so the
-    scanner sees every byte and an infected file is refused (and audited) as
-    infected even when it is not the kind of file the policy takes (EICAR after a
-    JPEG): the scan's verdict comes first, the content's second.
+    Each content check's refusal is held until the file ends, so the scanner sees every
+    byte and an infected file is refused (and audited) as infected even when it is not
+    the kind of file the policy takes (EICAR after a JPEG): the scan's verdict comes
+    first, the content's second. With scanning off the "scan" is :class:`NotScanning`,
+    whose verdict ``not-scanned`` is audited like any other: the trail says which files
+    were never scanned (issue 14: every upload's verdict is audited).
     """
-    if settings.scan_uploads == "off":
-        return list(content)
 
     def scan(view: UploadView) -> Inspector[object]:
         return open_scan(settings)
 
     return [scan, *(_held(make) for make in content)]
+
+
+def warn_if_unscanned(settings: Settings) -> bool:
+    """Log one WARNING when uploads are not scanned (``PORTAL_SCAN_UPLOADS=off``, the default
+    without ``PORTAL_CLAMD_SOCKET``); return True when it did. For a serving process's start."""
+    if settings.scan_uploads != "off":
+        return False
+    log.warning(
+        "uploads are not scanned for malware: PORTAL_SCAN_UPLOADS=off "
+        "(set PORTAL_CLAMD_SOCKET to scan every upload with clamd)",
+        extra={"event": "upload_scanning_off"},
+    )
+    return True
 
 
 def _held(make: InspectorFactory) -> InspectorFactory:

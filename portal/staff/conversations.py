@@ -26,6 +26,7 @@ from portal.auth.policy import roles
 from portal.crypto.errors import ContentDestroyed, ContentTampered
 from portal.extensions import db
 from portal.models import Attachment, Conversation, Role, User
+from portal.security.content_types import is_image, stored_name
 from portal.services import conversations, messaging, pdf, team_inbox, teams
 from portal.services.errors import NotFound, ServiceError
 from portal.services.paging import PageError
@@ -161,8 +162,15 @@ def _thread_page(
     return html, status
 
 
+def _in_team(public_id: str) -> bool:
+    """Whether the conversation is one of this member's teams' (the upload gate's check: no
+    audit; member_conversation audits the refusal)."""
+    found = conversations.find(db.session, public_id)
+    return found is not None and teams.is_member(db.session, _me(), found.team_id)
+
+
 @bp.post("/conversations/<public_id>/answer")
-@accepts_uploads(messaging.ATTACHMENTS)
+@accepts_uploads(messaging.ATTACHMENTS, roles=[Role.STAFF], access=_in_team)
 @roles(Role.STAFF)
 @member_conversation
 def answer(conversation: Conversation) -> ResponseReturnValue:
@@ -245,20 +253,25 @@ def _move(
 # --- Files -----------------------------------------------------------------------------------
 
 
-@bp.get("/conversations/<public_id>/messages/<message_id>/attachments/<attachment_id>")
+_FILE = "/conversations/<public_id>/messages/<message_id>/attachments/<attachment_id>"
+
+
+@bp.get(_FILE, defaults={"inline": False})
+@bp.get(_FILE + "/inline", defaults={"inline": True})
 @roles(Role.STAFF)
 @member_conversation
 def attachment(
-    conversation: Conversation, message_id: str, attachment_id: str
+    conversation: Conversation, message_id: str, attachment_id: str, inline: bool
 ) -> ResponseReturnValue:
-    """Stream one of the thread's files, decrypted, as a download (audited first)."""
+    """Stream one of the thread's files, decrypted, as a download (audited first); a photo
+    under ``/inline`` for the page's ``<img>`` (the same read, audited the same way)."""
     found = conversations.find_attachment(db.session, conversation, message_id, attachment_id)
     if found is None:
         return _nothing_here()
-    return downloads.in_slot(lambda: _open(found, conversation))
+    return downloads.in_slot(lambda: _open(found, conversation, inline=inline))
 
 
-def _open(found: Attachment, conversation: Conversation) -> ResponseReturnValue:
+def _open(found: Attachment, conversation: Conversation, *, inline: bool) -> ResponseReturnValue:
     try:
         name, chunks = conversations.open_attachment(
             db.session, found, conversation, _me(), request_meta()
@@ -274,15 +287,15 @@ def _open(found: Attachment, conversation: Conversation) -> ResponseReturnValue:
         #   blob file.
         chunks.close()  # type: ignore[attr-defined]
         return _unrecorded()
+    media_type = found.content_type or "application/octet-stream"
     response = Response(
-        stream_with_context(_guarded(chunks)),
-        mimetype=found.content_type or "application/octet-stream",
-        direct_passthrough=True,
+        stream_with_context(_guarded(chunks)), mimetype=media_type, direct_passthrough=True
     )
+    shown = "inline" if inline and is_image(media_type) else "attachment"  # PDFs: downloads
     response.headers.update(
         {
             "Content-Length": str(found.size),
-            "Content-Disposition": _disposition(name),
+            "Content-Disposition": _disposition(stored_name(name, media_type), shown),
             "Cache-Control": "no-store",
             "X-Content-Type-Options": "nosniff",
             "Content-Security-Policy": "sandbox; default-src 'none'",
@@ -310,8 +323,8 @@ def _guarded(chunks: Iterator[bytes]) -> Iterator[bytes]:
         chunks.close()  # type: ignore[attr-defined]
 
 
-def _disposition(filename: str) -> str:
-    """``attachment`` with an ASCII ``filename`` and the RFC 5987 ``filename*``."""
+def _disposition(filename: str, kind: str = "attachment") -> str:
+    """``kind`` (attachment, inline) with an ASCII ``filename`` and the RFC 5987 ``filename*``."""
     fallback = unicodedata.normalize("NFKD", filename).encode("ascii", "ignore").decode()
     fallback = re.sub(r"[^A-Za-z0-9._ -]", "_", fallback).strip(" .") or "document"
-    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+    return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"

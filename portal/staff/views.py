@@ -131,8 +131,15 @@ def _register(form: forms.RegisterPatientForm) -> ResponseReturnValue:
     )
 
 
+def _may_send_to() -> bool:
+    """Whether this member of staff may send to the patient named (the upload gate's check:
+    a team to send from, a patient to send to; nothing read is audited)."""
+    patient = accounts.find_by_public_id(db.session, request.args.get("to"), role=Role.PATIENT)
+    return patient is not None and bool(teams.teams_of(db.session, current_user))
+
+
 @bp.route("/messages/new", methods=["GET", "POST"])
-@accepts_uploads(messaging.ATTACHMENTS)
+@accepts_uploads(messaging.ATTACHMENTS, roles=[Role.STAFF], access=_may_send_to)
 @roles(Role.STAFF)
 def compose() -> ResponseReturnValue:
     """Write and send a message from one of the sender's care teams (chosen when they are

@@ -11,9 +11,14 @@ hashed, inspected and encrypted into a temporary blob as the parser reads it.
 Only views marked :func:`accepts_uploads` take files, under the marked policy:
 
 - a file sent anywhere else is refused (400) before a byte of it is kept;
-- a signed-out visitor's files are read and dropped (the form's token check, or
-  the view's sign-in redirect, then answers), so nobody unknown can make the
-  portal store anything;
+- before a byte of any part is parsed, the view's :class:`Uploaders` say whether this
+  caller may send files here: signed in, in one of its roles, within its rate limit
+  (counted nothing), and past its own access check (a conversation of theirs, a team
+  of theirs). Anyone else's file parts are parsed and dropped: no blob, no scan, no
+  encryption, no verdict to audit. The view then answers as it always does (sign-in
+  redirect, 403, 404, 429), its own checks unchanged and still the ones that decide;
+  should it take the request after all, :func:`staged` refuses the dropped files (409)
+  rather than send the message without them;
 - a file past the policy's size, too many files, or a malformed multipart body
   answer 413 or 400 with nothing kept; a refusal by an inspector reaches the
   view as part of the staging (``Staging.accepted`` raises UploadRefused there).
@@ -31,7 +36,8 @@ page's commit. A request whose view raised rolls everything back, events include
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 from flask import Flask, Request, Response, current_app, request
@@ -41,17 +47,19 @@ from werkzeug.formparser import FormDataParser, MultiPartParser
 
 from portal.audit import actor_of
 from portal.extensions import db
+from portal.models import Role
 from portal.services import content, upload_scans
 from portal.services.uploads import Staging, TooManyFiles, UploadPolicy, UploadTooLarge
 from portal.web import transaction
 from portal.web.errors import page
+from portal.web.limits import SharedLimit
 from portal.web.security import request_meta
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
 F = TypeVar("F", bound=Callable[..., Any])
-_POLICY = "upload_policy"  # the attribute accepts_uploads sets on a view
+_GATE = "upload_gate"  # the attribute accepts_uploads sets on a view
 MIB = 1024 * 1024
 # Bytes the multipart parser reads from the body at a time (Werkzeug's default: 64 KiB).
 # Under Werkzeug's 500 kB MAX_FORM_MEMORY_SIZE, which bounds its buffer per read too.
@@ -63,6 +71,9 @@ MALFORMED = (
 )
 NOT_HERE = "This page does not take files."
 NAMELESS = "A file was sent without a file name. Go back and choose it again."
+DROPPED = (
+    "Your files could not be taken just now, so nothing was sent. Go back and send them again."
+)
 
 
 class UploadError(HTTPException):
@@ -84,14 +95,62 @@ class UploadTooBig(UploadError):
     code = 413
 
 
-def accepts_uploads(policy: UploadPolicy) -> Callable[[F], F]:
-    """Mark a view as taking files under ``policy``; returns the view itself, marked.
+class UploadDropped(UploadError):
+    """A view took a request whose files the gate had dropped (409): sent again, they count."""
 
-    Put it above the route's other decorators (it is read from the registered view).
+    code = 409
+
+
+@dataclass(frozen=True)
+class Uploaders:
+    """Who may send files to a view: asked once, before the first part of the body is parsed.
+
+    ``roles`` as the view's role check; ``limit`` the rate limit the view counts (asked,
+    not counted); ``access`` the view's own check of its URL's arguments (True: this
+    caller's), which must read only, never audit (the view audits its refusal itself).
     """
 
+    roles: frozenset[Role]
+    limit: SharedLimit | None = None
+    access: Callable[..., bool] | None = None
+
+    def refusal(self, view_args: Mapping[str, Any]) -> int | None:
+        """Return None when the caller may upload, else the kind of refusal the view's own
+        checks will give (401, 403, 429, 404; the view decides the page and its status)."""
+        if not current_user.is_authenticated:
+            return 401
+        if current_user.role not in self.roles:
+            return 403
+        if self.limit is not None and self.limit.spent():
+            return 429
+        if self.access is not None and not self.access(**view_args):
+            return 404
+        return None
+
+
+@dataclass(frozen=True)
+class _Gate:
+    policy: UploadPolicy
+    uploaders: Uploaders
+
+
+def accepts_uploads(
+    policy: UploadPolicy,
+    *,
+    roles: Collection[Role],
+    limit: SharedLimit | None = None,
+    access: Callable[..., bool] | None = None,
+) -> Callable[[F], F]:
+    """Mark a view as taking files under ``policy`` from the :class:`Uploaders` described by
+    ``roles``, ``limit`` and ``access``; returns the view itself, marked.
+
+    Put it above the route's other decorators (it is read from the registered view); they
+    stay, and decide: these only spare the portal the files of a request they will refuse.
+    """
+    gate = _Gate(policy, Uploaders(frozenset(roles), limit, access))
+
     def mark(view: F) -> F:
-        setattr(view, _POLICY, policy)
+        setattr(view, _GATE, gate)
         return view
 
     return mark
@@ -126,6 +185,10 @@ class StreamingRequest(Request):
 
     form_data_parser_class = _FormParser
     upload_staging: Staging | None = None
+    # The status the view will answer this caller (Uploaders.refusal), once asked.
+    upload_refusal: int | None = None
+    dropped_files = 0  # file parts read and dropped because of upload_refusal
+    _gate_asked = False
 
     def _get_file_stream(
         self,
@@ -134,15 +197,23 @@ class StreamingRequest(Request):
         filename: str | None = None,
         content_length: int | None = None,
     ) -> IO[bytes]:
-        policy = _policy_of(self.endpoint)
-        if policy is None:
+        gate = _gate_of(self.endpoint)
+        if gate is None:
             raise MalformedUpload(NOT_HERE)
         # Werkzeug needs only write() and seek(0) of what it returns, as typeshed's IO cannot say.
-        if not current_user.is_authenticated:
+        if self._refused_uploads(gate):
+            self.dropped_files += 1
             return cast(IO[bytes], _Dropped())
         if self.upload_staging is None:
-            self.upload_staging = policy.start(content.blob_store())
+            self.upload_staging = gate.policy.start(content.blob_store())
         return cast(IO[bytes], self.upload_staging.open(filename or "", content_type))
+
+    def _refused_uploads(self, gate: _Gate | None) -> bool:
+        """Ask the view's Uploaders once per request; True when this caller's files drop."""
+        if gate is not None and not self._gate_asked:
+            self._gate_asked = True
+            self.upload_refusal = gate.uploaders.refusal(self.view_args or {})
+        return self.upload_refusal is not None
 
     def make_form_data_parser(self) -> FormDataParser:
         """Werkzeug's parser, made to raise on a malformed body instead of parsing nothing."""
@@ -153,6 +224,8 @@ class StreamingRequest(Request):
     def _load_form_data(self) -> None:
         if "form" in self.__dict__:
             return
+        if self.mimetype == "multipart/form-data":
+            self._refused_uploads(_gate_of(self.endpoint))  # before any part is parsed
         try:
             super()._load_form_data()
             if self.upload_staging is not None:
@@ -193,7 +266,11 @@ def staged(field: str) -> Staging | None:
     Raises MalformedUpload (400) for a file sent in another field, and for a file
     without a name: a part of ``field`` that is not a file, or a file part whose
     name is empty but not its content (a browser sends that only for no file chosen).
+    Raises UploadDropped (409) when the request's files were dropped by its view's
+    :class:`Uploaders` (module doc) and the view took it nonetheless.
     """
+    if getattr(request, "dropped_files", 0):
+        raise UploadDropped(DROPPED)
     if request.form.getlist(field):
         raise MalformedUpload(NAMELESS)
     if any(name != field for name in request.files):
@@ -214,10 +291,10 @@ def init_app(app: Flask) -> None:
     app.teardown_request(_discard)
 
 
-def _policy_of(endpoint: str | None) -> UploadPolicy | None:
+def _gate_of(endpoint: str | None) -> _Gate | None:
     view = current_app.view_functions.get(endpoint) if endpoint else None
-    policy = getattr(view, _POLICY, None)
-    return policy if isinstance(policy, UploadPolicy) else None
+    gate = getattr(view, _GATE, None)
+    return gate if isinstance(gate, _Gate) else None
 
 
 def _refused(error: UploadError) -> tuple[str, int]:
@@ -245,7 +322,7 @@ def _discard(_error: BaseException | None) -> None:
 
 
 class _Dropped(io.RawIOBase):
-    """A signed-out visitor's file part: counted nowhere, stored nowhere."""
+    """A file part of a caller the view refuses (Uploaders): stored, scanned, encrypted nowhere."""
 
     def writable(self) -> bool:
         return True

@@ -113,6 +113,15 @@ def test_a_scanner_that_is_down_refuses_the_upload(world: World, tmp_path: Path)
     assert (event["outcome"], event["details"]["verdict"]) == ("failure", "unavailable")
 
 
-def test_with_scanning_off_nothing_is_scanned_nor_recorded(world: World) -> None:
-    assert start(world, "Quagmire_letter.pdf", samples.pdf(attachment=EICAR)).status_code == 302
-    assert scan_events(world.app) == []
+def test_with_scanning_off_nothing_is_scanned_and_each_file_is_recorded_unscanned(
+    world: World,
+) -> None:
+    data = samples.pdf(attachment=EICAR)
+    assert start(world, "Quagmire_letter.pdf", data).status_code == 302
+    (event,) = scan_events(world.app)  # the trail says which files were never scanned
+    assert (event["outcome"], event["details"]) == (
+        "success",
+        {"verdict": "not-scanned", "size": len(data)},
+    )
+    assert event["patient_id"] == user_id(world.app, PATIENT)
+    assert "Quagmire" not in event["raw"]

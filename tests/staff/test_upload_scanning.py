@@ -134,12 +134,18 @@ def test_a_scanner_that_is_down_refuses_the_send(world: World, tmp_path: Path) -
     )
 
 
-def test_with_scanning_off_a_file_is_sent_unscanned_and_no_verdict_recorded(
+def test_with_scanning_off_a_file_is_sent_unscanned_and_recorded_as_not_scanned(
     world: World,
 ) -> None:
-    sent = compose(world, [(samples.pdf(attachment=EICAR), "Quagmire_scan.pdf")])
+    data = samples.pdf(attachment=EICAR)
+    sent = compose(world, [(data, "Quagmire_scan.pdf")])
     assert sent.status_code == 302  # nothing scans it: off means off, say the settings
-    assert scan_events(world.app) == []
+    (event,) = scan_events(world.app)  # but the trail says it was never scanned
+    assert (event["outcome"], event["details"]) == (
+        "success",
+        {"verdict": "not-scanned", "size": len(data)},
+    )
+    assert event["message_id"] is not None
 
 
 def test_the_cli_scans_its_attachments(world: World, clamd: Clamd, tmp_path: Path) -> None:
