@@ -299,7 +299,7 @@ def deny(session: Session, message: Message, user: User, meta: RequestMeta, reas
         outcome=Outcome.DENIED,
         target_type="message",
         target_id=message.public_id,
-        patient_id=message.recipient_id,
+        patient_id=content.patient_of(session, message),  # a patient's reply: its sender
         message_id=message.id,
         details={"reason": reason},
     )

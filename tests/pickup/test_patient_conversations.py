@@ -24,6 +24,7 @@ from tests.support.conversations import (
     OPEN_TEAM,
     OTHER_TEAM,
     PATIENT,
+    REPLY_TEXT,
     SAM,
     World,
     act,
@@ -31,6 +32,7 @@ from tests.support.conversations import (
     inbox_ids,
     messages_in,
     notices_of,
+    reply,
     team_public_id,
     thread_url,
     user_id,
@@ -277,3 +279,17 @@ def test_a_patients_first_message_has_no_staff_status_page_nor_resend(world: Wor
     )
     assert resend.status_code == 404
     assert notices_of(world.app, NoticeKind.PICKUP) == before  # no link sent to staff
+
+
+def test_opening_another_patients_reply_is_denied_under_the_patient_who_wrote_it(
+    world: World,
+) -> None:
+    """A patient's reply is addressed to staff: its refusal is filed under its sender."""
+    assert reply(world).status_code in (200, 302, 303)
+    [first, answer] = messages_in(world.app, world.conversation)[:2]
+    assert answer.in_reply_to_id == first.id
+    refused = world.other_patient.get(f"/messages/{answer.public_id}")
+    assert refused.status_code == 404
+    [denied] = events_of(world.app, Action.ACCESS_DENIED)
+    assert denied.patient_id == user_id(world.app, PATIENT)  # not the member of staff
+    assert REPLY_TEXT not in refused.get_data(as_text=True)
