@@ -24,14 +24,17 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy import event as sa_event
-from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, SessionTransaction
 
 from portal.database import utcnow
 from portal.models import AuditEvent, AuditHead, User
+
+if TYPE_CHECKING:
+    from sqlalchemy import Table
 
 GENESIS_HASH = "0" * 64
 MAX_DETAIL_TEXT = 200
@@ -284,20 +287,30 @@ def record(
     return event
 
 
+# The head's two statements, built once: Core statements on the table (not ORM-enabled
+# UPDATEs, which build and synchronise per call), so an audited request pays for the round
+# trips only (README "Inbox": the per-request cost). No ORM object of the head is ever
+# loaded for writing, so there is nothing in a session to synchronise.
+_HEAD_TABLE = cast("Table", AuditHead.__table__)  # a declarative model's table is a Table
+_HEAD = _HEAD_TABLE.c
+_TAKE_HEAD = (
+    update(_HEAD_TABLE)
+    .where(_HEAD.id == 1)
+    .values(seq=_HEAD.seq + bindparam("count"))
+    .returning(_HEAD.seq, _HEAD.hash)
+)
+_SET_HEAD_HASH = update(_HEAD_TABLE).where(_HEAD.id == 1).values(hash=bindparam("hash"))
+
+
 def _append(session: Session, events: list[AuditEvent]) -> None:
     """Chain ``events`` after the head, in order, under one lock of the head row (flushed)."""
-    last, prev_hash = session.execute(
-        update(AuditHead)
-        .where(AuditHead.id == 1)
-        .values(seq=AuditHead.seq + len(events))
-        .returning(AuditHead.seq, AuditHead.hash)
-    ).one()
+    last, prev_hash = session.execute(_TAKE_HEAD, {"count": len(events)}).one()
     now = utcnow()
     for seq, event in enumerate(events, start=last - len(events) + 1):
         event.seq, event.occurred_at, event.prev_hash = seq, now, prev_hash
         event.hash = prev_hash = event_hash(event)
     session.add_all(events)
-    session.execute(update(AuditHead).where(AuditHead.id == 1).values(hash=prev_hash))
+    session.execute(_SET_HEAD_HASH, {"hash": prev_hash})
 
 
 # Session.info key: the events a chain_at_commit session has recorded and not yet chained.

@@ -17,15 +17,19 @@ from typing import Any
 
 from flask import Flask, Request, Response, g
 from flask.sessions import SessionInterface, SessionMixin
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from werkzeug.datastructures import CallbackDict
 
 from portal.database import utcnow
 from portal.extensions import db
-from portal.models import WebSession
+from portal.models import User, WebSession
 from portal.web.outage import DATABASE_DOWN, is_outage
 
 TOUCH_EVERY = timedelta(seconds=30)  # last_seen_at is written at most this often
+# Health probes (portal.web.health) use no session: their answer never depends on who asks,
+# and /readyz checks the database on a connection of its own, which the request's (holding
+# the session's row) would make a second one at once (tests/web/test_pool_size.py).
+PROBES = frozenset({"/healthz", "/readyz"})
 
 
 class ServerSession(CallbackDict[str, Any], SessionMixin):
@@ -39,6 +43,7 @@ class ServerSession(CallbackDict[str, Any], SessionMixin):
         created_at: datetime | None = None,
         last_seen_at: datetime | None = None,
         expired: bool = False,
+        user: User | None = None,
     ) -> None:
         def on_update(_self: Any) -> None:
             self.modified = True
@@ -48,6 +53,7 @@ class ServerSession(CallbackDict[str, Any], SessionMixin):
         self.created_at = created_at or utcnow()
         self.last_seen_at = last_seen_at
         self.expired = expired
+        self.user = user  # the row's user, loaded with it: not session data, never stored
         self.renew = False
         self.modified = False
         self.ended = False
@@ -63,16 +69,25 @@ class ServerSession(CallbackDict[str, Any], SessionMixin):
         self.ended = True
 
 
+# Built once: the session's row and its user, whose row lands in the request's identity map.
+_LOAD = (
+    select(WebSession.__table__, User)
+    .outerjoin(User, User.id == WebSession.user_id)
+    .where(WebSession.token_hash == bindparam("token_hash"))
+)
+
+
 def _hash(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
 class DatabaseSessionInterface(SessionInterface):
-    """Stores sessions in the ``web_sessions`` table through short transactions of its own."""
+    """Stores sessions in the ``web_sessions`` table: read in the request's own transaction
+    (with the signed-in user), written through short transactions of their own."""
 
     def open_session(self, app: Flask, request: Request) -> ServerSession:
         token = request.cookies.get(self.get_cookie_name(app), "")
-        if not token or len(token) > 100:
+        if not token or len(token) > 100 or request.path in PROBES:
             return ServerSession()
         try:
             return self._load(app, token)
@@ -85,10 +100,10 @@ class DatabaseSessionInterface(SessionInterface):
             return ServerSession()
 
     def _load(self, app: Flask, token: str) -> ServerSession:
-        with db.engine.begin() as connection:
-            row = connection.execute(
-                select(WebSession).where(WebSession.token_hash == _hash(token))
-            ).first()
+        # One statement, in the request's own transaction: the row, and its signed-in user
+        # (the user loader finds it in the identity map, portal.auth.views.load_user), not
+        # a checkout and a transaction of its own plus the user's query (README "Inbox").
+        row = db.session.execute(_LOAD, {"token_hash": _hash(token)}).first()
         if row is None:
             return ServerSession(expired=True)
         now = utcnow()
@@ -102,6 +117,7 @@ class DatabaseSessionInterface(SessionInterface):
             row_id=row.id,
             created_at=row.created_at,
             last_seen_at=row.last_seen_at,
+            user=row.User,
         )
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:

@@ -59,7 +59,11 @@ def load_user(user_id: str) -> User | None:
     """
     if g.get("database_down"):
         return None
-    user = accounts.find_by_public_id(db.session, user_id)
+    # The session's row came with its user, in this request's transaction
+    # (portal.auth.sessions): no second query, and the same answer as the look-up below.
+    user: User | None = getattr(session, "user", None)
+    if user is None or user.public_id != user_id:
+        user = accounts.find_by_public_id(db.session, user_id)
     return user if user is not None and not user.disabled else None
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import event, select
+from sqlalchemy import bindparam, event, select
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
@@ -39,11 +39,7 @@ def display_names(session: Session, user_ids: Iterable[int]) -> dict[int, str]:
     cache: dict[int, str] = session.info.setdefault(_CACHE, {})
     missing = wanted - cache.keys()
     if missing:
-        found = session.execute(
-            select(User.id, User.public_id, User.name_sealed, *_KEY)
-            .join(DataKey, DataKey.id == User.data_key_id)
-            .where(User.id.in_(missing))
-        )
+        found = session.execute(_NAMED, {"ids": sorted(missing)})
         for row in found:
             cache[row.id] = _unsealed(session, row)
         for user_id in missing - cache.keys():
@@ -77,6 +73,12 @@ def _name(session: Session, user: User) -> str:
 
 
 _KEY = (DataKey.id.label("key_id"), DataKey.kek_version, DataKey.wrapped)
+# Built once (every list page runs it): users joined to their data keys, by id.
+_NAMED = (
+    select(User.id, User.public_id, User.name_sealed, *_KEY)
+    .join(DataKey, DataKey.id == User.data_key_id)
+    .where(User.id.in_(bindparam("ids", expanding=True)))
+)
 
 
 def _unsealed(session: Session, row: Row[*tuple[Any, ...]]) -> str:

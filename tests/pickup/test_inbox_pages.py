@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from flask import Flask
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 
 from portal.audit import Action, RequestMeta, actor_of, record
 from portal.database import utcnow
@@ -51,14 +51,49 @@ def test_inbox_runs_the_same_statements_for_3_and_60_messages(
     assert len(listed_messages(few_html)) == 3
     assert len(listed_messages(many_html)) == PAGE_SIZE  # a full page: 50 rows shown
     assert len(many) == len(few), "\n".join(many)
-    # The budget, spelled out: the user, the page (with its keys and attachment counts), the
-    # senders (with their keys), then the audit event (head, event, head).
+    # The budget, spelled out: the page (with its keys and attachment counts), the senders
+    # (with their keys), then the audit event (head, event, head); the user comes with the
+    # session's row, left out here (see the test below).
     assert len(few) <= 6, "\n".join(few)
     older = link_named(many_html, "next")
     assert older is not None
     second, second_html = measured(app, many_browser, older)
     assert len(listed_messages(second_html)) == 10
     assert len(second) == len(few) + 1  # the cursor's row, looked up within the patient's own
+
+
+def test_a_signed_in_inbox_request_reads_its_session_and_user_in_one_statement(
+    app: Flask, senders: list[str]
+) -> None:
+    """The fixed cost of a signed-in page (README "Inbox"): one pooled connection and one
+    transaction, the session's row and its user in one statement (the old code checked out
+    a second connection for the session's own transaction, then loaded the user again by
+    public id), then the page, its senders and the audit event: six statements in all."""
+    _, secret = enrolled_patient(app, "few@example.org", "Fay Few")
+    fill_inbox(app, "few@example.org", 3, senders)
+    browser = signed_in(app, "few@example.org", secret)
+    assert browser.get("/inbox").status_code == 200  # warm-up: the row was touched at sign-in
+    checkouts: list[object] = []
+    engine = app.extensions["engine"]
+
+    def checked_out(*_args: object) -> None:
+        checkouts.append(_args)
+
+    event.listen(engine, "checkout", checked_out)
+    try:
+        with counting(app) as seen:
+            page = browser.get("/inbox")
+    finally:
+        event.remove(engine, "checkout", checked_out)
+    assert page.status_code == 200
+    assert len(listed_messages(page.get_data(as_text=True))) == 3
+    assert len(checkouts) == 1
+    assert "FROM web_sessions LEFT OUTER JOIN users" in seen.sql[0], seen.sql[0]
+    user_reads = [s for s in seen.sql if re.search(r"FROM users WHERE users\.(id|public_id) =", s)]
+    assert user_reads == []  # the user loader found the session's user: no second look-up
+    assert len(seen) <= 6, "\n".join(seen.sql)
+    assert len(seen.touching("audit_events")) == 1  # the view's event, still written
+    assert events(app, Action.MESSAGE_LIST)[-1].details == '{"count":3}'
 
 
 def test_inbox_unseals_only_subjects_and_names_each_key_once(
