@@ -33,6 +33,7 @@ from portal.security.images import (
     image_too_large,
     reencode_for_display,
 )
+from portal.security.inspection import Replacement
 
 PDF_BUFFER_BYTES = 8 * 1024 * 1024  # ContentInspector parses PDFs up to this size itself
 TAIL_BYTES = 1024  # where a PDF's %%EOF must be (as pypdf requires)
@@ -66,6 +67,13 @@ class Inspected:
     structure_checked: bool
     pages: int | None = None
     display: DisplayImage | None = None
+
+    @property
+    def replacement(self) -> Replacement | None:
+        """The re-encoded image to store in place of the upload (None for a PDF)."""
+        if self.display is None:
+            return None
+        return Replacement(self.display.data, self.display.media_type)
 
 
 def validate(

@@ -129,6 +129,8 @@ def classify(
     if not head:
         raise ContentRejected("This file is empty.", "empty")
     kind = sniff(head)
+    if kind is None and declared is not None and declared in allowed:
+        raise ContentRejected(f"This file is not a {NAMES[declared]} file.", "mismatch")
     if kind is None or kind not in allowed:
         raise _not_allowed(allowed)
     if declared is not None and kind is not declared:
@@ -194,3 +196,21 @@ def damaged(kind: Kind) -> ContentRejected:
     return ContentRejected(
         f"This file could not be read as a {NAMES[kind]}; it may be damaged.", "damaged"
     )
+
+
+_STORED_SUFFIXES = {"image/jpeg": (".jpg", ".jpeg"), "image/png": (".png",)}
+
+
+def is_image(media_type: str | None) -> bool:
+    """Whether a stored attachment of ``media_type`` is an image shown inline (JPEG or PNG)."""
+    return media_type in _STORED_SUFFIXES
+
+
+def stored_name(filename: str, media_type: str | None) -> str:
+    """Return ``filename`` with the extension of what is stored (``rash.heic`` stored as a
+    JPEG is served as ``rash.jpg``); unchanged when it already fits or for a PDF."""
+    suffixes = _STORED_SUFFIXES.get(media_type or "")
+    if suffixes is None or filename.lower().endswith(suffixes):
+        return filename
+    stem = filename.rpartition(".")[0] if "." in filename else filename
+    return (stem or "photo") + suffixes[0]

@@ -14,11 +14,12 @@ rewriting").
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pillow_heif
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from portal.security.content_types import (
     IMAGES,
@@ -36,6 +37,9 @@ _PIL_FORMATS = {Kind.JPEG: "JPEG", Kind.PNG: "PNG", Kind.HEIC: "HEIF"}
 # Colour spaces whose ICC profile still fits after converting to the display mode.
 _FAMILIES = {"1": "gray", "L": "gray", "LA": "gray", "RGB": "rgb", "RGBA": "rgb", "P": "rgb"}
 
+
+# Pillow's TIFF/EXIF debug records quote every tag, GPS position included: never log them.
+logging.getLogger("PIL").setLevel(logging.INFO)
 
 # Thumbnails, depth maps and auxiliary images inside a HEIC are never decoded: only the
 # primary image is shown, and each extra image would cost memory.
@@ -117,6 +121,7 @@ def _decode(data: bytes, kind: Kind) -> Image.Image:
         raise damaged(kind)
     if len(data) > MAX_IMAGE_BYTES:
         raise image_too_large()
+    _refuse_truncated()
     with _open(data, kind) as image:
         _guarded(kind, image.verify)
     image = _open(data, kind)
@@ -126,6 +131,17 @@ def _decode(data: bytes, kind: Kind) -> Image.Image:
         image.close()
         raise
     return image
+
+
+def _refuse_truncated() -> None:
+    """Make Pillow fail on a truncated file again, whoever switched that off.
+
+    WeasyPrint (imported by portal.services.pdf) sets ``LOAD_TRUNCATED_IMAGES = True``
+    for the whole process when it is imported, and Pillow then pads a truncated upload
+    with grey instead of failing. Our letters embed only the portal's own images, so
+    WeasyPrint loses nothing; set before every decode, since the import may come later.
+    """
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 def _open(data: bytes, kind: Kind) -> Image.Image:

@@ -9,7 +9,8 @@ reading, discards what it wrote and shows ``message`` to the uploader.
 
 from __future__ import annotations
 
-from typing import Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Protocol, TypeVar, runtime_checkable
 
 T_co = TypeVar("T_co", covariant=True)
 
@@ -46,4 +47,32 @@ class Inspector(Protocol[T_co]):
 
     def close(self) -> None:
         """Release any resource; never raises."""
+        ...
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """The bytes to store instead of the file as uploaded (an image re-encoded), and their type."""
+
+    data: bytes
+    media_type: str
+
+
+@runtime_checkable
+class Typed(Protocol):
+    """A finding that tells what the file is, and (optionally) what to store in its place.
+
+    The upload path (``portal.services.uploads``) records ``media_type`` with the file
+    (the replacement's, when set) and, when ``replacement`` is set, stores its bytes
+    instead of the original's.
+    """
+
+    @property
+    def media_type(self) -> str:
+        """The media type of the file as uploaded (a replacement carries its own)."""
+        ...
+
+    @property
+    def replacement(self) -> Replacement | None:
+        """What to store instead of the uploaded bytes, or None to keep them."""
         ...

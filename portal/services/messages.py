@@ -146,6 +146,7 @@ def _attach(
         blob_id=content.keep_upload(session, upload),
         size=upload.size,
         sha256=upload.sha256,
+        content_type=upload.media_type or "application/pdf",  # no content check: a PDF
         filename_sealed=keys.seal_text(key, "attachments", "filename", public_id, upload.name),
     )
     session.add(attachment)

@@ -58,12 +58,13 @@ def attachment_inspectors() -> list[InspectorFactory]:
     connection is opened on the file's first byte (a clamd out of reach refuses
     it before anything is kept) and its verdict decides before any content check.
     """
-    from portal.services.pdfcheck import PdfInspector
+    from portal.services.pdfcheck import AttachmentInspector
 
-    return upload_scans.scanned(current_settings(), [PdfInspector])
+    return upload_scans.scanned(current_settings(), [AttachmentInspector])
 
 
-# Staff attachments: readable PDFs of at most PORTAL_MAX_UPLOAD bytes each.
+# Attachments: readable PDFs and JPEG, PNG or HEIC photos (re-encoded before they are
+# stored) of at most PORTAL_MAX_UPLOAD bytes each.
 ATTACHMENTS = UploadPolicy(
     "attachment",
     inspectors=attachment_inspectors,

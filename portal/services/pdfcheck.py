@@ -17,6 +17,7 @@ rebuild its cross-reference table: such a file over the bound is refused as dama
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from typing import IO, cast
@@ -24,6 +25,8 @@ from typing import IO, cast
 from pypdf import PasswordType, PdfReader
 
 from portal.crypto.errors import CryptoError
+from portal.security.attachments import ContentInspector, Inspected
+from portal.security.content_types import Kind, expected_kind
 from portal.security.inspection import UploadRejected
 from portal.services.errors import ServiceError
 from portal.services.messages import Upload, safe_filename
@@ -117,15 +120,70 @@ class PdfInspector:
         """
         if self._head != MAGIC:
             raise UploadRejected(NOT_A_PDF, "not-pdf")
-        with self._upload.open_plaintext() as plaintext:
-            try:
-                # pypdf needs only read, seek and tell, which typeshed's IO cannot say.
-                return _count_pages(cast(IO[bytes], _BoundedReads(plaintext)))
-            except _ReadTooLarge:
-                raise UploadRejected(DAMAGED, "damaged") from None
+        return stored_pages(self._upload)
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+class AttachmentInspector:
+    """Upload inspector of an attachment: a PDF, JPEG, PNG or HEIC, told by its content.
+
+    ``portal.security.attachments.ContentInspector`` settles the type from the first KiB
+    (the file's name and declared type must agree with it), decodes an image whole (and
+    re-encodes it: the finding's ``replacement`` is what the upload path stores) and
+    parses a PDF it holds; a PDF too large to hold is parsed here at the end, as
+    :class:`PdfInspector` does, through bounded reads of the stored file. ``finish``
+    returns the ``Inspected`` finding. ``feed`` and ``finish`` raise UploadRejected
+    (``ContentRejected``); a name or declared type the portal does not take is refused
+    at the first ``feed``, so a malware scan before it still sees the whole file.
+    """
+
+    def __init__(self, upload: UploadView) -> None:
+        """Inspect ``upload`` (the factory signature of ``UploadPolicy.inspectors``)."""
+        self._upload = upload
+        self._refused: UploadRejected | None = None
+        declared: Kind | None = None
+        try:
+            declared = expected_kind(upload.name, upload.content_type)
+        except UploadRejected as refused:
+            self._refused = refused
+        self._content = ContentInspector(declared=declared)
+
+    def feed(self, chunk: bytes) -> None:
+        """Check the next ``chunk``; raise UploadRejected as soon as the file is refused."""
+        if self._refused is not None:
+            raise self._refused
+        self._content.feed(chunk)
+
+    def finish(self) -> Inspected:
+        """Return what the file is; raise UploadRejected when it is refused.
+
+        Raises ContentTampered when the stored ciphertext fails authentication.
+        """
+        if self._refused is not None:
+            raise self._refused
+        found = self._content.finish()
+        if found.structure_checked:
+            return found
+        return dataclasses.replace(found, structure_checked=True, pages=stored_pages(self._upload))
+
+    def close(self) -> None:
+        """Drop what the content check holds."""
+        self._content.close()
+
+
+def stored_pages(upload: UploadView) -> int:
+    """Return the page count of ``upload``'s stored PDF, read back in bounded reads.
+
+    Raises UploadRejected (``damaged``, ``encrypted``), ContentTampered.
+    """
+    with upload.open_plaintext() as plaintext:
+        try:
+            # pypdf needs only read, seek and tell, which typeshed's IO cannot say.
+            return _count_pages(cast(IO[bytes], _BoundedReads(plaintext)))
+        except _ReadTooLarge:
+            raise UploadRejected(DAMAGED, "damaged") from None
 
 
 def _count_pages(stream: IO[bytes]) -> int:

@@ -40,7 +40,7 @@ from typing import IO, TYPE_CHECKING, BinaryIO, Protocol
 from portal.crypto.keyring import Keyring
 from portal.crypto.stream import StreamEncryptor, open_seekable
 from portal.models.types import new_public_id
-from portal.security.inspection import Inspector, UploadRejected
+from portal.security.inspection import Inspector, Typed, UploadRejected
 from portal.services.errors import ServiceError
 from portal.storage import BlobStore, BlobWriter
 
@@ -48,7 +48,14 @@ if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
 MAX_FILES = 20  # file parts per staging: each holds an open, locked temporary blob
-PIPELINE_DEPTH = 4  # pieces (of about 256 KiB from a parser) queued for a file's pipeline
+# Pieces (of about 256 KiB from a parser) queued for a file's pipeline thread; 0: none,
+# each piece hashed, inspected, encrypted on the caller's thread. 0 by measurement
+# (100 MiB parsed in-process, five alternating runs, 2 cores at load 5, 2026-12-02): the
+# thread costs CPU (queue hand-offs; SHA-256 lets go of the interpreter lock per piece
+# and waits to get it back behind the parser) and, with no core to spare, overlaps
+# nothing: 0.25-0.30 CPU-s and 0.30-0.47 s with it, 0.23-0.24 CPU-s and 0.29-0.42 s
+# without. Through gunicorn (bench/bench_upload.py) the two are within that bench's noise.
+PIPELINE_DEPTH = 0
 READ_CHUNK = 256 * 1024  # bytes read at a time from a file the caller hands in
 MAX_FILENAME = 255
 
@@ -209,11 +216,12 @@ class StagedUpload(io.RawIOBase):
 
     Nothing is created until the first byte arrives, so an empty file input costs nothing.
     Then the temporary blob and the inspectors are made (on the caller's thread, so that
-    a full disk or a scanner out of reach is told at once), and a thread of the file's
-    own hashes, inspects and encrypts each piece while the caller reads and parses the
-    next (at most ``PIPELINE_DEPTH`` pieces queued): SHA-256 and the blob's writes do
-    not hold the interpreter, so on a machine with a core to spare they cost the
-    request nothing. ``seal`` waits for it; a failure of it is raised by the next call.
+    a full disk or a scanner out of reach is told at once), and each piece is hashed,
+    inspected and encrypted as it is written, on the caller's thread (the blob's writes
+    go behind, ``BlobWriter``). With ``PIPELINE_DEPTH`` above 0 a thread of the file's own
+    does that while the caller parses the next piece (at most that many queued); it
+    costs more than it saves (see the constant). ``seal`` waits for it; a failure of it
+    is raised by the next call. Either way a failure deletes what was stored.
     """
 
     def __init__(self, staging: Staging, filename: str, content_type: str | None) -> None:
@@ -228,6 +236,10 @@ class StagedUpload(io.RawIOBase):
         self.findings: tuple[object, ...] = ()  # each inspector's finish() result, in order
         # (up to the one that refused, if any)
         self.rejection: UploadRejected | None = None
+        # What is stored: the type a content check found (None: no check said), and whether
+        # its bytes are a replacement (an image re-encoded) rather than the upload's own.
+        self.media_type: str | None = None
+        self.replaced = False
         self.blob_id: str | None = None  # once kept
         self._staging = staging
         self._hasher = hashlib.sha256()
@@ -314,6 +326,7 @@ class StagedUpload(io.RawIOBase):
             writer.write(encryptor.finalize())
             for inspector in self._inspectors or ():  # kept one by one: a scan's verdict
                 self.findings += (inspector.finish(),)  # survives a later inspector's refusal
+            self._store_replacement()
         except UploadRejected as refused:
             self._reject(refused)
         except BaseException:
@@ -360,9 +373,44 @@ class StagedUpload(io.RawIOBase):
         with self._writer.reader() as ciphertext:
             yield open_seekable(self._staging.key, self.object_id, ciphertext)
 
+    def _store_replacement(self) -> None:
+        """Take the first content finding's type; store its replacement, if any, in place of
+        the upload: encrypted under the same key and object id into a new temporary blob,
+        the upload's own deleted, ``size`` and ``sha256`` now the replacement's.
+
+        The replacement is in memory (an image re-encoded, bounded by the image limits), so
+        no plaintext reaches a disk here either. Raises StorageUnavailable.
+        """
+        typed = next((f for f in self.findings if isinstance(f, Typed)), None)
+        if typed is None:
+            return
+        replacement = typed.replacement
+        self.media_type = typed.media_type if replacement is None else replacement.media_type
+        if replacement is None or self._writer is None:
+            return
+        writer = self._staging.store.begin()
+        try:
+            encryptor = StreamEncryptor(self._staging.key, self.object_id)
+            writer.write(encryptor.header)
+            for segment in encryptor.update(replacement.data):
+                writer.write(segment)
+            writer.write(encryptor.finalize())
+        except BaseException:
+            writer.abort()
+            raise
+        original, self._writer = self._writer, writer
+        original.abort()
+        self.size = len(replacement.data)
+        self.sha256 = hashlib.sha256(replacement.data).hexdigest()
+        self.replaced = True
+
     def _hand_off(self, chunk: bytes) -> None:
         if not PIPELINE_DEPTH:  # no pipeline thread: everything on the caller's
-            self._take(chunk)
+            try:
+                self._take(chunk)
+            except BaseException:
+                self.discard()  # as a failure of the pipeline thread does (_raise_failure)
+                raise
             return
         if self._pieces is None:
             self._pieces = queue.Queue(maxsize=PIPELINE_DEPTH)

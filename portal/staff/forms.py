@@ -42,7 +42,7 @@ class RegisterPatientForm(FlaskForm):
 
 
 class ComposeForm(FlaskForm):
-    """Write a message with any number of PDF attachments, from one of the sender's teams."""
+    """Write a message with any number of PDFs and photos, from one of the sender's teams."""
 
     # Choices are the sender's care teams (the view sets them); shown when they have several.
     team = SelectField("Care team", choices=[], default="")
@@ -53,7 +53,7 @@ class ComposeForm(FlaskForm):
     body_format = SelectField(
         "Format", choices=[SelectChoice("text", "Plain text"), SelectChoice("markdown", "Markdown")]
     )
-    attachments = MultipleFileField("Attachments (PDF)")
+    attachments = MultipleFileField("Attachments (PDF or photos)")
     expires_days = IntegerField(
         "Link expires after (days)",
         default=7,
@@ -71,7 +71,7 @@ class AnswerForm(FlaskForm):
     body = TextAreaField(
         "Your answer", validators=[DataRequired("Write your answer."), Length(max=100_000)]
     )
-    attachments = MultipleFileField("Attachments (PDF)")
+    attachments = MultipleFileField("Attachments (PDF or photos)")
 
 
 class AssignForm(FlaskForm):
