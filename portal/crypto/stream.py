@@ -163,19 +163,31 @@ class StreamEncryptor:
         self._counter = 0
         self._done = False
 
-    def update(self, data: bytes) -> list[bytes]:
+    def update(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Take ``data``; return the segments it completed (often none), in order.
 
         Raises ValueError after ``finalize`` or past the 2**32-segment limit.
         """
         if self._done:
             raise ValueError("stream already finalized")
-        self._pending += data
-        sealed = []
-        while len(self._pending) > self._size:  # strictly more: the held-back one is not last
-            with memoryview(self._pending) as view:
-                sealed.append(self._seal(view[: self._size], last=False))
-            del self._pending[: self._size]
+        # Sealed straight from ``data`` where it holds whole segments: only the piece that
+        # completes the held-back segment and the new held-back rest are copied.
+        sealed: list[bytes] = []
+        with memoryview(data) as raw, raw.cast("B") as view:
+            start = 0
+            if self._pending:
+                need = self._size - len(self._pending)
+                if len(view) <= need:  # no byte after the segment yet: it may be the last
+                    self._pending += view
+                    return sealed
+                self._pending += view[:need]
+                sealed.append(self._seal(self._pending, last=False))
+                self._pending.clear()
+                start = need
+            while len(view) - start > self._size:  # strictly more: this one is not last
+                sealed.append(self._seal(view[start : start + self._size], last=False))
+                start += self._size
+            self._pending += view[start:]
         return sealed
 
     def finalize(self) -> bytes:

@@ -58,6 +58,22 @@ def test_update_returns_only_whole_segments_and_holds_one_back() -> None:
     assert len(encryptor.finalize()) == 1 + TAG_SIZE
 
 
+def test_pieces_sealed_in_place_are_not_kept_by_reference() -> None:
+    """Whole segments are sealed straight from the caller's buffer, the rest copied: a
+    parser that reuses its buffer after ``update`` returns changes nothing of the stream."""
+    plaintext = os.urandom(5 * SEG + 9)
+    encryptor = StreamEncryptor(KEY, OID, SEG)
+    out = [encryptor.header]
+    buffer = bytearray(2 * SEG + 5)
+    for start in range(0, len(plaintext), len(buffer)):
+        piece = plaintext[start : start + len(buffer)]
+        buffer[: len(piece)] = piece
+        out += encryptor.update(memoryview(buffer)[: len(piece)])
+        buffer[:] = b"\xff" * len(buffer)  # reused: overwritten before the next piece
+    out.append(encryptor.finalize())
+    assert b"".join(decrypt_stream(KEY, OID, io.BytesIO(b"".join(out)))) == plaintext
+
+
 def test_finalize_once_and_no_update_after() -> None:
     encryptor = StreamEncryptor(KEY, OID, SEG)
     encryptor.finalize()
