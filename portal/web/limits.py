@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from flask import current_app, request
+from flask import request
 from limits import parse_many
 
 from portal.extensions import limiter
@@ -46,6 +46,16 @@ class SharedLimit:
         """
         if not limiter.enabled or request.method not in self.methods:
             return False
-        prefix = current_app.config.get("RATELIMIT_KEY_PREFIX") or ""
-        names = [prefix, self.key(), self.scope] if prefix else [self.key(), self.scope]
+        names = self.names(self.key())
         return any(not limiter.limiter.test(item, *names) for item in parse_many(self.value))
+
+    def names(self, key: str) -> list[str]:
+        """The names Flask-Limiter counts this limit under for ``key``: its key prefix, if
+        any, then ``key`` and the scope.
+
+        The prefix is the limiter's own, not this app's RATELIMIT_KEY_PREFIX: Flask-Limiter
+        (4.1, ``init_app``) keeps the first non-empty prefix any app of the process gave it,
+        and counts under that one.
+        """
+        prefix = getattr(limiter, "_key_prefix", "") or ""
+        return [prefix, key, self.scope] if prefix else [key, self.scope]

@@ -100,7 +100,7 @@ def use_up(app: Flask, limit: SharedLimit, email: str) -> None:
     with app.app_context():
         for item in parse_many(limit.value):
             for _ in range(item.amount):
-                limiter.limiter.hit(item, key, limit.scope)
+                limiter.limiter.hit(item, *limit.names(key))
 
 
 def post_large(world: World, case: Refused) -> tuple[Any, Any, int | None]:
@@ -149,3 +149,26 @@ def test_an_allowed_caller_still_has_the_file_staged_scanned_and_audited(
     assert not dropped
     assert [e["details"]["verdict"] for e in scan_events(world.app)] == ["clean"]
     assert response.status_code in {302, 400}  # sent, or refused as not a PDF: scanned first
+
+
+@pytest.mark.parametrize("name", ["start-rate-limited", "write-rate-limited"])
+def test_the_rate_limit_peek_counts_under_the_prefix_the_limiter_kept(
+    make_app: Any, clamd: Clamd, name: str
+) -> None:
+    """Regression: an earlier app of the process gave the limiter a key prefix, which
+    Flask-Limiter keeps for every later app; the gate looked under this app's (empty) prefix,
+    found the limit unspent where the view found it spent, or the reverse, and answered 409."""
+    from tests.support.conversations import build_world
+
+    make_app(RATELIMIT_KEY_PREFIX="pp-an-earlier-app")
+    app = make_app()
+    with app.app_context():
+        limiter.reset()
+    world = build_world(app)
+    case = CASES[name]
+    scan_with(world.app, str(clamd.socket_path))
+    response, staging, dropped = post_large(world, case)
+    assert response.status_code == 429
+    assert staging is None
+    assert dropped == 1
+    assert scan_events(world.app) == []
