@@ -7,6 +7,11 @@ them with the queue (depth, oldest due notice) into a :class:`Report`, shown
 as text by ``notifier status`` and as JSON by the health endpoint
 (notifier.health_server). Nothing here names a person: ids, counts, reasons
 and times only.
+
+On SQLite one worker sends at a time (notifier.lease.send_lock); a worker whose
+last pass found the send lock taken is a *standby*, shown as such and not as a
+fault. Its pass is recorded with ``pass_delayed`` = :data:`STANDBY` (the table
+has no column of its own for it).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from portal.models.notifications import NoticeStatus
 from portal.services import delivery
 
 FORGET_AFTER = timedelta(days=7)  # a worker silent this long is gone: its row is dropped
+STANDBY = -1  # pass_delayed of a pass that found the SQLite send lock held by another worker
 
 
 def _upsert(
@@ -75,6 +81,7 @@ class PassResult:
     delayed: int
     transport_error: TransportFault | None
     reached_relay: bool  # a connection was opened and used without a transport fault
+    standby: bool = False  # another worker held the SQLite send lock: nothing claimed
 
 
 def record_pass(
@@ -86,9 +93,11 @@ def record_pass(
         "pass_sent": result.sent,
         "pass_failed": result.failed,
         "pass_retrying": result.retrying,
-        "pass_delayed": result.delayed,
+        "pass_delayed": STANDBY if result.standby else result.delayed,
     }
-    if result.transport_error is not None:
+    if result.standby:  # it uses no relay: its last error no longer describes delivery
+        values["transport_ok_at"] = now
+    elif result.transport_error is not None:
         values.update(transport_error=result.transport_error.reason[:64], transport_error_at=now)
     elif result.reached_relay:
         values["transport_ok_at"] = now
@@ -120,6 +129,11 @@ class WorkerState:
     live: bool
     error_current: bool
 
+    @property
+    def standby(self) -> bool:
+        """True when its last pass found another worker sending (SQLite): a hot standby."""
+        return self.row.pass_delayed == STANDBY
+
     def problems(self) -> list[str]:
         """What is wrong with this worker, PHI-free, one line each (empty: healthy)."""
         name = self.row.worker_id
@@ -140,11 +154,12 @@ class WorkerState:
             "started_at": _iso(row.started_at),
             "last_beat_at": _iso(row.beat_at),
             "last_pass_at": _iso(row.pass_at),
+            "standby": self.standby,
             "last_pass": {
                 "sent": row.pass_sent,
                 "failed": row.pass_failed,
                 "retrying": row.pass_retrying,
-                "delayed": row.pass_delayed,
+                "delayed": max(row.pass_delayed, 0),
             },
             "transport_error": _transport(row, self.error_current),
         }
@@ -310,6 +325,8 @@ def _worker_line(state: WorkerState) -> str:
         if row.pass_at
         else "no pass yet"
     )
+    if state.standby:
+        last = f"standby since {_when(row.pass_at)} (another worker holds the SQLite send lock)"
     relay = "relay ok"
     if state.error_current and row.transport_error:
         relay = f"relay unusable ({row.transport_error})"

@@ -6,13 +6,25 @@ once a third of the lease has passed, checked before every send, and gives
 each send a deadline a sixth of the lease before the lease ends. So a send,
 however slow the relay, ends (cut off and retried if need be) while the rows
 are still the worker's, and only a dead or stuck worker's rows ever expire.
+
+On SQLite one worker sends at a time (:func:`send_lock`): SQLite keeps no row lock
+over a send, and the commit of a send's outcome may wait on its write lock (the
+30 s busy timeout) past the end of the lease, when another worker could claim
+the row and send it again. The other workers are hot standbys.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy.engine import URL
 
 from notifier import outbox
 
@@ -58,3 +70,44 @@ class Lease:
     def send_deadline(self) -> float:
         """The ``time.monotonic()`` by which the next send must end."""
         return self.renewed + (self.length * (1 - SEND_MARGIN)).total_seconds()
+
+
+LOCK_SUFFIX = ".notifier.lock"  # beside the SQLite database file: <db file>.notifier.lock
+
+
+def send_lock_path(url: URL) -> Path | None:
+    """The lock file of the SQLite database at ``url``; None for PostgreSQL (row locks
+    fence its sends) and for an in-memory SQLite database (one process only)."""
+    if url.get_backend_name() != "sqlite":
+        return None
+    database = url.database or ""
+    if database in ("", ":memory:") or url.query.get("mode") == "memory":
+        return None
+    path = Path(database[5:] if database.startswith("file:") else database.split("?")[0])
+    return path.with_name(path.name + LOCK_SUFFIX)
+
+
+@contextmanager
+def send_lock(url: URL) -> Iterator[bool]:
+    """Hold the database's send lock for the block, if it is free: yields True when this
+    worker may claim and send (it holds the lock, or none is needed), False when another
+    worker holds it (claim and send nothing: this worker is a standby).
+
+    An exclusive, non-blocking ``flock`` on a file opened for this block: it conflicts
+    with every other open of the file, in this process too, and the OS drops it when
+    the holder exits or is killed, so nothing stale is ever left.
+    """
+    path = send_lock_path(url)
+    if path is None:
+        yield True
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the lock

@@ -17,15 +17,13 @@ never sends the row again and never overwrites the new holder's outcome
 (it gets :class:`ClaimLost`). The ``mark_*`` functions flush only: the worker
 commits once per row, so the status change and its audit event land together.
 
-SQLite's window (not closed): its ``FOR UPDATE`` is a no-op, so :func:`may_send`
-holds no lock over the send. The send itself ends by its deadline (a sixth of
-the lease before the lease ends, notifier.lease), but the commit of its outcome
-can then wait for SQLite's write lock for up to the busy timeout (30 s,
-portal.database). If that wait outlasts the rest of the lease (20 s at the
-default 2 min), a second worker may claim the row and send it again (same
-Message-ID; its outcome stands, the first worker's is refused). One worker, or
-a lease of at least 4 min, closes it on SQLite; PostgreSQL keeps the row locked
-over the send and has no such window.
+SQLite keeps no row lock over a send (its ``FOR UPDATE`` is a no-op), and the
+commit of a send's outcome can wait for its write lock for up to the busy
+timeout (30 s, portal.database), past the end of the lease, when a second
+worker could claim the row and send it again. So on SQLite one worker sends at
+a time (notifier.lease.send_lock: an OS lock beside the database file held for
+the claim-and-send part of a pass); the others stand by. PostgreSQL keeps the
+row locked over the send and needs no such lock.
 """
 
 from __future__ import annotations

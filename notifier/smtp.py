@@ -53,8 +53,6 @@ from email.utils import getaddresses
 from types import TracebackType
 from typing import Any, Literal
 
-import dkim
-
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0  # seconds, per socket operation
@@ -293,6 +291,8 @@ def dkim_sign(msg_bytes: bytes, selector: str, domain: str, private_key_pem: byt
     canonicalisation and rsa-sha256 (the key must be RSA, 1024 bits or more;
     2048 recommended). Raises ``ValueError`` when the key or message is unusable.
     """
+    import dkim  # only with DKIM_KEY set: keeps `notifier run` start-up short
+
     try:
         signature: bytes = dkim.sign(  # dkimpy is unannotated
             msg_bytes,

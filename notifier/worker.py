@@ -40,7 +40,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from notifier import bounces, health, outbox, phi, render
-from notifier.lease import Lease
+from notifier.lease import Lease, send_lock
 from notifier.smtp import (
     DkimKey,
     PermanentDeliveryError,
@@ -49,7 +49,7 @@ from notifier.smtp import (
     TransientDeliveryError,
     TransportFault,
 )
-from portal.config import Settings, settings_of
+from portal.config import DEFAULT_RELAY_BACKOFF, Settings, settings_of
 from portal.crypto.errors import ContentDestroyed, ContentTampered, CryptoError, KeyUnavailable
 from portal.database import rowcount, utcnow
 from portal.extensions import db
@@ -61,7 +61,10 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 5.0  # pause between passes of run_forever when nothing is due
 REMINDER_BATCH = 200  # messages reminded per pass at most
-RELAY_BACKOFF = (15.0, 300.0)  # seconds before the next pass after a transport fault: first, most
+# Seconds before the next pass after a transport fault (first, most) at the default
+# PORTAL_NOTIFIER_RELAY_BACKOFF; tests shorten them below the setting's 1 s.
+RELAY_BACKOFF = (15.0, 300.0)
+RELAY_BACKOFF_GROWTH, RELAY_BACKOFF_MOST = 20, 300.0  # most wait: 20x the first, at most 5 min
 FAILED_PASS_RETRY = (0.5, 5.0)  # seconds before the next pass after a failed one: first, most
 # The database is unreachable (or gave up on the statement): no row's fault, the pass ends.
 DATABASE_DOWN = (OperationalError, InterfaceError)
@@ -90,7 +93,8 @@ class RowOutcome(StrEnum):
 
 @dataclass
 class RunStats:
-    """What one pass did; ``delayed`` rows were handed back, unsent, by ``transport_error``."""
+    """What one pass did; ``delayed`` rows were handed back, unsent, by ``transport_error``;
+    ``standby``: another worker held the SQLite send lock, so this one claimed nothing."""
 
     sent: int = 0
     failed: int = 0
@@ -98,6 +102,7 @@ class RunStats:
     skipped: int = 0
     delayed: int = 0
     transport_error: TransportFault | None = None
+    standby: bool = False
 
     @property
     def processed(self) -> int:
@@ -421,8 +426,10 @@ def drain(
     ``probe``, or when the worker's stored row shows a current transport error, it
     connects to the relay first (the last pass met a transport fault), and claims
     nothing if that fails. A transport fault ends the pass with the rows still
-    queued: it is in the result's ``transport_error``. Writes the worker's heartbeat
-    at the end. Raises OSError when DKIM_KEY cannot be read, KeyUnavailable when the
+    queued: it is in the result's ``transport_error``. On SQLite it claims and sends
+    only while holding the send lock (notifier.lease.send_lock); when another worker
+    holds it the pass claims nothing and the result is ``standby``. Writes the worker's
+    heartbeat at the end. Raises OSError when DKIM_KEY cannot be read, KeyUnavailable when the
     keyring cannot be (rows stay queued, links kept), and the database's errors.
     """
     stop = stop or threading.Event()
@@ -434,13 +441,18 @@ def drain(
         enqueue_reminders(session, clock(), settings)
         bounces.collect(session, settings, clock())  # DSNs that came back (notifier.bounces)
         probe = probe or health.error_stored(session, worker_id)  # e.g. a restart after a fix
-        with SmtpTransport(smtp_settings(settings), dkim_key=dkim_key(settings)) as transport:
+        transport = SmtpTransport(smtp_settings(settings), dkim_key=dkim_key(settings))
+        with send_lock(session.get_bind().engine.url) as sending, transport:
+            stats.standby = not sending  # SQLite: another worker is sending
             try:
-                if probe:
+                if probe and sending:
                     transport.open()
                     with job(session):  # staff pages and /health stop saying "delayed" now
                         health.relay_ok(session, worker_id, clock(), settings.notifier_lease)
-                _claim_and_send(session, transport, settings, worker_id, clock, batch, stats, stop)
+                if sending:
+                    _claim_and_send(
+                        session, transport, settings, worker_id, clock, batch, stats, stop
+                    )
             except TransportFault as fault:
                 stats.transport_error = fault
             reached = transport.connections_opened > 0
@@ -478,7 +490,13 @@ def _record_pass(
     reached: bool,
 ) -> None:
     result = health.PassResult(
-        stats.sent, stats.failed, stats.retrying, stats.delayed, stats.transport_error, reached
+        stats.sent,
+        stats.failed,
+        stats.retrying,
+        stats.delayed,
+        stats.transport_error,
+        reached,
+        stats.standby,
     )
     with job(session):
         health.record_pass(session, worker_id, now, settings.notifier_lease, result)
@@ -524,6 +542,15 @@ class TransportAlarm:
         self.reason = fault.reason
 
 
+def relay_backoff(settings: Settings) -> tuple[float, float]:
+    """The first and the longest wait after a transport fault (PORTAL_NOTIFIER_RELAY_BACKOFF
+    first, doubling to 20 times that, at most 5 min)."""
+    first = settings.notifier_relay_backoff
+    if first == DEFAULT_RELAY_BACKOFF:
+        return RELAY_BACKOFF
+    return float(first), min(float(first * RELAY_BACKOFF_GROWTH), RELAY_BACKOFF_MOST)
+
+
 class _Backoff:
     """Waits that double from ``first`` to ``most``, and start again after a reset."""
 
@@ -543,12 +570,15 @@ class _Backoff:
 class _Pace:
     """How long run_forever waits after each pass, and the one log line per failure streak."""
 
-    def __init__(self, poll_seconds: float) -> None:
+    def __init__(
+        self, poll_seconds: float, relay_backoff: tuple[float, float] | None = None
+    ) -> None:
         self.poll_seconds = poll_seconds
         self.alarm = TransportAlarm()
-        self.relay = _Backoff(*RELAY_BACKOFF)
+        self.relay = _Backoff(*(relay_backoff or RELAY_BACKOFF))
         self.failing = _Backoff(*FAILED_PASS_RETRY)
         self.failure: str | None = None
+        self.standing_by = False
 
     def passed(self, stats: RunStats) -> float:
         """A pass ended: return the wait before the next (a backoff after a transport fault)."""
@@ -556,6 +586,14 @@ class _Pace:
             log.info("notifier pass succeeded again after %s", self.failure)
         self.failure = None
         self.failing.reset()
+        if stats.standby != self.standing_by:
+            if stats.standby:
+                log.info("another notifier holds the SQLite send lock; standing by")
+            else:
+                log.info("notifier took over sending (the SQLite send lock was free)")
+            self.standing_by = stats.standby
+        if stats.standby:  # poll for the lock; a relay fault seen before is probed on taking over
+            return self.poll_seconds
         self.alarm.update(stats.transport_error, stats.delayed)
         if stats.transport_error is None:
             self.relay.reset()
@@ -586,15 +624,15 @@ def run_forever(
 ) -> None:
     """Drain, wait, repeat; return after SIGTERM or SIGINT (or ``stop``).
 
-    Waits ``poll_seconds`` after a pass, 15 s doubling to 5 min after a transport
-    fault (probing the relay first the next time), and 0.5 s doubling to 5 s after
-    a failed pass (the database down), writing the heartbeat at least every
-    HEARTBEAT_SECONDS. On a signal the row being sent is finished and the rest of the
-    batch handed back to the queue.
+    Waits ``poll_seconds`` after a pass, PORTAL_NOTIFIER_RELAY_BACKOFF (15 s) doubling
+    to 20 times that (at most 5 min) after a transport fault (probing the relay first
+    the next time), and 0.5 s doubling to 5 s after a failed pass (the database down),
+    writing the heartbeat at least every HEARTBEAT_SECONDS. On a signal the row being
+    sent is finished and the rest of the batch handed back to the queue.
     """
     stop = stop or threading.Event()
     restore = _install_signals(stop)
-    pace = _Pace(poll_seconds)
+    pace = _Pace(poll_seconds, relay_backoff(settings_of(app)))
     log.info("notifier worker started")
     _beat(app, worker_id, register=True)
     try:

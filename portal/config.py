@@ -31,6 +31,8 @@ SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 MIB = 1024 * 1024
 MAX_PROXY_HOPS = 10
 DEFAULT_LEASE, MIN_LEASE, MAX_LEASE = 120, 2, 3600  # seconds a notifier worker holds a claim
+DEFAULT_RELAY_BACKOFF, MAX_RELAY_BACKOFF = 15, 300  # seconds: the notifier's first wait after
+# a transport fault (it doubles, to at most 20 times this and never over 5 min)
 # Serving (portal serve; README "Serving: workers, threads and download slots"): threads per
 # worker, of which some may stream downloads; the others are kept for pages and health checks.
 MAX_WEB_WORKERS = 64
@@ -214,6 +216,13 @@ def _lease(name: str, raw: str) -> int:
     return seconds
 
 
+def _relay_backoff(name: str, raw: str) -> int:
+    seconds = parse_duration(name, raw)
+    if not 1 <= seconds <= MAX_RELAY_BACKOFF:
+        raise ConfigError(f"{name}: expected a duration from 1s to 5m, such as 15s")
+    return seconds
+
+
 def parse_worker_id(name: str, raw: str) -> str:
     """Return ``raw``, a notifier worker's name in ``claimed_by``: 1 to 64 printable ASCII
     characters, no spaces. Raises ConfigError naming ``name`` otherwise."""
@@ -284,6 +293,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PORTAL_SCAN_UPLOADS", "SCAN_UPLOADS", _scan_mode, None),  # see _settle_scanning
     Setting("PORTAL_REMINDER_AFTER", "REMINDER_AFTER", parse_duration, 3 * 86400),
     Setting("PORTAL_NOTIFIER_LEASE", "NOTIFIER_LEASE", _lease, DEFAULT_LEASE),
+    Setting(
+        "PORTAL_NOTIFIER_RELAY_BACKOFF",
+        "NOTIFIER_RELAY_BACKOFF",
+        _relay_backoff,
+        DEFAULT_RELAY_BACKOFF,
+    ),
     Setting("PORTAL_NOTIFIER_WORKER_ID", "NOTIFIER_WORKER_ID", parse_worker_id, None),
     Setting("PORTAL_SESSION_IDLE", "SESSION_IDLE", parse_duration, 15 * 60),
     Setting("PORTAL_SESSION_LIFETIME", "SESSION_LIFETIME", parse_duration, 12 * 3600),
@@ -367,6 +382,7 @@ class Settings:
     scan_uploads: ScanMode
     reminder_after: int
     notifier_lease: int
+    notifier_relay_backoff: int  # seconds: first wait after a transport fault
     notifier_worker_id: str | None
     totp_drift: int
     keyring_path: str

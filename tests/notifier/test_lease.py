@@ -22,7 +22,7 @@ from sqlalchemy.exc import OperationalError
 
 from notifier import worker
 from notifier.sink import MailSink
-from notifier.smtp import SmtpTransport, make_message_id
+from notifier.smtp import RelayUnavailable, SmtpTransport, make_message_id
 from portal.config import ConfigError, Settings, load
 from portal.extensions import db
 from portal.models import Notification
@@ -37,12 +37,30 @@ def test_the_lease_is_a_setting(instance: Path) -> None:
     assert (loaded["NOTIFIER_WORKER_ID"], loaded["NOTIFIER_LEASE"]) == ("mail-1", 120)
 
 
+def test_the_wait_after_a_relay_fault_is_a_setting(instance: Path) -> None:
+    here = {"PORTAL_INSTANCE_DIR": str(instance)}
+    default = Settings.from_config(load(here))
+    assert default.notifier_relay_backoff == 15
+    assert worker.relay_backoff(default) == (15.0, 300.0)
+    quick = Settings.from_config(load({**here, "PORTAL_NOTIFIER_RELAY_BACKOFF": "2s"}))
+    assert worker.relay_backoff(quick) == (2.0, 40.0)  # doubling to 20 times the first
+    slow = Settings.from_config(load({**here, "PORTAL_NOTIFIER_RELAY_BACKOFF": "1m"}))
+    assert worker.relay_backoff(slow) == (60.0, 300.0)  # never over 5 min
+    pace = worker._Pace(worker.POLL_SECONDS, worker.relay_backoff(quick))
+    fault = RelayUnavailable("connect-failed")
+    waits = [pace.passed(worker.RunStats(transport_error=fault)) for _ in range(7)]
+    assert waits == [2.0, 4.0, 8.0, 16.0, 32.0, 40.0, 40.0]
+
+
 @pytest.mark.parametrize(
     ("name", "raw"),
     [
         ("PORTAL_NOTIFIER_LEASE", "1s"),
         ("PORTAL_NOTIFIER_LEASE", "2h"),
         ("PORTAL_NOTIFIER_LEASE", "soon"),
+        ("PORTAL_NOTIFIER_RELAY_BACKOFF", "0s"),
+        ("PORTAL_NOTIFIER_RELAY_BACKOFF", "6m"),
+        ("PORTAL_NOTIFIER_RELAY_BACKOFF", "later"),
         ("PORTAL_NOTIFIER_WORKER_ID", "two words"),
         ("PORTAL_NOTIFIER_WORKER_ID", "x" * 65),
         ("PORTAL_NOTIFIER_WORKER_ID", "ümlaut"),

@@ -6,6 +6,8 @@ import base64
 import email.policy
 import logging
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from email.message import EmailMessage
@@ -681,3 +683,13 @@ def test_a_tls_error_after_the_handshake_is_a_lost_connection_not_a_tls_setting(
 
     assert isinstance(caught.value, RelayUnavailable)  # before: permanent "tls-failed"
     assert caught.value.reason == "connection-lost"
+
+
+def test_the_transport_does_not_import_dkim_until_it_signs() -> None:
+    # dkimpy (and what it pulls in) is start-up time for every `notifier run`; only a
+    # worker with PORTAL_DKIM_KEY set needs it, when it signs its first notice.
+    code = "import sys, notifier.smtp, notifier.worker; print('dkim' in sys.modules)"
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert found.stdout.strip() == "False"

@@ -20,10 +20,12 @@ from datetime import datetime, timedelta
 from flask import Flask
 from sqlalchemy import select
 
+from notifier import lease
 from notifier.sink import MailSink
 from notifier.smtp import make_message_id
 from portal.extensions import db
 from portal.models import Notification
+from tests.notifier.test_send_lock import lock_is_free
 from tests.notifier.test_worker import DOMAIN, PATIENT_EMAIL, _delivered_ids, app_for, seed
 from tests.support.notifier_process import WorkerProcess, notifier_env, wait_for
 
@@ -45,7 +47,11 @@ def _killed_mid_batch(
     """Run worker "A" until it has sent a few, SIGKILL it; return its held rows' claims."""
     first = start(env, "--worker-id", "A")
     wait_for(lambda: sink.handler.stored >= 3)
+    with app.app_context():
+        lock = lease.send_lock_path(db.engine.url)  # SQLite: one worker sends at a time
+    assert lock is None or not lock_is_free(lock)  # held by A for its pass
     first.kill()
+    assert lock is None or lock_is_free(lock)  # the OS dropped it with A: nothing stale
     held = {r.id: r.claimed_at for r in _rows(app) if r.status == "sending" and r.claimed_at}
     assert held, "the kill should leave rows claimed"
     assert all(r.claimed_by == "A" for r in _rows(app) if r.status == "sending")

@@ -1,0 +1,174 @@
+"""On SQLite one worker sends at a time (notifier.lease.send_lock); the others stand by.
+
+SQLite keeps no row lock over a send, and a send's outcome may wait on its write
+lock past the lease, when another worker could send the row again. So a worker
+holds an exclusive ``flock`` beside the database file for the claim-and-send part
+of each pass; a second worker finds it held, claims nothing and reports itself a
+standby (not a fault). PostgreSQL fences sends with row locks: no lock file, every
+worker sends.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from sqlalchemy.engine import make_url
+
+from notifier import health, lease, worker
+from notifier.sink import MailSink
+from portal.extensions import db
+from tests.notifier.test_worker import app_for, fixed, seed
+
+
+@pytest.fixture
+def t0() -> datetime:
+    """The moment the worker runs at: just after the test seeded its rows."""
+    return datetime.now(UTC) + timedelta(seconds=30)
+
+
+def _lock_path(app: Flask) -> Path | None:
+    with app.app_context():
+        return lease.send_lock_path(db.engine.url)
+
+
+@contextmanager
+def _held_elsewhere(app: Flask) -> Iterator[None]:
+    """Hold the send lock as another worker would, on a file description of our own."""
+    with app.app_context():
+        url = db.engine.url
+    with lease.send_lock(url) as got:
+        assert got
+        yield
+
+
+def lock_is_free(path: Path) -> bool:
+    """Whether nobody holds the send lock at ``path`` (tried without blocking)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def test_the_lock_file_sits_beside_a_sqlite_database_only(
+    make_app: Callable[..., Flask], sink: MailSink, backend: str
+) -> None:
+    app = app_for(make_app, sink.port, sink.cert_file)
+    path = _lock_path(app)
+    with app.app_context():
+        database = db.engine.url.database
+    if backend == "sqlite":
+        assert database is not None
+        assert path == Path(database + ".notifier.lock")
+    else:
+        assert path is None  # row locks fence PostgreSQL's sends
+    assert lease.send_lock_path(make_url("sqlite://")) is None
+    assert lease.send_lock_path(make_url("sqlite:///:memory:")) is None
+
+
+def test_a_second_worker_sends_nothing_and_stands_by_while_the_lock_is_held(
+    make_app: Callable[..., Flask], sink: MailSink, backend: str, t0: datetime
+) -> None:
+    app = app_for(make_app, sink.port, sink.cert_file)
+    seed(app, notices_count=3)
+
+    with _held_elsewhere(app):
+        stats = worker.drain(app, "B", clock=fixed(t0))
+        found = health.read(app, t0)
+
+    if backend == "sqlite":
+        assert (stats.processed, stats.standby, sink.handler.stored) == (0, True, 0)
+        [state] = found.workers
+        assert state.standby
+        assert found.problems() == []  # a standby is not a fault
+        assert found.as_dict()["workers"][0]["standby"] is True
+        assert found.as_dict()["workers"][0]["last_pass"]["delayed"] == 0
+        assert "standby since" in health.render_text(found)
+        assert found.queue is not None
+        assert found.queue.due == 3  # nothing claimed
+        again = worker.drain(app, "B", clock=fixed(t0))  # the lock is free now: B sends
+        assert (again.sent, again.standby) == (3, False)
+        assert not health.read(app, t0).workers[0].standby
+    else:  # no send lock on PostgreSQL: every worker sends
+        assert (stats.sent, stats.standby) == (3, False)
+    assert sink.handler.stored == 3
+
+
+def test_the_lock_is_released_after_the_pass(
+    make_app: Callable[..., Flask], sink: MailSink, backend: str, t0: datetime
+) -> None:
+    app = app_for(make_app, sink.port, sink.cert_file)
+    seed(app, notices_count=2)
+    path = _lock_path(app)
+    held_during_send: list[bool] = []
+    real_send = worker.SmtpTransport.send
+
+    def send(self: worker.SmtpTransport, msg: object) -> str:
+        if path is not None:
+            held_during_send.append(not lock_is_free(path))
+        return real_send(self, msg)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(worker.SmtpTransport, "send", send)
+        assert worker.drain(app, "A", clock=fixed(t0)).sent == 2
+
+    if backend == "sqlite":
+        assert path is not None
+        assert held_during_send == [True, True]
+        assert lock_is_free(path)
+    else:
+        assert (path, held_during_send) == (None, [])
+    after = worker.drain(app, "B", clock=fixed(t0))
+    assert (after.processed, after.standby) == (0, False)  # B got the lock: nothing left held
+
+
+def test_run_forever_logs_standing_by_once_and_is_healthy(
+    make_app: Callable[..., Flask],
+    sink: MailSink,
+    backend: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = app_for(make_app, sink.port, sink.cert_file)
+    seed(app, notices_count=1)
+    stop = threading.Event()
+    passes = 0
+    real_drain = worker.drain
+
+    def counted(*args: object, **kwargs: object) -> worker.RunStats:
+        nonlocal passes
+        found = real_drain(*args, **kwargs)  # type: ignore[arg-type]
+        passes += 1
+        if passes == 3:
+            stop.set()
+        return found
+
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        caplog.at_level(logging.INFO, logger="notifier.worker"),
+        _held_elsewhere(app),
+    ):
+        patch.setattr(worker, "drain", counted)
+        thread = threading.Thread(target=worker.run_forever, args=(app, "S", 0.01, stop))
+        thread.start()
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+
+    standing = [r for r in caplog.records if "standing by" in r.getMessage()]
+    if backend == "sqlite":
+        assert [r.levelname for r in standing] == ["INFO"]  # once, for three passes
+        assert sink.handler.stored == 0
+    else:
+        assert (standing, sink.handler.stored) == ([], 1)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
