@@ -35,7 +35,7 @@ from portal.models.notifications import NoticeStatus
 from portal.services import delivery
 
 FORGET_AFTER = timedelta(days=7)  # a worker silent this long is gone: its row is dropped
-STANDBY = -1  # pass_delayed of a pass that found the SQLite send lock held by another worker
+STANDBY = delivery.STANDBY  # pass_delayed of a pass that found the send lock held elsewhere
 
 
 def _upsert(
@@ -95,11 +95,11 @@ def record_pass(
         "pass_retrying": result.retrying,
         "pass_delayed": STANDBY if result.standby else result.delayed,
     }
-    if result.standby:  # it uses no relay: its last error no longer describes delivery
-        values["transport_ok_at"] = now
-    elif result.transport_error is not None:
+    # A standby used no relay: what its row says of the relay stays as it was (and is not
+    # read while it stands by: portal.services.delivery.error_current).
+    if result.transport_error is not None and not result.standby:
         values.update(transport_error=result.transport_error.reason[:64], transport_error_at=now)
-    elif result.reached_relay:
+    elif result.reached_relay and not result.standby:
         values["transport_ok_at"] = now
     _upsert(session, worker_id, now, lease_seconds, values)
 
@@ -132,7 +132,7 @@ class WorkerState:
     @property
     def standby(self) -> bool:
         """True when its last pass found another worker sending (SQLite): a hot standby."""
-        return self.row.pass_delayed == STANDBY
+        return delivery.is_standby(self.row)
 
     def problems(self) -> list[str]:
         """What is wrong with this worker, PHI-free, one line each (empty: healthy)."""
@@ -190,6 +190,12 @@ class QueueState:
         }
 
 
+NOBODY_SENDING = (
+    "no worker is sending: every live worker stands by while notices wait, so the SQLite"
+    " send lock is held by a process that does not send (stopped or hung?); see notifier"
+    " status and the holder of <database file>.notifier.lock"
+)
+
 DATABASE_PROBLEMS = {
     "unreachable": "database unreachable",
     "unusable": "database unusable (is its schema up to date? run portal db upgrade)",
@@ -210,7 +216,8 @@ class Report:
         """What is wrong (empty: healthy): of every worker, or of ``worker_id`` only.
 
         Unhealthy: the database is unreachable, no worker is live (or ``worker_id``
-        is not), or a live worker's last transport error is current.
+        is not), a live worker's last transport error is current, or every live worker
+        stands by while notices wait (:data:`NOBODY_SENDING`).
         """
         if self.database != "ok":
             return [DATABASE_PROBLEMS.get(self.database, f"database {self.database}")]
@@ -222,7 +229,11 @@ class Report:
         live = [w for w in self.workers if w.live]
         if not live:
             return ["no notifier worker is running (no recent heartbeat)"]
-        return [problem for w in live for problem in w.problems()]
+        found = [problem for w in live for problem in w.problems()]
+        oldest = self.queue.oldest_due_at if self.queue is not None else None
+        if delivery.nobody_sending([w.row for w in self.workers], oldest, self.checked_at):
+            found.append(NOBODY_SENDING)
+        return found
 
     def last_transport_error(self) -> dict[str, Any] | None:
         """The most recent transport error any worker saw (current or not), or None."""

@@ -15,8 +15,10 @@ the row and send it again. The other workers are hot standbys.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,7 +86,12 @@ def send_lock_path(url: URL) -> Path | None:
     if database in ("", ":memory:") or url.query.get("mode") == "memory":
         return None
     path = Path(database[5:] if database.startswith("file:") else database.split("?")[0])
+    path = Path(os.path.realpath(path))  # two spellings of one database share one lock
     return path.with_name(path.name + LOCK_SUFFIX)
+
+
+class UnsafeLockFile(PermissionError):
+    """The send lock's path is a symbolic link, not a regular file, or another user's."""
 
 
 @contextmanager
@@ -95,19 +102,36 @@ def send_lock(url: URL) -> Iterator[bool]:
 
     An exclusive, non-blocking ``flock`` on a file opened for this block: it conflicts
     with every other open of the file, in this process too, and the OS drops it when
-    the holder exits or is killed, so nothing stale is ever left.
+    the holder exits or is killed, so nothing stale is ever left. The file must be a
+    regular file of this user, opened without following a link: one planted by another
+    user could otherwise be held to keep every worker standing by. Raises UnsafeLockFile
+    otherwise, and OSError when the file cannot be opened or created.
+
+    Local file systems only: on NFS mounted with ``nolock`` (or ``local_lock``), flock
+    is host-local and two hosts could send at once, but SQLite itself must not be used
+    over NFS either: run the notifier on the database's host.
     """
     path = send_lock_path(url)
     if path is None:
         yield True
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as err:
+        if err.errno != errno.ELOOP:
+            raise
+        raise UnsafeLockFile(f"the notifier send lock {path} is a symbolic link") from None
+    try:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode) or found.st_uid != os.geteuid():
+            raise UnsafeLockFile(
+                f"the notifier send lock {path} is not a regular file owned by this user"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
         except BlockingIOError:
-            yield False
-            return
-        yield True
+            held = False
+        yield held  # outside the handler: an error of the block is not chained to it
     finally:
         os.close(fd)  # releases the lock

@@ -93,7 +93,13 @@ def make_app(
         made.append(app)
         return app
 
+    # Flask-Limiter keeps the first key prefix any app gave it (init_app): put back the
+    # process's, so a test's RATELIMIT_KEY_PREFIX does not outlive the test.
+    from portal.extensions import limiter
+
+    prefix = limiter._key_prefix
     yield factory
+    limiter._key_prefix = prefix
     for app in made:
         app.extensions["engine"].dispose()
 
@@ -145,13 +151,17 @@ def clamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clamd]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked postgres_only run on PostgreSQL only (deselected on SQLite, not skipped)."""
+    """Tests marked postgres_only run on PostgreSQL only, and sqlite_only on SQLite only
+    (deselected on the other database, not skipped)."""
+    other = {"postgres_only": "sqlite", "sqlite_only": "postgresql"}
     dropped = [
         item
         for item in items
-        if item.get_closest_marker("postgres_only")
-        and getattr(item, "callspec", None) is not None
-        and item.callspec.params.get("template") == "sqlite"
+        if getattr(item, "callspec", None) is not None
+        and any(
+            item.get_closest_marker(marker) and item.callspec.params.get("template") == backend
+            for marker, backend in other.items()
+        )
     ]
     if dropped:
         config.hook.pytest_deselected(items=dropped)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,11 +22,14 @@ from pathlib import Path
 
 import pytest
 from flask import Flask
+from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from notifier import health, lease, worker
 from notifier.sink import MailSink
 from portal.extensions import db
+from portal.models import NotifierWorker
+from portal.services import delivery
 from tests.notifier.test_worker import app_for, fixed, seed
 
 
@@ -172,3 +176,99 @@ def test_run_forever_logs_standing_by_once_and_is_healthy(
     else:
         assert (standing, sink.handler.stored) == ([], 1)
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on: the relay is down."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.sqlite_only
+def test_a_standby_pass_does_not_clear_a_relay_fault_it_never_saw_fixed(
+    make_app: Callable[..., Flask], sink: MailSink, t0: datetime
+) -> None:
+    """Regression (issue 12 review): a pass as a standby wrote "relay ok", so the staff
+    pages and the health endpoint turned green while the relay was still down."""
+    app = app_for(make_app, _closed_port(), sink.cert_file)
+    seed(app, notices_count=1)
+    assert worker.drain(app, "A", clock=fixed(t0)).transport_error is not None
+    with app.app_context():
+        assert delivery.delayed(db.session, t0)
+
+    later = t0 + timedelta(seconds=20)
+    with _held_elsewhere(app):
+        assert worker.drain(app, "A", clock=fixed(later)).standby
+        assert worker.drain(app, "B", clock=fixed(later)).standby
+    with app.app_context():
+        [row] = [w for w in db.session.scalars(select(NotifierWorker)) if w.worker_id == "A"]
+        assert row.transport_ok_at is None  # the standby pass recorded no use of the relay
+    # The standbys' own errors are not theirs to report; nobody sends yet, but the notice
+    # has waited only seconds: not yet a fault of its own.
+    assert health.read(app, later).problems() == []
+
+    third = worker.drain(app, "A", clock=fixed(later))  # A sends again: the relay is down
+    assert third.transport_error is not None
+    with app.app_context():
+        assert delivery.delayed(db.session, later)
+    assert health.read(app, later).problems() != []
+
+
+@pytest.mark.sqlite_only
+def test_live_standbys_while_notices_wait_past_patience_are_a_fault(
+    make_app: Callable[..., Flask], sink: MailSink, t0: datetime
+) -> None:
+    """Regression (issue 12 review): a holder of the send lock that does not send (stopped,
+    hung, not a notifier at all) left every worker standing by with health green."""
+    app = app_for(make_app, sink.port, sink.cert_file)
+    seed(app, notices_count=2)
+    with _held_elsewhere(app):
+        worker.drain(app, "B", clock=fixed(t0))
+        assert health.read(app, t0).problems() == []  # due for seconds: patience
+        with app.app_context():
+            assert not delivery.delayed(db.session, t0)
+
+        late = t0 + timedelta(minutes=5)  # past 2 x the 2 min lease
+        worker.drain(app, "B", clock=fixed(late))
+        found = health.read(app, late)
+        assert found.queue is not None
+        assert found.queue.due == 2
+        assert found.problems() == [health.NOBODY_SENDING]
+        assert found.as_dict()["healthy"] is False
+        with app.app_context():
+            assert delivery.delayed(db.session, late)  # staff pages say "delivery delayed"
+    assert sink.handler.stored == 0
+
+
+@pytest.mark.sqlite_only
+def test_two_spellings_of_one_database_share_one_send_lock(tmp_path: Path) -> None:
+    """Regression (issue 12 review): a database reached through a symbolic link had a lock
+    file of its own, so two workers could send at once."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    direct = make_url(f"sqlite:///{real / 'portal.db'}")
+    linked = make_url(f"sqlite:///{tmp_path / 'link' / 'portal.db'}")
+    assert lease.send_lock_path(direct) == lease.send_lock_path(linked)
+    with lease.send_lock(direct) as first, lease.send_lock(linked) as second:
+        assert (first, second) == (True, False)
+
+
+@pytest.mark.sqlite_only
+def test_a_lock_file_that_is_a_symbolic_link_is_refused(tmp_path: Path) -> None:
+    """Regression (issue 12 review): whoever could plant the lock file could hold it and
+    keep every worker standing by; a link is refused, the file it points at untouched."""
+    url = make_url(f"sqlite:///{tmp_path / 'portal.db'}")
+    path = lease.send_lock_path(url)
+    assert path is not None
+    target = tmp_path / "elsewhere"
+    target.write_text("x")
+    path.symlink_to(target)
+    with pytest.raises(lease.UnsafeLockFile, match="symbolic link"), lease.send_lock(url):
+        pass
+    assert target.read_text() == "x"
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(lease.UnsafeLockFile, match="not a regular file"), lease.send_lock(url):
+        pass
