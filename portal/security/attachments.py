@@ -9,6 +9,7 @@ PDF back through the upload's seekable ``open_plaintext`` view.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
@@ -58,7 +59,7 @@ class Inspected:
     inspected without ``open_plaintext``: its magic, first KiB and %%EOF were
     checked as it streamed, but pypdf needs random access, so the caller must run
     :func:`check_pdf` on a seekable view of it before accepting it. ``display`` is
-    the re-encoded image (None for PDFs).
+    the re-encoded image (None for PDFs, and once it is stored: :meth:`without_replacement`).
     """
 
     kind: Kind
@@ -74,6 +75,10 @@ class Inspected:
         if self.display is None:
             return None
         return Replacement(self.display.data, self.display.media_type)
+
+    def without_replacement(self) -> Inspected:
+        """This finding without the re-encoded image's bytes (plaintext), once they are stored."""
+        return dataclasses.replace(self, display=None)
 
 
 def validate(
@@ -125,7 +130,9 @@ class ContentInspector:
         self._max_image_bytes = max_image_bytes
         self._pdf_buffer_bytes = pdf_buffer_bytes
         self._kind: Kind | None = None
-        self._held: bytearray | None = bytearray()  # the file so far, while it is kept whole
+        # The file so far, while it is kept whole. A BytesIO rather than a bytearray: its
+        # getvalue() hands its buffer over uncopied, so an image is held once, not twice.
+        self._held: io.BytesIO | None = io.BytesIO()
         self._tail = b""
         self._size = 0
 
@@ -133,9 +140,9 @@ class ContentInspector:
         """Take the next ``chunk``; raises ContentRejected as soon as the file is refused."""
         self._size += len(chunk)
         if self._held is not None:
-            self._held += chunk
+            self._held.write(chunk)
         self._tail = (self._tail + chunk[-TAIL_BYTES:])[-TAIL_BYTES:]
-        if self._kind is None and self._held is not None and len(self._held) >= HEAD_BYTES:
+        if self._kind is None and self._held is not None and self._size >= HEAD_BYTES:
             self._kind = self._classify()
         if self._kind is not None:
             self._check_size(self._kind)
@@ -144,11 +151,11 @@ class ContentInspector:
         """Check the whole file and return what it is; raises ContentRejected."""
         kind = self._kind or self._classify()
         media_type = MEDIA_TYPES[kind]
-        held = self._held
+        held = self._held.getvalue() if self._held is not None else None  # not a copy
         self.close()
         if kind is not Kind.PDF:
             assert held is not None  # images are always held whole
-            display = reencode_for_display(bytes(held), kind)
+            display = reencode_for_display(held, kind)
             return Inspected(kind, media_type, self._size, True, display=display)
         if held is not None:
             return Inspected(kind, media_type, self._size, True, check_pdf(io.BytesIO(held)))
@@ -164,7 +171,7 @@ class ContentInspector:
         self._held = None
 
     def _classify(self) -> Kind:
-        head = bytes(self._held[:HEAD_BYTES]) if self._held is not None else b""
+        head = self._held.getvalue()[:HEAD_BYTES] if self._held is not None else b""
         return classify(head, declared=self._declared, allowed=self._allowed)
 
     def _check_size(self, kind: Kind) -> None:

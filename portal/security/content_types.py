@@ -206,6 +206,13 @@ def is_image(media_type: str | None) -> bool:
     return media_type in _STORED_SUFFIXES
 
 
+def inline_name(media_type: str | None) -> str:
+    """The file name a photo is shown inline under (``photo.jpg``): not the uploader's,
+    which may name the patient or the condition, and is not needed to show pixels."""
+    suffixes = _STORED_SUFFIXES.get(media_type or "")
+    return "photo" + (suffixes[0] if suffixes else "")
+
+
 def stored_name(filename: str, media_type: str | None) -> str:
     """Return ``filename`` with the extension of what is stored (``rash.heic`` stored as a
     JPEG is served as ``rash.jpg``); unchanged when it already fits or for a PDF."""

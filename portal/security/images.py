@@ -1,25 +1,33 @@
 """Images (JPEG, PNG, HEIC) decoded whole within limits, and re-encoded for inline display.
 
 :func:`check_image` decodes every pixel with Pillow (pillow-heif for HEIC): a
-damaged or truncated file fails, and one with more than MAX_PIXELS is refused
-from its header, before any decoding (a decompression bomb). Images are decoded
-in memory, so they are also capped in bytes (MAX_IMAGE_BYTES).
+damaged or truncated file fails, and one with more than MAX_PIXELS, or whose
+decoding would take more than DECODE_BUDGET bytes, is refused from its header,
+before any decoding (a decompression bomb). A JPEG is decoded at a reduced scale
+(libjpeg's DCT scaling, ``Image.draft``) no smaller than what is shown, every
+byte of it still read, and one of more than MAX_JPEG_SCANS scans is refused.
+Images are decoded in memory, so they are also capped in bytes (MAX_IMAGE_BYTES),
+and at most DECODE_SLOTS of them at a time in a process.
 
-:func:`reencode_for_display` keeps only the pixels (turned upright) and the
-colour profile: EXIF (GPS location included), XMP, comments and anything
-appended are gone, and HEIC becomes JPEG (OWASP File Upload Cheat Sheet: "image
-rewriting").
+:func:`reencode_for_display` keeps only the pixels: turned upright, converted to
+sRGB by their ICC colour profile (the profile itself is not kept: its bytes are
+the uploader's), shrunk to at most DISPLAY_MAX_SIDE pixels on the long side.
+EXIF (GPS location included), XMP, comments, the profile and anything appended
+are gone, and HEIC becomes JPEG (OWASP File Upload Cheat Sheet: "image rewriting").
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
-from collections.abc import Callable
+import re
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pillow_heif
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageCms, ImageFile, ImageOps
 
 from portal.security.content_types import (
     IMAGES,
@@ -30,19 +38,43 @@ from portal.security.content_types import (
     damaged,
 )
 
-MAX_PIXELS = 50_000_000  # a 48-megapixel phone photo fits; decoding one takes ~150 MB
+# A 24-megapixel phone photo (5712 x 4284) fits; under the old 50 MP a 7070 x 7070 PNG
+# took ~450 MB to decode (issue 14 item 4).
+MAX_PIXELS = 25_000_000
+# A JPEG is decoded at a reduced scale (libjpeg's DCT scaling, no smaller than what is
+# shown), so a 50 MP phone photo decodes to about 12 MP: its header may say more, and what
+# is decoded is held to MAX_PIXELS and the budget below like any other image.
+MAX_JPEG_PIXELS = 64_000_000
+# What one decode may hold, estimated from the header (_decode_bytes): a 25 MP HEIC in RGB
+# (libheif's buffer, then Pillow's copy) fits, as does a 25 MP RGBA PNG. Measured re-encoding
+# a 5712 x 4284 photo (peak RSS growth, 2026-12-03): HEIC 177 MB, PNG 140 MB, progressive
+# JPEG 94 MB, baseline JPEG 53 MB (decoded at half scale).
+DECODE_BUDGET = 208 * MIB
+# Images decoded (and re-encoded) at once in a process, whatever the number of requests,
+# threads or files per request (up to 20): the others wait their turn (a 24 MP HEIC or PNG
+# takes about 3 s, a JPEG 0.5 s). So a worker holds at most about DECODE_SLOTS x
+# DECODE_BUDGET of decoded pixels; two keep both cores of the reference host busy. A
+# constant, not a setting: the budget above is what to tune.
+DECODE_SLOTS = 2
+DISPLAY_MAX_SIDE = 2048  # pixels on the long side of what is stored and shown
+MAX_JPEG_SCANS = 100  # SOS markers: a normal progressive JPEG has about 10; each costs a pass
 MAX_IMAGE_BYTES = 50 * MIB  # images are held in memory to decode
 JPEG_QUALITY = 85
 _PIL_FORMATS = {Kind.JPEG: "JPEG", Kind.PNG: "PNG", Kind.HEIC: "HEIF"}
-# Colour spaces whose ICC profile still fits after converting to the display mode.
-_FAMILIES = {"1": "gray", "L": "gray", "LA": "gray", "RGB": "rgb", "RGBA": "rgb", "P": "rgb"}
+_DECODING = threading.BoundedSemaphore(DECODE_SLOTS)
+# In entropy-coded data a 0xFF byte is followed by 0x00 (stuffing) or a restart marker.
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+# The modes an ICC profile is applied to, by the profile's colour space, and what they become.
+_TO_SRGB = {("RGB", "RGB "): "RGB", ("RGBA", "RGB "): "RGBA", ("CMYK", "CMYK"): "RGB"}
 
 
 # Pillow's TIFF/EXIF debug records quote every tag, GPS position included: never log them.
 logging.getLogger("PIL").setLevel(logging.INFO)
 
 # Thumbnails, depth maps and auxiliary images inside a HEIC are never decoded: only the
-# primary image is shown, and each extra image would cost memory.
+# primary image is shown, and each extra image would cost memory. libheif's own security
+# limits (image size, tiles, memory) stay on: see _keep_heif_limits.
 pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
 
 
@@ -57,7 +89,7 @@ class ImageInfo:
 
 @dataclass(frozen=True)
 class DisplayImage:
-    """An image re-encoded for inline display: new bytes with no metadata but the ICC profile."""
+    """An image re-encoded for inline display: new bytes (sRGB pixels) with no metadata."""
 
     data: bytes
     media_type: str
@@ -69,68 +101,176 @@ def check_image(data: bytes, kind: Kind) -> ImageInfo:
     """Return the size of the ``kind`` image in ``data``, after decoding every pixel.
 
     Raises ContentRejected when it is not that format, is damaged or truncated,
-    or is larger than MAX_IMAGE_BYTES or MAX_PIXELS (a decompression bomb).
+    or is larger than MAX_IMAGE_BYTES, MAX_PIXELS or DECODE_BUDGET (a decompression bomb).
     """
-    with _decode(data, kind) as image:
-        return ImageInfo(kind, image.width, image.height)
+    with _DECODING, _decode(data, kind) as (_image, size):
+        return ImageInfo(kind, *size)
 
 
 def reencode_for_display(data: bytes, kind: Kind) -> DisplayImage:
     """Return the ``kind`` image in ``data`` re-encoded for inline display.
 
-    The new file holds the pixels, turned upright by the EXIF orientation, and the
-    ICC colour profile, nothing else: no EXIF (GPS included), XMP or comments.
-    PNG stays PNG (alpha kept); JPEG and HEIC become JPEG. Raises ContentRejected
-    as :func:`check_image` does.
+    The new file holds the pixels, turned upright by the EXIF orientation, in sRGB
+    (by the ICC profile; a profile that cannot be read is taken as sRGB), shrunk to
+    at most DISPLAY_MAX_SIDE on the long side; nothing else: no EXIF (GPS
+    included), XMP, comments or profile. PNG stays PNG (alpha kept); JPEG and HEIC
+    become JPEG. Raises ContentRejected as :func:`check_image` does.
     """
-    with _decode(data, kind) as decoded:
+    with _DECODING, _decode(data, kind) as (decoded, _size):
         try:
             return _reencode(decoded, png=kind is Kind.PNG)
         except LIBRARY_ERRORS:  # a pixel format no display format holds (32-bit float, ...)
-            raise ContentRejected(
-                "This image's pixel format cannot be shown; save it as an ordinary JPEG or "
-                "PNG and upload it again.",
-                "unsupported-image",
-            ) from None
+            raise _unsupported() from None
 
 
 def _reencode(decoded: Image.Image, *, png: bool) -> DisplayImage:
     icc = decoded.info.get("icc_profile")
-    source_family = _FAMILIES.get(decoded.mode)
-    ImageOps.exif_transpose(decoded, in_place=True)  # ours to change; saves a copy
-    pixels = _display_pixels(decoded, png=png)
-    keep_icc = source_family is not None and source_family == _FAMILIES.get(pixels.mode)
-    pixels.info = {}  # nothing of the original's metadata may ride along
-    options: dict[str, object] = {"icc_profile": icc} if keep_icc and icc else {}
+    pixels = _shrunk(decoded)
+    ImageOps.exif_transpose(pixels, in_place=True)  # ours to change; saves a copy
+    pixels = _display_pixels(_in_srgb(pixels, icc), png=png)
+    pixels.info = {}  # nothing of the original's metadata may ride along, its profile neither
     out = io.BytesIO()
     if png:
-        pixels.save(out, "PNG", **options)
+        pixels.save(out, "PNG")
     else:
-        pixels.save(out, "JPEG", quality=JPEG_QUALITY, **options)
+        pixels.save(out, "JPEG", quality=JPEG_QUALITY)
     media_type = "image/png" if png else "image/jpeg"
     return DisplayImage(out.getvalue(), media_type, pixels.width, pixels.height)
 
 
-def _decode(data: bytes, kind: Kind) -> Image.Image:
-    """Return the fully decoded ``kind`` image in ``data`` (close it); raises ContentRejected.
+def _shrunk(image: Image.Image) -> Image.Image:
+    """Return ``image`` (itself, shrunk in place) at most DISPLAY_MAX_SIDE on its long side.
+
+    A 1-bit or palette image, or one with a transparent colour, is made 8-bit (with
+    alpha) first, a copy, so that it is resampled rather than thinned out. The EXIF (for
+    the orientation) stays in ``info`` until the caller drops it.
+    """
+    wanted = {"1": "L", "P": "RGB", "PA": "RGBA"}.get(image.mode)
+    if "transparency" in image.info and image.mode in {"1", "L", "P", "RGB"}:
+        wanted = "LA" if image.mode in {"1", "L"} else "RGBA"
+    if wanted is not None:
+        image = _with_info(image.convert(wanted), image)
+    image.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE), Image.Resampling.LANCZOS)
+    return image
+
+
+def _with_info(converted: Image.Image, original: Image.Image) -> Image.Image:
+    converted.info = {k: v for k, v in original.info.items() if k != "transparency"}
+    return converted
+
+
+def _in_srgb(image: Image.Image, icc: object) -> Image.Image:
+    """Return ``image`` converted from its ICC profile ``icc`` to sRGB (RGB, RGBA; CMYK
+    becomes RGB), or as it is: without a profile, with one that cannot be read or does not
+    fit its mode (taken as sRGB, as browsers take an image without one), and for grey."""
+    if not isinstance(icc, bytes) or not icc:
+        return image
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        mode = _TO_SRGB.get((image.mode, source.profile.xcolor_space))
+        if mode is None:
+            return image
+        converted = ImageCms.profileToProfile(image, source, _SRGB, outputMode=mode)
+    except LIBRARY_ERRORS:  # PyCMSError, OSError: a profile lcms cannot read or apply
+        return image
+    assert converted is not None  # None only with inPlace=True
+    return converted
+
+
+@contextlib.contextmanager
+def _decode(data: bytes, kind: Kind) -> Iterator[tuple[Image.Image, tuple[int, int]]]:
+    """Yield the fully decoded ``kind`` image in ``data`` and its size as its header gives
+    it (a JPEG is decoded at a reduced scale); closed after. Raises ContentRejected.
 
     Pillow's verify() first (PNG: every chunk's CRC), from a first opening, as it
-    requires; then a second opening decodes every pixel.
+    requires; then a second opening decodes every pixel. The decoded size is checked
+    again after decoding: pillow-heif takes the size libheif decodes, which may differ
+    from the header's.
     """
     if kind not in IMAGES:
         raise damaged(kind)
     if len(data) > MAX_IMAGE_BYTES:
         raise image_too_large()
+    if kind is Kind.JPEG and _jpeg_scans(data) > MAX_JPEG_SCANS:
+        raise _too_many_scans()  # each scan is a pass over the whole image (CPU)
     _refuse_truncated()
+    _keep_heif_limits()
     with _open(data, kind) as image:
         _guarded(kind, image.verify)
     image = _open(data, kind)
     try:
+        size = image.size
+        if kind is Kind.JPEG:
+            image.draft(None, _display_size(size))  # a scale no smaller than what is shown
+        if _decode_bytes(image, kind, size) > DECODE_BUDGET:
+            raise _bomb(kind)
         _guarded(kind, image.load)  # a truncated or corrupt file fails here
-    except ContentRejected:
+        if _too_many_pixels(image.size) or _too_many_pixels(image.im.size):
+            raise _bomb(kind)
+        yield image, size if kind is Kind.JPEG else image.size
+    finally:
         image.close()
-        raise
-    return image
+
+
+def _jpeg_scans(data: bytes) -> int:
+    """Count the scans (SOS segments) of the JPEG in ``data``, up to MAX_JPEG_SCANS + 1.
+
+    Libjpeg has no limit of its own: a progressive JPEG of thousands of tiny scans makes
+    it pass over the whole image thousands of times. The walk follows the structure
+    (segment lengths, then the entropy-coded data up to its next marker), so marker-like
+    bytes inside EXIF or a comment are not counted; at anything that is not a marker
+    where one is due it stops, and leaves the file to the decoder.
+    """
+    scans, pos = 0, 2  # past SOI
+    while pos + 4 <= len(data) and scans <= MAX_JPEG_SCANS:
+        if data[pos] != 0xFF:
+            break
+        marker = data[pos + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0xD9:  # EOI
+            break
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xDA:
+            scans += 1
+            found = _NEXT_MARKER.search(data, pos)
+            if found is None:
+                break
+            pos = found.start()
+    return scans
+
+
+def _display_size(size: tuple[int, int]) -> tuple[int, int]:
+    """``size`` fitted within DISPLAY_MAX_SIDE (as ``thumbnail`` will), for a JPEG's draft."""
+    width, height = size
+    scale = min(1.0, DISPLAY_MAX_SIDE / max(width, height, 1))
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def _decode_bytes(image: Image.Image, kind: Kind, header_size: tuple[int, int]) -> int:
+    """About the most memory decoding the opened ``image`` takes, from its header alone.
+
+    Pillow stores a pixel in 1 byte (1, L, P), 2 (I;16) or 4 (all other modes, RGB
+    included). libheif decodes into a buffer of its own that pillow-heif then copies.
+    A progressive JPEG keeps every DCT coefficient of the full-size image (2 bytes per
+    sample, up to 3 samples a pixel) whatever the scale it is decoded at.
+    """
+    width, height = image.size
+    per_pixel = 1 if image.mode in {"1", "L", "P"} else 2 if image.mode.startswith("I;16") else 4
+    total = width * height * per_pixel
+    if kind is Kind.HEIC:
+        total *= 2
+    if kind is Kind.JPEG and image.info.get("progressive"):
+        total += header_size[0] * header_size[1] * 6
+    return total
+
+
+def _too_many_pixels(size: tuple[int, int], most: int = MAX_PIXELS) -> bool:
+    return size[0] * size[1] > most
 
 
 def _refuse_truncated() -> None:
@@ -144,17 +284,22 @@ def _refuse_truncated() -> None:
     ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
+def _keep_heif_limits() -> None:
+    """Keep libheif's security limits (image size, memory) on, whoever switched them off."""
+    pillow_heif.options.DISABLE_SECURITY_LIMITS = False
+
+
 def _open(data: bytes, kind: Kind) -> Image.Image:
     """Open (read the header of) the ``kind`` image in ``data``; refuse a bomb by its header."""
     try:
         image = Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[kind]])
     except Image.DecompressionBombError:  # Pillow's own limit, far above ours
-        raise _bomb() from None
+        raise _bomb(kind) from None
     except LIBRARY_ERRORS:
         raise damaged(kind) from None
-    if image.width * image.height > MAX_PIXELS:
+    if _too_many_pixels(image.size, MAX_JPEG_PIXELS if kind is Kind.JPEG else MAX_PIXELS):
         image.close()
-        raise _bomb()
+        raise _bomb(kind)
     return image
 
 
@@ -193,8 +338,25 @@ def image_too_large() -> ContentRejected:
     )
 
 
-def _bomb() -> ContentRejected:
+def _unsupported() -> ContentRejected:
     return ContentRejected(
-        f"This image has more than {MAX_PIXELS // 1_000_000} megapixels; send a smaller photo.",
+        "This image's pixel format cannot be shown; save it as an ordinary JPEG or "
+        "PNG and upload it again.",
+        "unsupported-image",
+    )
+
+
+def _too_many_scans() -> ContentRejected:
+    return ContentRejected(
+        f"This JPEG is stored in more than {MAX_JPEG_SCANS} passes (progressive scans); "
+        "save it again as an ordinary JPEG and upload it again.",
+        "unsupported-image",
+    )
+
+
+def _bomb(kind: Kind) -> ContentRejected:
+    most = MAX_JPEG_PIXELS if kind is Kind.JPEG else MAX_PIXELS
+    return ContentRejected(
+        f"This image has more than {most // 1_000_000} megapixels; send a smaller photo.",
         "too-many-pixels",
     )

@@ -64,7 +64,7 @@ class Typed(Protocol):
 
     The upload path (``portal.services.uploads``) records ``media_type`` with the file
     (the replacement's, when set) and, when ``replacement`` is set, stores its bytes
-    instead of the original's.
+    instead of the original's, then keeps :meth:`without_replacement` in its findings.
     """
 
     @property
@@ -75,4 +75,9 @@ class Typed(Protocol):
     @property
     def replacement(self) -> Replacement | None:
         """What to store instead of the uploaded bytes, or None to keep them."""
+        ...
+
+    def without_replacement(self) -> Typed:
+        """This finding without its replacement's bytes, for the upload path to keep once
+        it has stored them (so that no plaintext copy lives on with the upload)."""
         ...

@@ -332,9 +332,13 @@ def open_attachment(
     conversation: Conversation,
     staff: User,
     meta: RequestMeta,
+    *,
+    inline: bool = False,
 ) -> tuple[str, Iterator[bytes]]:
     """Open a thread's attachment for a member of its team (:func:`check_member` first),
-    then audit the download (attachment.download, the conversation's patient named).
+    then audit the download (attachment.download, the conversation's patient named), or,
+    ``inline``, the view of a photo on the conversation page (attachment.view, as a
+    patient's, with ``inline`` in its details).
 
     Returns its file name and segment iterator (whose ``close`` closes the blob); if the
     event cannot be written the blob is closed and the error propagates, so nothing is
@@ -346,17 +350,20 @@ def open_attachment(
         key, "attachments", "filename", attachment.public_id, attachment.filename_sealed
     )
     chunks = content.open_attachment(session, attachment)
+    details: dict[str, object] = {"size": attachment.size}
+    if inline:
+        details["inline"] = True
     try:
         audit.record(
             session,
-            Action.ATTACHMENT_DOWNLOAD,
+            Action.ATTACHMENT_VIEW if inline else Action.ATTACHMENT_DOWNLOAD,
             actor=audit.actor_of(staff),
             meta=meta,
             target_type="attachment",
             target_id=attachment.public_id,
             patient_id=conversation.patient_id,
             message_id=attachment.message_id,
-            details={"size": attachment.size},
+            details=details,
         )
     except BaseException:
         # mypy: chunks is typed Iterator; the generator behind it has close(), which releases the

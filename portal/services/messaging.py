@@ -445,6 +445,8 @@ def status(session: Session, message: Message) -> list[StatusEntry]:
             label = "Viewed by staff"
         if event.action == Action.ATTACHMENT_DOWNLOAD and event.actor_id != message.recipient_id:
             label = "Attachment downloaded by staff"  # from the conversation page
+        if event.action == Action.ATTACHMENT_VIEW and event.actor_id != message.recipient_id:
+            label = "Attachment viewed by staff"  # a photo shown on the conversation page
         detail = "" if event.outcome == Outcome.SUCCESS else event.outcome
         entries.append(StatusEntry(event.occurred_at, label, detail))
     return sorted(entries, key=lambda e: e.when)

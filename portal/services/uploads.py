@@ -404,6 +404,8 @@ class StagedUpload(io.RawIOBase):
         self.size = len(replacement.data)
         self.sha256 = hashlib.sha256(replacement.data).hexdigest()
         self.replaced = True
+        # The replacement's plaintext goes with it: the findings live on for the request.
+        self.findings = tuple(f.without_replacement() if f is typed else f for f in self.findings)
 
     def _hand_off(self, chunk: bytes) -> None:
         if not PIPELINE_DEPTH:  # no pipeline thread: everything on the caller's

@@ -26,6 +26,9 @@ from flask.typing import ResponseReturnValue
 from portal.web.errors import page
 
 log = logging.getLogger(__name__)
+# The Content-Security-Policy of an attachment a browser may show: a photo is pixels only,
+# never framed. Staff and patient responses send the same one.
+IMAGE_CSP = "sandbox; default-src 'none'; frame-ancestors 'none'"
 RETRY_AFTER_SECONDS = 30  # a slot frees whenever any of the downloads ends
 BUSY = (
     "Many downloads are in progress right now, so this one did not start. "

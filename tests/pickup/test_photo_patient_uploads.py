@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 from portal.audit import Action
 from portal.extensions import db
 from portal.models import Attachment, Conversation, Message
+from portal.web.downloads import IMAGE_CSP
 from tests.factories import MINIMAL_PDF, SUBJECT
 from tests.support import samples
 from tests.support.clamd import EICAR, SIGNATURE, Clamd
@@ -99,6 +100,7 @@ def assert_served_clean(response: Any, media_type: str) -> Image.Image:
     assert "default-src 'none'" in headers["Content-Security-Policy"]
     assert "sandbox" in headers["Content-Security-Policy"]
     assert headers["Content-Disposition"].startswith("inline;")
+    assert headers["Content-Security-Policy"] == IMAGE_CSP  # staff and patient alike
     data = response.get_data()
     assert int(headers["Content-Length"]) == len(data)
     assert b"PickupCam" not in data
@@ -122,7 +124,7 @@ def test_a_gps_jpeg_from_a_patient_is_shown_inline_to_the_team_without_its_locat
     assert image.size == (48, 64)  # EXIF orientation 6 applied: turned upright
     assert len(served.get_data()) == size
     (read,) = [
-        e for e in events_of(world.app, Action.ATTACHMENT_DOWNLOAD) if e.target_id == attachment_id
+        e for e in events_of(world.app, Action.ATTACHMENT_VIEW) if e.target_id == attachment_id
     ]
     assert read.patient_id == user_id(world.app, PATIENT)
     assert "Quagmire" not in (read.details or "")
@@ -144,7 +146,8 @@ def test_png_and_heic_are_accepted_and_shown_re_encoded(
     assert start(world, NAME + suffix, make()).status_code == 302
     served = world.sam.get(inline_url(world, newest_conversation(world.app)))
     assert_served_clean(served, media_type)
-    assert f'filename="{NAME}{stored_suffix}"' in served.headers["Content-Disposition"]
+    assert f'filename="photo{stored_suffix}"' in served.headers["Content-Disposition"]
+    assert NAME not in served.headers["Content-Disposition"]  # the patient's own name for it
 
 
 def polyglot_jpeg() -> bytes:
@@ -158,7 +161,7 @@ REFUSED = {
     "polyglot": (polyglot_jpeg(), "holds a second kind of content"),
     "truncated": (gps_jpeg()[:-200], "could not be read as a JPEG; it may be damaged"),
     "zero-bytes": (b"", "This file is empty."),
-    "bomb": (samples.png_bomb(9_000, 9_000), "more than 50 megapixels"),
+    "bomb": (samples.png_bomb(7_070, 7_070), "more than 25 megapixels"),  # 50 MP: was let in
 }
 
 
@@ -258,6 +261,7 @@ def test_a_photo_from_the_team_is_shown_inline_to_its_patient_only(world: World)
     shown = world.patient.get(f"/messages/{message_id}")
     assert shown.status_code == 200
     (url,) = _PATIENT_IMG.findall(shown.get_data(as_text=True))
+    assert f'<img src="{url}" alt="{NAME}.jpg" loading="lazy">' in shown.get_data(as_text=True)
     assert_served_clean(world.patient.get(url), "image/jpeg")
     mine = world.patient.get(f"/conversations/{conversation}").get_data(as_text=True)
     assert url in mine  # the conversation page shows it inline too

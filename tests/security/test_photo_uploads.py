@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFile
 
-from portal.security.content_types import is_image, stored_name
+from portal.security.attachments import Inspected
+from portal.security.content_types import Kind, inline_name, is_image, stored_name
+from portal.security.images import DisplayImage
 from portal.services import pdfcheck
 from portal.services.uploads import StagedUpload, Staging, UploadRefused
 from portal.storage import FilesystemBlobStore, read_decrypted
@@ -75,6 +77,37 @@ def test_the_ciphertext_on_disk_holds_none_of_the_photo(store: FilesystemBlobSto
         assert marker not in on_disk
 
 
+def test_a_large_photo_is_stored_shrunk(store: FilesystemBlobStore) -> None:
+    grey = Image.linear_gradient("L").resize((4000, 3000))
+    original = samples.image_file("JPEG", Image.merge("RGB", (grey, grey, grey)))
+    staging, upload = stage(store, "rash.jpg", original)
+    stored = kept_plaintext(store, staging, upload)
+    with Image.open(io.BytesIO(stored)) as image:
+        assert image.size == (2048, 1536)  # DISPLAY_MAX_SIDE on the long side
+    assert upload.size == len(stored)
+    staging.discard()
+
+
+def test_the_stored_photos_plaintext_is_not_kept_in_the_findings(
+    store: FilesystemBlobStore,
+) -> None:
+    staging, upload = stage(store, "rash.jpg", samples.jpeg())
+    assert upload.replaced
+    (found,) = [f for f in upload.findings if isinstance(f, Inspected)]
+    assert (found.kind, found.display, found.replacement) == (Kind.JPEG, None, None)
+    assert not [f for f in upload.findings if isinstance(f, bytes | DisplayImage)]
+    staging.discard()
+
+
+def test_an_icc_profile_is_not_stored(store: FilesystemBlobStore) -> None:
+    staging, upload = stage(store, "rash.png", samples.png(icc_profile=b"PickupCam" * 50))
+    stored = kept_plaintext(store, staging, upload)
+    assert b"PickupCam" not in stored
+    with Image.open(io.BytesIO(stored)) as image:
+        assert "icc_profile" not in image.info
+    staging.discard()
+
+
 def test_a_heic_photo_is_stored_as_jpeg(store: FilesystemBlobStore) -> None:
     staging, upload = stage(store, "rash.heic", samples.heic(exif=samples.gps_exif().tobytes()))
     stored = kept_plaintext(store, staging, upload)
@@ -100,9 +133,10 @@ def test_a_pdf_is_stored_as_uploaded_and_typed(store: FilesystemBlobStore) -> No
         ("rash.jpg", samples.jpeg()[:300], "may be damaged"),
         ("rash.jpg", b"", "This file is empty."),
         ("rash.png", samples.png_bomb(9_000, 9_000), "megapixels"),
+        ("rash.png", samples.png_bomb(7_070, 7_070), "more than 25 megapixels"),  # 50 MP
         ("rash.exe", b"MZ\x90\x00", "Only PDF, JPEG, PNG and HEIC files can be attached."),
     ],
-    ids=["pdf-as-jpg", "html-as-jpg", "truncated", "empty", "bomb", "exe"],
+    ids=["pdf-as-jpg", "html-as-jpg", "truncated", "empty", "bomb", "50-mp", "exe"],
 )
 def test_a_refused_file_leaves_nothing(
     store: FilesystemBlobStore, name: str, data: bytes, message: str
@@ -112,9 +146,9 @@ def test_a_refused_file_leaves_nothing(
         staging.accepted()
     assert message in str(refused.value)
     assert upload.replaced is False
-    staging.discard()
-    assert parts(store) == []
+    assert parts(store) == []  # gone when refused, not only once the request ends
     assert list(store.iter_ids()) == []
+    staging.discard()
 
 
 def test_stored_names_follow_the_stored_type() -> None:
@@ -123,6 +157,7 @@ def test_stored_names_follow_the_stored_type() -> None:
     assert stored_name("scan.png", "image/png") == "scan.png"
     assert stored_name("letter.pdf", "application/pdf") == "letter.pdf"
     assert stored_name("photo", "image/jpeg") == "photo.jpg"
+    assert (inline_name("image/jpeg"), inline_name("image/png")) == ("photo.jpg", "photo.png")
     assert [is_image(t) for t in ("image/jpeg", "image/png", "image/heic", None)] == [
         True,
         True,

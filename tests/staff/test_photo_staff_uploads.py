@@ -6,6 +6,7 @@ stored; a PDF keeps its download link."""
 from __future__ import annotations
 
 import io
+import json
 import re
 from typing import Any
 
@@ -17,6 +18,8 @@ from sqlalchemy import func, select
 from portal.audit import Action
 from portal.extensions import db
 from portal.models import Attachment, Message
+from portal.services import messaging
+from portal.web.downloads import IMAGE_CSP
 from tests.browser_client import Browser
 from tests.factories import BODY, MINIMAL_PDF, SUBJECT
 from tests.support import samples
@@ -81,7 +84,9 @@ def counts(app: Flask) -> tuple[int, int, tuple[int, int]]:
 def page_images(world: World, browser: Browser | None = None) -> list[str]:
     page = (browser or world.sam).get(thread_url(world.conversation))
     assert page.status_code == 200
-    return [str(url) for url in _IMG.findall(page.get_data(as_text=True))]
+    html = page.get_data(as_text=True)
+    assert html.count("<img ") == html.count('loading="lazy"')  # each fetched when scrolled to
+    return [str(url) for url in _IMG.findall(html)]
 
 
 def test_a_photo_in_an_answer_is_shown_inline_re_encoded_and_audited(world: World) -> None:
@@ -94,20 +99,36 @@ def test_a_photo_in_an_answer_is_shown_inline_re_encoded_and_audited(world: Worl
     assert served.headers["Content-Type"] == "image/jpeg"
     assert served.headers["X-Content-Type-Options"] == "nosniff"
     assert served.headers["Cache-Control"] == "no-store"
-    assert served.headers["Content-Security-Policy"] == "sandbox; default-src 'none'"
-    assert served.headers["Content-Disposition"].startswith("inline;")
+    assert served.headers["Content-Security-Policy"] == IMAGE_CSP  # as the patient's side
+    assert served.headers["Content-Disposition"].startswith('inline; filename="photo.jpg";')
+    assert NAME not in served.headers["Content-Disposition"]  # the patient's name for it
     with Image.open(io.BytesIO(served.get_data())) as image:
         image.load()
         assert not image.getexif()
     assert b"PickupCam" not in served.get_data()
     attachment_id = url.split("/attachments/")[1].split("/")[0]
+    # Shown on the page: a view, as the patient's, not a download (issue 14 item 4).
+    (viewed,) = [
+        e for e in events_of(world.app, Action.ATTACHMENT_VIEW) if e.target_id == attachment_id
+    ]
+    assert viewed.patient_id == user_id(world.app, PATIENT)
+    assert json.loads(viewed.details or "{}") == {"size": len(served.get_data()), "inline": True}
+    with world.app.app_context():
+        message = db.session.get(Message, viewed.message_id)
+        assert message is not None
+        shown = [entry.what for entry in messaging.status(db.session, message)]
+    assert "Attachment viewed by staff" in shown  # the sender's status page, not "by the patient"
+    assert [
+        e for e in events_of(world.app, Action.ATTACHMENT_DOWNLOAD) if e.target_id == attachment_id
+    ] == []
+    download = world.ada.get(url.removesuffix("/inline"))
+    assert download.headers["Content-Disposition"].startswith("attachment;")
+    assert f"{NAME}.jpg" in download.headers["Content-Disposition"]
+    assert download.get_data() == served.get_data()
     (read,) = [
         e for e in events_of(world.app, Action.ATTACHMENT_DOWNLOAD) if e.target_id == attachment_id
     ]
-    assert read.patient_id == user_id(world.app, PATIENT)
-    download = world.ada.get(url.removesuffix("/inline"))
-    assert download.headers["Content-Disposition"].startswith("attachment;")
-    assert download.get_data() == served.get_data()
+    assert json.loads(read.details or "{}") == {"size": len(served.get_data())}
 
 
 @pytest.mark.parametrize("suffix", ["", "/inline"], ids=["download", "inline"])
@@ -121,9 +142,8 @@ def test_staff_outside_the_team_get_404_on_both_file_routes(world: World, suffix
     assert NAME not in refused.get_data(as_text=True)
     assert len(events_of(world.app, Action.ACCESS_DENIED)) == before + 1
     olive = user_id(world.app, OLIVE)
-    assert [
-        e for e in events_of(world.app, Action.ATTACHMENT_DOWNLOAD) if e.actor_id == olive
-    ] == []
+    for action in (Action.ATTACHMENT_DOWNLOAD, Action.ATTACHMENT_VIEW):
+        assert [e for e in events_of(world.app, action) if e.actor_id == olive] == []
 
 
 def test_inline_is_for_photos_a_pdf_stays_a_download(world: World) -> None:
