@@ -26,12 +26,13 @@ from portal.auth.policy import roles
 from portal.crypto.errors import ContentDestroyed, ContentTampered
 from portal.extensions import db
 from portal.models import Attachment, Conversation, Role, User
-from portal.security.content_types import is_image, stored_name
+from portal.security.content_types import inline_name, is_image, stored_name
 from portal.services import conversations, messaging, pdf, team_inbox, teams
 from portal.services.errors import NotFound, ServiceError
 from portal.services.paging import PageError
 from portal.services.uploads import UploadRefused, UploadTooLarge
 from portal.staff import forms
+from portal.staff.limits import STAFF_SENDS
 from portal.staff.views import bp
 from portal.web import downloads
 from portal.web.errors import page, report_tampered
@@ -170,8 +171,9 @@ def _in_team(public_id: str) -> bool:
 
 
 @bp.post("/conversations/<public_id>/answer")
-@accepts_uploads(messaging.ATTACHMENTS, roles=[Role.STAFF], access=_in_team)
+@accepts_uploads(messaging.ATTACHMENTS, roles=[Role.STAFF], limit=STAFF_SENDS, access=_in_team)
 @roles(Role.STAFF)
+@STAFF_SENDS  # per member of staff, shared with compose (portal.staff.limits)
 @member_conversation
 def answer(conversation: Conversation) -> ResponseReturnValue:
     """Answer the patient in the thread; they get the PHI-free notice with a secure link."""
@@ -264,7 +266,7 @@ def attachment(
     conversation: Conversation, message_id: str, attachment_id: str, inline: bool
 ) -> ResponseReturnValue:
     """Stream one of the thread's files, decrypted, as a download (audited first); a photo
-    under ``/inline`` for the page's ``<img>`` (the same read, audited the same way)."""
+    under ``/inline`` for the page's ``<img>`` (the same read, audited as a view)."""
     found = conversations.find_attachment(db.session, conversation, message_id, attachment_id)
     if found is None:
         return _nothing_here()
@@ -272,9 +274,11 @@ def attachment(
 
 
 def _open(found: Attachment, conversation: Conversation, *, inline: bool) -> ResponseReturnValue:
+    media_type = found.content_type or "application/octet-stream"
+    shown = inline and is_image(media_type)  # PDFs: downloads, under /inline too
     try:
         name, chunks = conversations.open_attachment(
-            db.session, found, conversation, _me(), request_meta()
+            db.session, found, conversation, _me(), request_meta(), inline=shown
         )
     except ContentDestroyed:
         return page(410, "This file was deleted.")
@@ -287,18 +291,21 @@ def _open(found: Attachment, conversation: Conversation, *, inline: bool) -> Res
         #   blob file.
         chunks.close()  # type: ignore[attr-defined]
         return _unrecorded()
-    media_type = found.content_type or "application/octet-stream"
     response = Response(
         stream_with_context(_guarded(chunks)), mimetype=media_type, direct_passthrough=True
     )
-    shown = "inline" if inline and is_image(media_type) else "attachment"  # PDFs: downloads
+    disposition = (
+        _disposition(inline_name(media_type), "inline")
+        if shown
+        else _disposition(stored_name(name, media_type))
+    )
     response.headers.update(
         {
             "Content-Length": str(found.size),
-            "Content-Disposition": _disposition(stored_name(name, media_type), shown),
+            "Content-Disposition": disposition,
             "Cache-Control": "no-store",
             "X-Content-Type-Options": "nosniff",
-            "Content-Security-Policy": "sandbox; default-src 'none'",
+            "Content-Security-Policy": downloads.IMAGE_CSP,  # as the patient's photos
         }
     )
     return response

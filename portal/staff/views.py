@@ -22,6 +22,7 @@ from portal.services import accounts, conversations, messages, messaging, staff_
 from portal.services.errors import ServiceError
 from portal.services.paging import PageError
 from portal.staff import access, forms
+from portal.staff.limits import STAFF_SENDS
 from portal.web.paging import bad_page, page_request
 from portal.web.security import request_meta
 from portal.web.uploads import accepts_uploads, staged
@@ -139,8 +140,9 @@ def _may_send_to() -> bool:
 
 
 @bp.route("/messages/new", methods=["GET", "POST"])
-@accepts_uploads(messaging.ATTACHMENTS, roles=[Role.STAFF], access=_may_send_to)
+@accepts_uploads(messaging.ATTACHMENTS, roles=[Role.STAFF], limit=STAFF_SENDS, access=_may_send_to)
 @roles(Role.STAFF)
+@STAFF_SENDS  # per member of staff, shared with answers (portal.staff.limits)
 def compose() -> ResponseReturnValue:
     """Write and send a message from one of the sender's care teams (chosen when they are
     in several; staff in no team cannot send); attachments stream from the body to the

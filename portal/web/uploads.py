@@ -19,6 +19,14 @@ Only views marked :func:`accepts_uploads` take files, under the marked policy:
   redirect, 403, 404, 429), its own checks unchanged and still the ones that decide;
   should it take the request after all, :func:`staged` refuses the dropped files (409)
   rather than send the message without them;
+- a file part is staged only after the request's CSRF token has been read and found
+  valid (Flask-WTF's ``validate_csrf``): the token travels in the body, and Flask-WTF
+  checks it only once the whole body is parsed, so without this a cross-site page could
+  make a signed-in member's browser have the portal encrypt, scan and audit its files.
+  Every form of the portal sends ``csrf_token`` first (``{{ form.csrf_token }}`` opens
+  each upload form, and browsers send fields in page order). A file part before a valid
+  token is dropped, and the request fails CSRF with its 400 page even should a valid
+  token follow (``FilesBeforeToken``), as it does for a missing or wrong one;
 - a file past the policy's size, too many files, or a malformed multipart body
   answer 413 or 400 with nothing kept; a refusal by an inspector reaches the
   view as part of the staging (``Staging.accepted`` raises UploadRefused there).
@@ -36,14 +44,18 @@ page's commit. A request whose view raised rolls everything back, events include
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 from flask import Flask, Request, Response, current_app, request
 from flask_login import current_user
-from werkzeug.exceptions import HTTPException
+from flask_wtf.csrf import CSRFError, validate_csrf
+from werkzeug.datastructures import FileStorage, MultiDict
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser, MultiPartParser
+from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
+from wtforms import ValidationError
 
 from portal.audit import actor_of
 from portal.extensions import db
@@ -101,6 +113,13 @@ class UploadDropped(UploadError):
     code = 409
 
 
+class FilesBeforeToken(CSRFError):
+    """A file part came before any valid CSRF token (module doc): dropped, and the request
+    refused as Flask-WTF refuses a bad token (its 400 page), whatever followed the file."""
+
+    description = "No valid CSRF token came before the files."
+
+
 @dataclass(frozen=True)
 class Uploaders:
     """Who may send files to a view: asked once, before the first part of the body is parsed.
@@ -156,8 +175,80 @@ def accepts_uploads(
     return mark
 
 
+class _MultiPartParser(MultiPartParser):
+    """Werkzeug's multipart parser that hands each form field to ``on_field`` as soon as the
+    field ends, before the next part begins (so a field can decide the fate of a file after
+    it: the CSRF token, module doc).
+
+    ``parse`` is Werkzeug's own (3.1), event for event and limit for limit, with that one
+    call added: Werkzeug keeps the fields read so far in a local of its ``parse``.
+    """
+
+    def __init__(self, on_field: Callable[[str, str], None], **options: Any) -> None:
+        super().__init__(**options)
+        self.on_field = on_field
+
+    def parse(
+        self, stream: IO[bytes], boundary: bytes, content_length: int | None
+    ) -> tuple[MultiDict[str, str], MultiDict[str, FileStorage]]:
+        decoder = MultipartDecoder(
+            boundary, max_form_memory_size=self.max_form_memory_size, max_parts=self.max_form_parts
+        )
+        fields: list[tuple[str, str]] = []
+        files: list[tuple[str, FileStorage]] = []
+        part: Field | File | None = None
+        text: list[bytes] = []  # the current field's bytes
+        size = 0
+        sink: IO[bytes] | None = None  # the current file's stream; None in a field
+        for data in _chunks(stream, self.buffer_size):
+            decoder.receive_data(data)
+            event = decoder.next_event()
+            while not isinstance(event, Epilogue | NeedData):
+                if isinstance(event, Field):
+                    part, text, size, sink = event, [], 0, None
+                elif isinstance(event, File):
+                    part, sink = event, self.start_file_streaming(event, content_length)
+                elif isinstance(event, Data) and part is not None:
+                    if sink is not None:
+                        sink.write(event.data)
+                    else:
+                        size += len(event.data)
+                        most = self.max_form_memory_size
+                        if most is not None and size > most:
+                            raise RequestEntityTooLarge()
+                        text.append(event.data)
+                    if not event.more_data:
+                        if sink is None:
+                            charset = self.get_part_charset(part.headers)
+                            value = b"".join(text).decode(charset, "replace")
+                            fields.append((part.name, value))
+                            self.on_field(part.name, value)
+                        else:
+                            sink.seek(0)
+                            name, filename = part.name, cast(File, part).filename
+                            files.append(
+                                (name, FileStorage(sink, filename, name, headers=part.headers))
+                            )
+                event = decoder.next_event()
+        return self.cls(fields), self.cls(files)
+
+
+def _ignore_field(_name: str, _value: str) -> None:
+    return None
+
+
+def _chunks(stream: IO[bytes], size: int) -> Iterator[bytes | None]:
+    """The body ``size`` bytes at a time until it ends, then None (the decoder's end)."""
+    while data := stream.read(size):
+        yield data
+    yield None
+
+
 class _FormParser(FormDataParser):
-    """Werkzeug's form parser, reading the body ``PARSE_CHUNK`` bytes at a time."""
+    """Werkzeug's form parser, reading the body ``PARSE_CHUNK`` bytes at a time and telling
+    ``on_field`` of each multipart field as it ends (:class:`_MultiPartParser`)."""
+
+    on_field: Callable[[str, str], None] | None = None  # set by StreamingRequest
 
     def _parse_multipart(
         self,
@@ -166,7 +257,8 @@ class _FormParser(FormDataParser):
         content_length: int | None,
         options: dict[str, str],
     ) -> tuple[IO[bytes], Any, Any]:
-        parser = MultiPartParser(
+        parser = _MultiPartParser(
+            self.on_field or _ignore_field,
             stream_factory=self.stream_factory,
             max_form_memory_size=self.max_form_memory_size,
             max_form_parts=self.max_form_parts,
@@ -187,7 +279,10 @@ class StreamingRequest(Request):
     upload_staging: Staging | None = None
     # The status the view will answer this caller (Uploaders.refusal), once asked.
     upload_refusal: int | None = None
-    dropped_files = 0  # file parts read and dropped because of upload_refusal
+    dropped_files = 0  # file parts read and dropped: upload_refusal, or no valid token first
+    # Whether the body's CSRF token has been read and is valid (None: not read yet).
+    csrf_valid: bool | None = None
+    _csrf_dropped = False  # a file part dropped because no valid token came before it
     _gate_asked = False
 
     def _get_file_stream(
@@ -201,25 +296,52 @@ class StreamingRequest(Request):
         if gate is None:
             raise MalformedUpload(NOT_HERE)
         # Werkzeug needs only write() and seek(0) of what it returns, as typeshed's IO cannot say.
-        if self._refused_uploads(gate):
-            self.dropped_files += 1
-            return cast(IO[bytes], _Dropped())
+        refused = self._refused_uploads(gate)
+        unchecked = _csrf_checked() and not self.csrf_valid
+        if refused or unchecked:
+            self._csrf_dropped = self._csrf_dropped or unchecked
+            return cast(IO[bytes], _Dropped(self._count_dropped, counted=bool(filename)))
         if self.upload_staging is None:
             self.upload_staging = gate.policy.start(content.blob_store())
         return cast(IO[bytes], self.upload_staging.open(filename or "", content_type))
 
+    def _count_dropped(self) -> None:
+        """A dropped file part was a file: named, or with bytes (not a browser's "no file
+        chosen", which :func:`staged` must not answer with "your files could not be taken")."""
+        self.dropped_files += 1
+
     def _refused_uploads(self, gate: _Gate | None) -> bool:
-        """Ask the view's Uploaders once per request; True when this caller's files drop."""
+        """Ask the view's Uploaders once per request; True when this caller's files drop.
+
+        Asked again should the question fail (the limiter's store or the database down):
+        until it has answered, no answer stands in for it."""
         if gate is not None and not self._gate_asked:
-            self._gate_asked = True
             self.upload_refusal = gate.uploaders.refusal(self.view_args or {})
+            self._gate_asked = True
         return self.upload_refusal is not None
 
     def make_form_data_parser(self) -> FormDataParser:
         """Werkzeug's parser, made to raise on a malformed body instead of parsing nothing."""
         parser = super().make_form_data_parser()
         parser.silent = False
+        if isinstance(parser, _FormParser):
+            parser.on_field = self._read_field
         return parser
+
+    def _read_field(self, name: str, value: str) -> None:
+        """Check the body's first CSRF token as soon as it is read, as Flask-WTF will once the
+        whole body is (its field, or a prefixed form's ``<prefix>-csrf_token``)."""
+        field = current_app.config.get("WTF_CSRF_FIELD_NAME", "csrf_token")
+        if self.csrf_valid is not None or not value or not name.endswith(field):
+            return
+        if not _csrf_checked():
+            return
+        try:
+            validate_csrf(value)
+        except ValidationError:
+            self.csrf_valid = False
+        else:
+            self.csrf_valid = True
 
     def _load_form_data(self) -> None:
         if "form" in self.__dict__:
@@ -228,6 +350,8 @@ class StreamingRequest(Request):
             self._refused_uploads(_gate_of(self.endpoint))  # before any part is parsed
         try:
             super()._load_form_data()
+            if self._csrf_dropped:
+                raise FilesBeforeToken()  # also when a valid token came after the files
             if self.upload_staging is not None:
                 self.upload_staging.seal()  # the last file part ends with the body
         except BaseException as error:
@@ -291,6 +415,20 @@ def init_app(app: Flask) -> None:
     app.teardown_request(_discard)
 
 
+def _csrf_checked() -> bool:
+    """Whether Flask-WTF's CSRFProtect checks this request (so its files wait for the token).
+
+    Every view that takes files is left to CSRFProtect (none is exempt): one exempted would
+    have its files dropped without a valid token first, never taken unchecked.
+    """
+    config = current_app.config
+    return bool(
+        config.get("WTF_CSRF_ENABLED", True)
+        and config.get("WTF_CSRF_CHECK_DEFAULT", True)
+        and request.method in config.get("WTF_CSRF_METHODS", {"POST", "PUT", "PATCH", "DELETE"})
+    )
+
+
 def _gate_of(endpoint: str | None) -> _Gate | None:
     view = current_app.view_functions.get(endpoint) if endpoint else None
     gate = getattr(view, _GATE, None)
@@ -322,13 +460,27 @@ def _discard(_error: BaseException | None) -> None:
 
 
 class _Dropped(io.RawIOBase):
-    """A file part of a caller the view refuses (Uploaders): stored, scanned, encrypted nowhere."""
+    """A file part of a caller the view refuses (Uploaders): stored, scanned, encrypted nowhere.
+
+    ``count`` is called once, when the part proves to be a file: at once when ``counted``
+    (it has a name), else at its first byte."""
+
+    def __init__(self, count: Callable[[], None], *, counted: bool) -> None:
+        super().__init__()
+        self._count = count
+        self._counted = counted
+        if counted:
+            count()
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: ReadableBuffer) -> int:
-        return len(memoryview(data))
+        size = len(memoryview(data))
+        if size and not self._counted:
+            self._counted = True
+            self._count()
+        return size
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         return 0
