@@ -5,9 +5,11 @@ damaged or truncated file fails, and one with more than MAX_PIXELS, or whose
 decoding would take more than DECODE_BUDGET bytes, is refused from its header,
 before any decoding (a decompression bomb). A JPEG is decoded at a reduced scale
 (libjpeg's DCT scaling, ``Image.draft``) no smaller than what is shown, every
-byte of it still read, and one of more than MAX_JPEG_SCANS scans is refused.
+byte of it still read (a lossless JPEG cannot be: it is held to MAX_PIXELS), and one of
+more than MAX_JPEG_SCANS scans, or of an unusual header, is refused.
 Images are decoded in memory, so they are also capped in bytes (MAX_IMAGE_BYTES),
-and at most DECODE_SLOTS of them at a time in a process.
+and at most DECODE_SLOTS of them at a time in a process (one waits at most
+DECODE_WAIT_SECONDS for its turn, then is refused: try again later).
 
 :func:`reencode_for_display` keeps only the pixels: turned upright, converted to
 sRGB by their ICC colour profile (the profile itself is not kept: its bytes are
@@ -58,12 +60,23 @@ DECODE_BUDGET = 208 * MIB
 DECODE_SLOTS = 2
 DISPLAY_MAX_SIDE = 2048  # pixels on the long side of what is stored and shown
 MAX_JPEG_SCANS = 100  # SOS markers: a normal progressive JPEG has about 10; each costs a pass
+# Before its first scan a JPEG is read segment by segment, and stray bytes between segments
+# byte by byte, by Pillow's header parser (Python: 1 MiB of 0xFF fill takes it 0.5 s):
+# a camera's file has about 10 segments and no stray bytes; more of either is refused.
+MAX_JPEG_HEADER_SEGMENTS = 1_000
+MAX_JPEG_HEADER_JUNK = 64 * 1024  # bytes
+# How long a decode waits for a slot: behind a few 20-photo uploads (a large HEIC takes 3 s,
+# two at a time) rather than holding its request, and the thread serving it, without end.
+DECODE_WAIT_SECONDS = 30
 MAX_IMAGE_BYTES = 50 * MIB  # images are held in memory to decode
 JPEG_QUALITY = 85
 _PIL_FORMATS = {Kind.JPEG: "JPEG", Kind.PNG: "PNG", Kind.HEIC: "HEIF"}
 _DECODING = threading.BoundedSemaphore(DECODE_SLOTS)
-# In entropy-coded data a 0xFF byte is followed by 0x00 (stuffing) or a restart marker.
-_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+_FILL = re.compile(rb"\xff+")  # 0xFF bytes before a marker (fill)
+# Frame headers (SOFn): lossless (SOF3, 7, 11, 15) and progressive (SOF2, 6, 10, 14) ones.
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # less DHT, JPG, DAC
+_LOSSLESS = frozenset({0xC3, 0xC7, 0xCB, 0xCF})
+_PROGRESSIVE = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 # The modes an ICC profile is applied to, by the profile's colour space, and what they become.
 _TO_SRGB = {("RGB", "RGB "): "RGB", ("RGBA", "RGB "): "RGBA", ("CMYK", "CMYK"): "RGB"}
@@ -103,7 +116,7 @@ def check_image(data: bytes, kind: Kind) -> ImageInfo:
     Raises ContentRejected when it is not that format, is damaged or truncated,
     or is larger than MAX_IMAGE_BYTES, MAX_PIXELS or DECODE_BUDGET (a decompression bomb).
     """
-    with _DECODING, _decode(data, kind) as (_image, size):
+    with _decode_slot(), _decode(data, kind) as (_image, size):
         return ImageInfo(kind, *size)
 
 
@@ -116,11 +129,22 @@ def reencode_for_display(data: bytes, kind: Kind) -> DisplayImage:
     included), XMP, comments or profile. PNG stays PNG (alpha kept); JPEG and HEIC
     become JPEG. Raises ContentRejected as :func:`check_image` does.
     """
-    with _DECODING, _decode(data, kind) as (decoded, _size):
+    with _decode_slot(), _decode(data, kind) as (decoded, _size):
         try:
             return _reencode(decoded, png=kind is Kind.PNG)
         except LIBRARY_ERRORS:  # a pixel format no display format holds (32-bit float, ...)
             raise _unsupported() from None
+
+
+@contextlib.contextmanager
+def _decode_slot() -> Iterator[None]:
+    """Hold one of the DECODE_SLOTS; refuse (try again later) after DECODE_WAIT_SECONDS."""
+    if not _DECODING.acquire(timeout=DECODE_WAIT_SECONDS):
+        raise _busy()
+    try:
+        yield
+    finally:
+        _DECODING.release()
 
 
 def _reencode(decoded: Image.Image, *, png: bool) -> DisplayImage:
@@ -145,13 +169,18 @@ def _shrunk(image: Image.Image) -> Image.Image:
     alpha) first, a copy, so that it is resampled rather than thinned out. The EXIF (for
     the orientation) stays in ``info`` until the caller drops it.
     """
-    wanted = {"1": "L", "P": "RGB", "PA": "RGBA"}.get(image.mode)
-    if "transparency" in image.info and image.mode in {"1", "L", "P", "RGB"}:
-        wanted = "LA" if image.mode in {"1", "L"} else "RGBA"
+    wanted = _made_8_bit(image)
     if wanted is not None:
         image = _with_info(image.convert(wanted), image)
     image.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE), Image.Resampling.LANCZOS)
     return image
+
+
+def _made_8_bit(image: Image.Image) -> str | None:
+    """The mode _shrunk copies ``image`` to before shrinking it, or None (shrunk as it is)."""
+    if "transparency" in image.info and image.mode in {"1", "L", "P", "RGB"}:
+        return "LA" if image.mode in {"1", "L"} else "RGBA"
+    return {"1": "L", "P": "RGB", "PA": "RGBA"}.get(image.mode)
 
 
 def _with_info(converted: Image.Image, original: Image.Image) -> Image.Image:
@@ -191,57 +220,96 @@ def _decode(data: bytes, kind: Kind) -> Iterator[tuple[Image.Image, tuple[int, i
         raise damaged(kind)
     if len(data) > MAX_IMAGE_BYTES:
         raise image_too_large()
-    if kind is Kind.JPEG and _jpeg_scans(data) > MAX_JPEG_SCANS:
+    layout = _jpeg_layout(data) if kind is Kind.JPEG else None
+    if layout is not None and layout.scans > MAX_JPEG_SCANS:
         raise _too_many_scans()  # each scan is a pass over the whole image (CPU)
     _refuse_truncated()
     _keep_heif_limits()
-    with _open(data, kind) as image:
+    # A JPEG is decoded at a reduced scale, so its header may say more; not a lossless one.
+    most = MAX_JPEG_PIXELS if layout is not None and not layout.lossless else MAX_PIXELS
+    with _open(data, kind, most) as image:
         _guarded(kind, image.verify)
-    image = _open(data, kind)
+    image = _open(data, kind, most)
     try:
         size = image.size
-        if kind is Kind.JPEG:
+        if layout is not None and not layout.lossless:
             image.draft(None, _display_size(size))  # a scale no smaller than what is shown
-        if _decode_bytes(image, kind, size) > DECODE_BUDGET:
-            raise _bomb(kind)
+        if _decode_bytes(image, kind, layout, size) > DECODE_BUDGET:
+            raise _too_large_to_process()
         _guarded(kind, image.load)  # a truncated or corrupt file fails here
         if _too_many_pixels(image.size) or _too_many_pixels(image.im.size):
-            raise _bomb(kind)
+            raise _bomb(MAX_PIXELS)
         yield image, size if kind is Kind.JPEG else image.size
     finally:
         image.close()
 
 
-def _jpeg_scans(data: bytes) -> int:
-    """Count the scans (SOS segments) of the JPEG in ``data``, up to MAX_JPEG_SCANS + 1.
+@dataclass(frozen=True)
+class _JpegLayout:
+    """What a JPEG's header says, up to its first scan (SOS)."""
 
-    Libjpeg has no limit of its own: a progressive JPEG of thousands of tiny scans makes
-    it pass over the whole image thousands of times. The walk follows the structure
-    (segment lengths, then the entropy-coded data up to its next marker), so marker-like
-    bytes inside EXIF or a comment are not counted; at anything that is not a marker
-    where one is due it stops, and leaves the file to the decoder.
+    scans: int  # at most: every SOS marker from the first one on
+    components: int  # in the frame (SOFn): 1 grey, 3 YCbCr, 4 CMYK
+    first_scan_components: int  # fewer than the frame's: one scan per channel
+    progressive: bool
+    lossless: bool  # SOF3 and co: libjpeg cannot decode it at a reduced scale
+
+    @property
+    def full_coefficients(self) -> bool:
+        """Whether libjpeg keeps every DCT coefficient of the full-size image while it
+        decodes (a multi-scan image: progressive, or one scan per channel), whatever
+        the scale it decodes at: 2 bytes a sample."""
+        return self.progressive or self.first_scan_components < self.components
+
+
+def _jpeg_layout(data: bytes) -> _JpegLayout:
+    """Read the JPEG header in ``data`` as libjpeg does, up to the first scan (SOS).
+
+    Libjpeg skips stray bytes between segments, 0xFF fill, FF00, TEM and RSTn, so
+    this does too (a stop there would leave the rest of the file unread). Marker-like
+    bytes inside segments (EXIF, a comment) are skipped with their segment. From the
+    first SOS on, every FF DA counts as a scan: entropy-coded data never holds one
+    (0xFF is stuffed as FF00), so the count is an upper bound, taken at C speed.
+    Libjpeg has no scan limit of its own: thousands of tiny progressive scans make it
+    pass over the whole image thousands of times.
+
+    Raises ContentRejected for a header of more than MAX_JPEG_HEADER_SEGMENTS segments
+    or MAX_JPEG_HEADER_JUNK stray bytes, and for one with no scan (damaged).
     """
-    scans, pos = 0, 2  # past SOI
-    while pos + 4 <= len(data) and scans <= MAX_JPEG_SCANS:
-        if data[pos] != 0xFF:
+    pos, junk, sof, components = 2, 0, 0, 0  # past SOI
+    for _ in range(MAX_JPEG_HEADER_SEGMENTS):
+        found = data.find(b"\xff", pos)
+        if found < 0:
             break
-        marker = data[pos + 1]
-        if marker == 0xFF:  # a fill byte before a marker
+        fill = _FILL.match(data, found)
+        assert fill is not None  # data[found] is 0xFF
+        junk += found - pos + fill.end() - found - 1
+        pos = fill.end()  # the marker byte
+        if junk > MAX_JPEG_HEADER_JUNK:
+            raise _unusual_header()
+        if pos + 4 > len(data):
+            break
+        marker = data[pos]
+        if marker in {0x00, 0x01} or 0xD0 <= marker <= 0xD8:  # FF00, TEM, RSTn, SOI
+            junk += 2
             pos += 1
             continue
-        if marker == 0xD9:  # EOI
+        if marker == 0xD9:  # EOI before any scan
             break
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
-            pos += 2
-            continue
-        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker in _SOF and pos + 9 <= len(data):
+            sof, components = marker, data[pos + 8]
         if marker == 0xDA:
-            scans += 1
-            found = _NEXT_MARKER.search(data, pos)
-            if found is None:
-                break
-            pos = found.start()
-    return scans
+            return _JpegLayout(
+                scans=data.count(b"\xff\xda", pos - 1),
+                components=components,
+                first_scan_components=data[pos + 3],
+                progressive=sof in _PROGRESSIVE,
+                lossless=sof in _LOSSLESS,
+            )
+        pos += 1 + int.from_bytes(data[pos + 1 : pos + 3], "big")
+    else:
+        raise _unusual_header()
+    raise damaged(Kind.JPEG)  # no scan: no pixels
 
 
 def _display_size(size: tuple[int, int]) -> tuple[int, int]:
@@ -251,26 +319,32 @@ def _display_size(size: tuple[int, int]) -> tuple[int, int]:
     return max(1, int(width * scale)), max(1, int(height * scale))
 
 
-def _decode_bytes(image: Image.Image, kind: Kind, header_size: tuple[int, int]) -> int:
+def _decode_bytes(
+    image: Image.Image, kind: Kind, layout: _JpegLayout | None, header_size: tuple[int, int]
+) -> int:
     """About the most memory decoding the opened ``image`` takes, from its header alone.
 
     Pillow stores a pixel in 1 byte (1, L, P), 2 (I;16) or 4 (all other modes, RGB
     included). libheif decodes into a buffer of its own that pillow-heif then copies.
-    A progressive JPEG keeps every DCT coefficient of the full-size image (2 bytes per
-    sample, up to 3 samples a pixel) whatever the scale it is decoded at.
+    A 1-bit or palette PNG (or one with a transparent colour) is copied to 8-bit (with
+    alpha, 4 bytes a pixel) to be shrunk (_shrunk). A multi-scan JPEG (progressive, or
+    one scan per channel) keeps every DCT coefficient of the full-size image, 2 bytes a
+    sample of each of its components (4 for CMYK), whatever the scale it is decoded at.
     """
     width, height = image.size
     per_pixel = 1 if image.mode in {"1", "L", "P"} else 2 if image.mode.startswith("I;16") else 4
+    if kind is Kind.PNG and _made_8_bit(image) is not None:
+        per_pixel += 4
     total = width * height * per_pixel
     if kind is Kind.HEIC:
         total *= 2
-    if kind is Kind.JPEG and image.info.get("progressive"):
-        total += header_size[0] * header_size[1] * 6
+    if layout is not None and layout.full_coefficients:
+        total += header_size[0] * header_size[1] * 2 * layout.components
     return total
 
 
-def _too_many_pixels(size: tuple[int, int], most: int = MAX_PIXELS) -> bool:
-    return size[0] * size[1] > most
+def _too_many_pixels(size: tuple[int, int], most: int | None = None) -> bool:
+    return size[0] * size[1] > (MAX_PIXELS if most is None else most)
 
 
 def _refuse_truncated() -> None:
@@ -289,17 +363,18 @@ def _keep_heif_limits() -> None:
     pillow_heif.options.DISABLE_SECURITY_LIMITS = False
 
 
-def _open(data: bytes, kind: Kind) -> Image.Image:
-    """Open (read the header of) the ``kind`` image in ``data``; refuse a bomb by its header."""
+def _open(data: bytes, kind: Kind, most: int) -> Image.Image:
+    """Open (read the header of) the ``kind`` image in ``data``; refuse one of more than
+    ``most`` pixels (a bomb) by its header."""
     try:
         image = Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[kind]])
     except Image.DecompressionBombError:  # Pillow's own limit, far above ours
-        raise _bomb(kind) from None
+        raise _bomb(most) from None
     except LIBRARY_ERRORS:
         raise damaged(kind) from None
-    if _too_many_pixels(image.size, MAX_JPEG_PIXELS if kind is Kind.JPEG else MAX_PIXELS):
+    if _too_many_pixels(image.size, most):
         image.close()
-        raise _bomb(kind)
+        raise _bomb(most)
     return image
 
 
@@ -312,7 +387,12 @@ def _guarded(kind: Kind, step: Callable[[], object]) -> None:
 
 def _display_pixels(image: Image.Image, *, png: bool) -> Image.Image:
     """Return ``image`` (itself, or a converted copy) in a mode its display format stores:
-    alpha kept in PNG, flattened on white for JPEG; palette and other modes made RGB(A)."""
+    alpha kept in PNG, flattened on white for JPEG; palette and other modes made RGB(A).
+    16-bit grey is scaled to 8 bits first (a conversion would clip it to 0-255: all but
+    black turns white); a transparent colour it has is dropped (a 16-bit value)."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        image = image.convert("I").point(lambda v: v / 257).convert("L")
+        image.info.pop("transparency", None)
     alpha = image.mode in {"RGBA", "LA", "PA"} or "transparency" in image.info
     if png and alpha:
         wanted = (
@@ -354,9 +434,31 @@ def _too_many_scans() -> ContentRejected:
     )
 
 
-def _bomb(kind: Kind) -> ContentRejected:
-    most = MAX_JPEG_PIXELS if kind is Kind.JPEG else MAX_PIXELS
+def _bomb(most: int) -> ContentRejected:
     return ContentRejected(
         f"This image has more than {most // 1_000_000} megapixels; send a smaller photo.",
         "too-many-pixels",
     )
+
+
+def _too_large_to_process() -> ContentRejected:
+    """Over DECODE_BUDGET: within the pixel limits, but its format costs more to decode
+    (a progressive or CMYK JPEG, a HEIC). The reason code is the pixel limit's: both are
+    a decompression bomb's, and neither is audited."""
+    return ContentRejected(
+        "This image is too large to process; save it at a lower resolution or as an "
+        "ordinary JPEG and upload it again.",
+        "too-many-pixels",
+    )
+
+
+def _unusual_header() -> ContentRejected:
+    return ContentRejected(
+        f"This JPEG's header is unusual (more than {MAX_JPEG_HEADER_SEGMENTS} segments, or "
+        "stray bytes); save it again as an ordinary JPEG and upload it again.",
+        "unsupported-image",
+    )
+
+
+def _busy() -> ContentRejected:
+    return ContentRejected("The server is busy processing photos; try again in a minute.", "busy")
