@@ -83,11 +83,27 @@ _NAMED = (
 
 def _unsealed(session: Session, row: Row[*tuple[Any, ...]]) -> str:
     """The name in a row of users joined to their keys (the AAD ``accounts`` seals it with)."""
+    return unsealed_name(
+        session, row.public_id, row.name_sealed, row.key_id, row.kek_version, row.wrapped
+    )
+
+
+def unsealed_name(
+    session: Session,
+    public_id: str,
+    name_sealed: bytes,
+    key_id: int,
+    kek_version: int,
+    wrapped: bytes | None,
+) -> str:
+    """The name of the user ``public_id`` from columns a query read with the user's data key
+    (a list joining its rows' people): DELETED_ACCOUNT when the key was shredded. Raises
+    what :func:`display_names` raises."""
     try:
-        key = keys.unwrap_loaded(session, row.key_id, row.kek_version, row.wrapped)
+        key = keys.unwrap_loaded(session, key_id, kek_version, wrapped)
     except ContentDestroyed:
         return DELETED_ACCOUNT
-    return keys.open_text(key, "users", "name", row.public_id, row.name_sealed)
+    return keys.open_text(key, "users", "name", public_id, name_sealed)
 
 
 @event.listens_for(Session, "after_commit")

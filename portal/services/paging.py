@@ -13,11 +13,11 @@ more, which tells whether a next (or previous) page exists without counting the 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, TypeVarTuple
 
-from sqlalchemy import ColumnElement, Select, and_, or_, select
+from sqlalchemy import BindParameter, ColumnElement, Select, and_, bindparam, or_, select
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
@@ -32,6 +32,7 @@ BAD_PAGE = "That page of the list cannot be shown. Open the list again from its 
 T = TypeVar("T")
 U = TypeVar("U")
 Ts = TypeVarTuple("Ts")
+S = TypeVar("S", bound=Select[*tuple[Any, ...]])
 
 
 class PageError(ServiceError):
@@ -104,6 +105,81 @@ class Listing:
     numeric: bool = False
 
 
+class Prepared(Generic[*Ts]):
+    """A list's statements, built once and run with bound parameters.
+
+    Building, coercing and cache-keying a SELECT costs more Python than running it, so a
+    list read on every page (the inbox) keeps one of these at module level, its filters
+    naming bound parameters (``bindparam("reader")``) that :func:`fetch_prepared` is given
+    per request; the page, the page past a cursor and the cursor's own row are each built
+    on first use, then reused (README "Inbox"). :func:`fetch` makes one per call.
+
+    ``narrow``: sort the sort columns alone, then join the page's rows to the rest (see
+    :meth:`_narrow`). ``columns``: ``stmt`` selects columns only, no ORM entity, so it runs
+    on the session's connection and its rows skip the ORM's result processing (nothing is
+    flushed first: for lists read before anything is written in the transaction).
+    """
+
+    def __init__(
+        self, listing: Listing, stmt: Select[*Ts], *, narrow: bool = False, columns: bool = False
+    ) -> None:
+        self.listing, self.stmt, self.narrow, self.columns = listing, stmt, narrow, columns
+        self._pages: dict[tuple[bool, bool], Select[*Ts]] = {}
+        self._anchor: Select[Any] | None = None
+
+    def page(self, descending: bool, anchored: bool) -> Select[*Ts]:
+        """The page walking down (``descending``) or up, past the cursor's row
+        (``anchored``: its sort values bound as ``_anchor_0``...) or from the end; the
+        row count bound as ``_limit``."""
+        built = self._pages.get((descending, anchored))
+        if built is None:
+            built = (
+                self._narrow(descending, anchored)
+                if self.narrow
+                else self._scoped(self.stmt, descending, anchored)
+            )
+            self._pages[descending, anchored] = built
+        return built
+
+    def _scoped(self, stmt: S, descending: bool, anchored: bool) -> S:
+        listing = self.listing
+        scoped = stmt.where(*listing.where)
+        if anchored:
+            values: list[BindParameter[Any]] = [
+                bindparam(f"_anchor_{i}") for i in range(len(listing.order))
+            ]
+            scoped = scoped.where(_beyond(listing, tuple(values), descending))
+        return scoped.order_by(*(c.desc() if descending else c.asc() for c in listing.order)).limit(
+            bindparam("_limit")
+        )
+
+    def _narrow(self, descending: bool, anchored: bool) -> Select[*Ts]:
+        """The page's rows picked by their sort columns alone, then joined to the rest.
+
+        The database sorts every row the filters match (the list has no index in its
+        order): sorting only the sort columns, then reading the joins and correlated
+        columns of the page's rows alone, keeps a long list's page near a short one's.
+        """
+        order = self.listing.order
+        keys = self._scoped(
+            select(*(c.label(f"_key_{i}") for i, c in enumerate(order))), descending, anchored
+        ).subquery("page_keys")
+        picked = [keys.c[f"_key_{i}"] for i in range(len(order))]
+        return self.stmt.join(
+            keys, and_(*(c == k for c, k in zip(order, picked, strict=True)))
+        ).order_by(*(k.desc() if descending else k.asc() for k in picked))
+
+    def anchor(self) -> Select[Any]:
+        """The sort values of the row whose cursor value is bound as ``_cursor``, within the
+        listing's filters."""
+        if self._anchor is None:
+            listing = self.listing
+            self._anchor = select(*listing.order).where(
+                *listing.where, listing.cursor == bindparam("_cursor")
+            )
+        return self._anchor
+
+
 def fetch(
     session: Session,
     listing: Listing,
@@ -118,14 +194,28 @@ def fetch(
     ``token_of`` gives a fetched row's cursor value. Raises PageError for a cursor that
     names no row of this listing.
     """
+    return fetch_prepared(session, Prepared(listing, stmt), want, token_of)
+
+
+def fetch_prepared(
+    session: Session,
+    prepared: Prepared[*Ts],
+    want: PageRequest,
+    token_of: Callable[[Row[*Ts]], object],
+    params: Mapping[str, Any] | None = None,
+) -> Page[Row[*Ts]]:
+    """:func:`fetch` with statements built once: ``params`` are the values of the bound
+    parameters the listing's filters name. Same queries, same answers, same PageError."""
+    listing, bound = prepared.listing, dict(params or {})
     forward = want.before is None
     token = want.after if forward else want.before
     descending = listing.descending == forward  # the direction this query walks the list
-    scoped = stmt.where(*listing.where)
     if token is not None:
-        scoped = scoped.where(_beyond(listing, _anchor(session, listing, token), descending))
-    ordered = scoped.order_by(*(c.desc() if descending else c.asc() for c in listing.order))
-    rows = list(session.execute(ordered.limit(want.size + 1)).all())
+        anchor = _anchor(session, prepared, token, bound)
+        bound.update((f"_anchor_{i}", value) for i, value in enumerate(anchor))
+    ordered = prepared.page(descending, token is not None)
+    runner = session.connection() if prepared.columns else session
+    rows = list(runner.execute(ordered, {**bound, "_limit": want.size + 1}).all())
     more = len(rows) > want.size
     rows = rows[: want.size]
     if forward:
@@ -136,7 +226,7 @@ def fetch(
             first=token is None,
         )
     if not more and len(rows) < want.size:  # the top of the list, short: show the top whole
-        return fetch(session, listing, stmt, PageRequest(size=want.size), token_of)
+        return fetch_prepared(session, prepared, PageRequest(size=want.size), token_of, params)
     rows.reverse()
     return Page(
         rows,
@@ -146,22 +236,25 @@ def fetch(
     )
 
 
-def _anchor(session: Session, listing: Listing, token: str) -> tuple[Any, ...]:
+def _anchor(
+    session: Session, prepared: Prepared[*Ts], token: str, params: dict[str, Any]
+) -> tuple[Any, ...]:
     """The sort values of the row ``token`` names, looked up within the listing's filters."""
     value: object = token
-    if listing.numeric:
+    if prepared.listing.numeric:
         if not token.isdigit() or len(token) > _MAX_SEQ_DIGITS:
             raise PageError
         value = int(token)
-    found = session.execute(
-        select(*listing.order).where(*listing.where, listing.cursor == value)
-    ).one_or_none()
+    runner = session.connection() if prepared.columns else session
+    found = runner.execute(prepared.anchor(), {**params, "_cursor": value}).one_or_none()
     if found is None:
         raise PageError
     return tuple(found)
 
 
-def _beyond(listing: Listing, anchor: tuple[Any, ...], descending: bool) -> ColumnElement[bool]:
+def _beyond(
+    listing: Listing, anchor: tuple[BindParameter[Any], ...], descending: bool
+) -> ColumnElement[bool]:
     """Rows strictly past ``anchor`` going down (``descending``) or up the sort order.
 
     Spelled out as ``a < x OR (a = x AND b < y)`` rather than a row-value comparison, so
