@@ -36,7 +36,7 @@ from portal.models import Attachment, Message, Role, User
 from portal.pickup import bp, forms
 from portal.pickup.forms import DisclosureRangeForm
 from portal.pickup.limits import PATIENT_WRITES
-from portal.security.content_types import is_image, stored_name
+from portal.security.content_types import inline_name, is_image, stored_name
 from portal.services import disclosures, patient_lists, pdf, pickup
 from portal.services.errors import NotFound, ServiceError
 from portal.services.paging import PageError
@@ -50,7 +50,6 @@ from portal.web.transaction import commit_now
 log = logging.getLogger(__name__)
 # Shown inline under a sandbox: no script, no plugins but the PDF itself, never framed.
 VIEW_CSP = "sandbox; default-src 'none'; object-src 'self'; frame-ancestors 'none'"
-IMAGE_CSP = "sandbox; default-src 'none'; frame-ancestors 'none'"  # a photo: pixels only
 UNRECORDED = (
     "We could not record this access in the audit trail, so nothing was sent. "
     "Please try again in a few minutes."
@@ -207,13 +206,15 @@ def _file_response(
     response = Response(stream_with_context(chunks), mimetype=media_type, direct_passthrough=True)
     headers = response.headers
     headers["Content-Length"] = str(attachment.size)
+    photo = inline and is_image(media_type)  # shown on the page: a name of our own
     headers["Content-Disposition"] = content_disposition(
-        "inline" if inline else "attachment", stored_name(name, media_type)
+        "inline" if inline else "attachment",
+        inline_name(media_type) if photo else stored_name(name, media_type),
     )
     headers["Cache-Control"] = "no-store"
     headers["X-Content-Type-Options"] = "nosniff"
     if inline:
-        headers["Content-Security-Policy"] = IMAGE_CSP if is_image(media_type) else VIEW_CSP
+        headers["Content-Security-Policy"] = downloads.IMAGE_CSP if photo else VIEW_CSP
     return response
 
 
