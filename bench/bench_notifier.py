@@ -15,7 +15,9 @@ no figure pays for another's Python:
   ``portal.services.messaging.send`` (each queues its pickup notice, as the
   portal does), then N worker processes, each on the app ``notifier run``
   loads (``portal.cli.load_worker_app``: PORTAL_* settings from the
-  environment, logging at INFO as JSON lines into a file), each draining as
+  environment, logging at INFO as JSON lines into a file), warmed as a running
+  worker is (its pool connection open, one pass made with nothing due; the
+  messages are seeded once every worker is ready), each draining as
   ``notifier run --once`` does (``worker.drain``) until none is due. The rate
   is ``count`` over the time from the start signal to the last worker's end.
   One worker on SQLite and on PostgreSQL, then 1, 2 and 4 (``--workers``) on
@@ -50,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -134,9 +136,23 @@ def _worker_child(job: dict[str, Any]) -> Any:
     with app.app_context():  # a running worker has its pool connection already
         db.session.execute(text("SELECT 1"))
         db.session.rollback()
+    # ... and has made a pass already: one with nothing due (the run's notices are seeded
+    # after every worker is ready), so its ORM mappers are configured and the statements of
+    # a pass compiled, as in a worker that has been running (start-up is measured apart).
+    warm = worker.drain(app, job["worker_id"])
+    if warm.processed:
+        raise SystemExit("ERROR: notices were due before the run was seeded")
 
     def work() -> dict[str, Any]:
-        stats = worker.drain(app, job["worker_id"])
+        profile = os.environ.get("PORTAL_BENCH_PROFILE")  # a cProfile file per worker
+        if profile:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            stats = profiler.runcall(worker.drain, app, job["worker_id"])
+            profiler.dump_stats(f"{profile}.{job['worker_id']}")
+        else:
+            stats = worker.drain(app, job["worker_id"])
         names = ("sent", "failed", "retrying", "skipped")
         return {name: int(getattr(stats, name, 0)) for name in names}
 
@@ -207,10 +223,15 @@ def start_child(role: str, job: dict[str, Any], env: dict[str, str], log: Path) 
     return Child(process, log)
 
 
-def run_together(children: list[Child]) -> tuple[float, list[dict[str, Any]]]:
-    """Release ``children`` at once; return seconds from the first start to the last end."""
+def run_together(
+    children: list[Child], when_ready: Callable[[], None] | None = None
+) -> tuple[float, list[dict[str, Any]]]:
+    """Release ``children`` at once (after ``when_ready``, once all are ready); return
+    seconds from the first start to the last end."""
     for child in children:
         child.wait_ready()
+    if when_ready is not None:
+        when_ready()
     for child in children:
         assert child.process.stdin is not None
         child.process.stdin.write("go\n")
@@ -474,7 +495,6 @@ def drain_with(bench: Bench, app: Any, workers: int, label: str) -> Drain:
     Earlier runs on the same database are done: only this run's rows are due or checked.
     """
     marks = watermarks(app)
-    seed(app, bench.count)
     logs = [bench.root / f"{label}-worker-{i}.log" for i in range(workers)]
     env = bench.settings(app.config["DATABASE_URL"])
     children = [
@@ -482,7 +502,7 @@ def drain_with(bench: Bench, app: Any, workers: int, label: str) -> Drain:
         for i, log in enumerate(logs)
     ]
     connections = bench.sink.connection_count
-    seconds, results = run_together(children)
+    seconds, results = run_together(children, lambda: seed(app, bench.count))
     connections = bench.sink.connection_count - connections
     check(app, bench, label, results, marks)
     warnings = [

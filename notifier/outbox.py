@@ -15,7 +15,9 @@ check before a send and every ``mark_*`` is an UPDATE or SELECT whose WHERE
 names the claim, so a worker whose lease ran out and was taken by another
 never sends the row again and never overwrites the new holder's outcome
 (it gets :class:`ClaimLost`). The ``mark_*`` functions flush only: the worker
-commits once per row, so the status change and its audit event land together.
+commits once per slice of a batch (notifier.worker), so the status changes and their
+audit events land together; :func:`may_send_many` and :func:`mark_sent_many` fence a
+slice's rows in one statement each.
 
 SQLite keeps no row lock over a send (its ``FOR UPDATE`` is a no-op), and the
 commit of a send's outcome can wait for its write lock for up to the busy
@@ -29,11 +31,11 @@ row locked over the send and needs no such lock.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, or_, select, update
 from sqlalchemy.orm import Session
 
 from portal import audit
@@ -97,6 +99,35 @@ def may_send(
         .with_for_update()
     )
     return session.scalar(stmt) is not None
+
+
+def may_send_many(
+    session: Session, ids: Sequence[int], claim: Claim, now: datetime, lease: timedelta = LEASE
+) -> dict[int, bool]:
+    """The rows of ``ids`` that ``claim`` still holds with a live ``lease``, locked (one
+    statement): {id: True when its message was revoked, destroyed or has expired}.
+
+    :func:`may_send` for a slice of a batch: call it just before the slice's sends, with
+    no write made yet in the transaction. On PostgreSQL the rows stay locked until the
+    caller commits (``FOR UPDATE`` of the notices only, not of their messages).
+    """
+    if not ids:
+        return {}
+    gone = or_(
+        Message.revoked_at.is_not(None),
+        Message.destroyed_at.is_not(None),
+        Message.expires_at <= now,
+    )
+    stmt = (
+        select(Notification.id, Notification.message_id, gone)
+        .outerjoin(Message, Message.id == Notification.message_id)
+        .where(Notification.id.in_(ids), _held(claim), Notification.claimed_at > now - lease)
+        .with_for_update(of=Notification)
+    )
+    return {
+        notice_id: bool(message_id is not None and is_gone)
+        for notice_id, message_id, is_gone in session.execute(stmt)
+    }
 
 
 def _due(now: datetime, lease: timedelta, worker_id: str) -> ColumnElement[bool]:
@@ -220,6 +251,18 @@ def load(session: Session, notice_id: int) -> Notification | None:
     return session.get(Notification, notice_id, populate_existing=True)
 
 
+def load_many(session: Session, ids: Sequence[int]) -> dict[int, Notification]:
+    """Return the notices of ``ids`` as they are in the database now, by id (one query)."""
+    if not ids:
+        return {}
+    stmt = (
+        select(Notification)
+        .where(Notification.id.in_(ids))
+        .execution_options(populate_existing=True)
+    )
+    return {row.id: row for row in session.scalars(stmt)}
+
+
 def _audit(
     session: Session, row: Notification, action: Action, outcome: Outcome, reason: str | None
 ) -> None:
@@ -233,17 +276,24 @@ def _audit(
         outcome=outcome,
         target_type="notification",
         target_id=row.public_id,
-        patient_id=_patient_id(session, row),
+        patient_id=patient_id(session, row),
         message_id=row.message_id,
         details=details,
     )
 
 
-def _patient_id(session: Session, row: Notification) -> int | None:
-    recipient = session.get(User, row.recipient_id)
+def patient_id(session: Session, row: Notification) -> int | None:
+    """The id of the patient the notice is about (its audit events name them), or None."""
+    return _patient_of(session, row.recipient_id, row.message_id)
+
+
+def _patient_of(session: Session, recipient_id: int, message_id: int | None) -> int | None:
+    """The patient a notice is about: its recipient, or its message's sender (a reply).
+    No query for people and messages the session holds already."""
+    recipient = session.get(User, recipient_id)
     if recipient is not None and recipient.role == Role.PATIENT:
         return recipient.id
-    message = session.get(Message, row.message_id) if row.message_id else None
+    message = session.get(Message, message_id) if message_id else None
     return message.sender_id if message is not None else None
 
 
@@ -292,6 +342,82 @@ def mark_sent(
     _audit(session, row, Action.NOTICE_SENT, Outcome.SUCCESS, None)
     session.flush()
     return row
+
+
+def mark_sent_many(
+    session: Session,
+    replies: Mapping[int, str],
+    now: datetime,
+    *,
+    claim: Claim,
+    patients: Mapping[int, int | None] | None = None,
+) -> set[int]:
+    """:func:`mark_sent` for the rows of ``replies`` (id: the server's reply) that ``claim``
+    still holds: one fenced UPDATE, then one audit event per row marked (flushed; the caller
+    commits). Returns the ids marked; a row missing from the answer is no longer held by
+    ``claim`` (nothing recorded for it: its holder records). ``patients``: each row's
+    :func:`patient_id`, when the caller knows it already (else it is read).
+
+    The rows' ``Notification`` objects in the session are not refreshed: read them again
+    (:func:`load`) before using them in the same transaction.
+    """
+    if not replies:
+        return set()
+    stmt = (
+        update(Notification)
+        .where(Notification.id.in_(list(replies)), _held(claim))
+        .values(
+            status=NoticeStatus.SENT.value,
+            sent_at=now,
+            smtp_response=_per_row(replies),
+            payload_sealed=None,
+            attempts=Notification.attempts + 1,
+            failure_reason=None,
+        )
+        .returning(
+            Notification.id,
+            Notification.public_id,
+            Notification.kind,
+            Notification.attempts,
+            Notification.recipient_id,
+            Notification.message_id,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    marked = session.execute(stmt).all()
+    known = patients or {}
+    for notice_id, public_id, kind, attempts, recipient_id, message_id in sorted(marked):
+        patient = (
+            known[notice_id]
+            if notice_id in known
+            else _patient_of(session, recipient_id, message_id)
+        )
+        audit.record(
+            session,
+            Action.NOTICE_SENT,
+            actor=SYSTEM,
+            outcome=Outcome.SUCCESS,
+            target_type="notification",
+            target_id=public_id,
+            patient_id=patient,
+            message_id=message_id,
+            details={"kind": kind, "attempts": attempts},
+        )
+    lost = set(replies) - {row[0] for row in marked}
+    for notice_id in sorted(lost):
+        log.warning("notice %d: claim lost, outcome not recorded", notice_id)
+    session.flush()
+    return {row[0] for row in marked}
+
+
+def _per_row(replies: Mapping[int, str]) -> ColumnElement[str]:
+    """CASE id WHEN ... THEN reply: each row's own reply (at most 200 characters). Padded to
+    a power of two of WHENs with an id no row has, so the statement takes a few shapes
+    only and its compiled form is reused (a new shape per slice size costs milliseconds)."""
+    whens = {notice_id: reply[:200] for notice_id, reply in replies.items()}
+    padded = 1 << (len(whens) - 1).bit_length()
+    whens.update((-n, "") for n in range(1, padded - len(whens) + 1))  # ids are positive
+    return case(whens, value=Notification.id)
 
 
 def mark_failed(

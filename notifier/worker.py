@@ -1,24 +1,27 @@
 """The worker: enqueue reminders, claim due notices, render, guard, send, record.
 
-Every row is its own job: loaded by id, rendered, checked for PHI, sent over
-the batch's one SMTP connection, and its outcome committed before the next
-row, so a crash loses nothing (unsent rows stay ``sending`` and are claimed
-again once their lease runs out, or at once by a worker started again under
-the same id). The lease is renewed while the batch is sent (notifier.lease).
+A claimed batch is read in a few queries and every email built (rendered, checked for
+PHI) before the first send; then it is sent over the pass's one SMTP connection in
+slices of about SLICE_SECONDS, each fenced on the claim in one statement and its
+outcomes committed together (see "batches" below). A crash loses nothing: unsent rows,
+and the rows of the slice being sent, stay ``sending`` and are claimed again once their
+lease runs out, or at once by a worker started again under the same id, and sent with
+the same Message-ID. The lease is renewed while the batch is sent (notifier.lease).
 
 A transport fault (notifier.smtp.TransportFault: a wrong CA file, a refused
-login, no STARTTLS, the relay down) is no message's fault: the batch goes back
-to the queue with its links, no attempt counted, the pass ends, and
-:func:`run_forever` backs off, logs one error naming the setting to check,
-and records it in its heartbeat (notifier.health) for ``notifier status`` and
-the staff pages. When a pass fails on the database, what the worker still holds
-is handed back if the database lets it (else the lease, or the worker's next
+login, no STARTTLS, the relay down) is no message's fault: what the slice sent is
+recorded, the rest of the batch goes back to the queue with its links, no attempt
+counted, the pass ends, and :func:`run_forever` backs off, logs one error naming the
+setting to check, and records it in its heartbeat (notifier.health) for ``notifier
+status`` and the staff pages. When a pass fails on the database, what the worker still
+holds is handed back if the database lets it (else the lease, or the worker's next
 pass under the same id, brings it back), and the worker tries again within
 seconds. Logs name rows by id only.
 """
 
 from __future__ import annotations
 
+import functools
 import html
 import logging
 import signal
@@ -49,6 +52,7 @@ from notifier.smtp import (
     TransientDeliveryError,
     TransportFault,
 )
+from portal import audit
 from portal.config import DEFAULT_RELAY_BACKOFF, Settings, settings_of
 from portal.crypto.errors import ContentDestroyed, ContentTampered, CryptoError, KeyUnavailable
 from portal.database import rowcount, utcnow
@@ -61,6 +65,7 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 5.0  # pause between passes of run_forever when nothing is due
 REMINDER_BATCH = 200  # messages reminded per pass at most
+REMINDER_EVERY = 60.0  # seconds: run_forever scans for due reminders at most this often
 # Seconds before the next pass after a transport fault (first, most) at the default
 # PORTAL_NOTIFIER_RELAY_BACKOFF; tests shorten them below the setting's 1 s.
 RELAY_BACKOFF = (15.0, 300.0)
@@ -130,7 +135,12 @@ def smtp_settings(settings: Settings) -> SmtpSettings:
 
 def sender_domain(settings: Settings) -> str:
     """Return the domain of MAIL_FROM: Message-IDs, DKIM and EHLO use it."""
-    return parseaddr(settings.mail_from)[1].rpartition("@")[2] or "localhost"
+    return _domain_of(settings.mail_from)
+
+
+@functools.lru_cache(maxsize=8)
+def _domain_of(mail_from: str) -> str:
+    return parseaddr(mail_from)[1].rpartition("@")[2] or "localhost"  # once per notice: cached
 
 
 def dkim_key(settings: Settings) -> DkimKey | None:
@@ -141,15 +151,18 @@ def dkim_key(settings: Settings) -> DkimKey | None:
     return DkimKey(settings.dkim_selector, sender_domain(settings), Path(path).read_bytes())
 
 
-# -- one row ------------------------------------------------------------------------------
+# -- one row's email ----------------------------------------------------------------------
 
 
 class _Skip(Exception):
-    """The row must not be sent: its outcome has been recorded already."""
+    """The row must not be sent; ``mark`` says what to record for it at the slice's
+    commit ("failed", "cancelled", "retry"; None: nothing, it is not this worker's)."""
 
-    def __init__(self, outcome: RowOutcome) -> None:
+    def __init__(
+        self, outcome: RowOutcome, mark: str | None = None, reason: str | None = None
+    ) -> None:
         super().__init__(outcome.value)
-        self.outcome = outcome
+        self.outcome, self.mark, self.reason = outcome, mark, reason
 
 
 def _message_gone(message: Message | None, now: datetime) -> bool:
@@ -158,22 +171,17 @@ def _message_gone(message: Message | None, now: datetime) -> bool:
     return bool(message.revoked_at or message.destroyed_at or message.expires_at <= now)
 
 
-def _build(
-    session: Session, row: Notification, settings: Settings, now: datetime, claim: outbox.Claim
-) -> EmailMessage:
-    """Render the row's email and run the PHI guard; records the outcome and raises _Skip
-    (ClaimLost when the claim was taken meanwhile)."""
+def _build(session: Session, row: Notification, settings: Settings, now: datetime) -> EmailMessage:
+    """Render the row's email and run the PHI guard; raises _Skip (nothing written)."""
     message = session.get(Message, row.message_id) if row.message_id else None
     if row.kind in (NoticeKind.PICKUP, NoticeKind.REMINDER) and _message_gone(message, now):
-        outbox.mark_cancelled(session, row.id, claim=claim)
-        raise _Skip(RowOutcome.SKIPPED)
+        raise _Skip(RowOutcome.SKIPPED, "cancelled")
     recipient = session.get(User, row.recipient_id)
     url = notices.open_payload(session, row)
     if url is None and row.kind in PORTAL_LINK_KINDS:
         url = f"{settings.base_url}/"  # people sign in to the portal: no per-notice link
     if recipient is None or url is None:
-        outbox.mark_failed(session, row.id, "payload-missing", claim=claim)
-        raise _Skip(RowOutcome.FAILED)
+        raise _Skip(RowOutcome.FAILED, "failed", "payload-missing")
     email = render.render(
         row,
         url=url,
@@ -191,9 +199,8 @@ def _build(
         t.replace(url, " ").replace(html.escape(url), " ") for t in render.readable_texts(email)
     ]
     if phi.find_phi(texts, phi.phi_terms(session, row)):
-        outbox.mark_failed(session, row.id, "phi-guard", claim=claim)
         log.warning("notice %d stopped by the PHI guard", row.id, extra={"notice_id": row.id})
-        raise _Skip(RowOutcome.FAILED)
+        raise _Skip(RowOutcome.FAILED, "failed", "phi-guard")
     return email
 
 
@@ -209,62 +216,20 @@ def crypto_reason(err: CryptoError) -> str:
 
 
 def _prepare(
-    session: Session, row: Notification, settings: Settings, now: datetime, claim: outbox.Claim
+    session: Session, row: Notification, settings: Settings, now: datetime
 ) -> EmailMessage:
+    """The row's email, or _Skip with what to record: a failure of this row's key, payload
+    or template is this row's only. Raises the database's errors."""
     try:
-        return _build(session, row, settings, now, claim)
-    except (_Skip, outbox.ClaimLost):
+        return _build(session, row, settings, now)
+    except _Skip:
         raise
     except CryptoError as err:  # this row's key or payload only: fail it, the pass goes on
-        outbox.mark_failed(session, row.id, crypto_reason(err), claim=claim)
+        reason = crypto_reason(err)
     except (TemplateError, OSError, ValueError):
-        outbox.mark_failed(session, row.id, "render-failed", claim=claim)
+        reason = "render-failed"
     log.warning("notice %d could not be rendered", row.id, extra={"notice_id": row.id})
-    raise _Skip(RowOutcome.FAILED)
-
-
-def process(
-    session: Session,
-    transport: SmtpTransport,
-    settings: Settings,
-    notice_id: int,
-    now: datetime,
-    claim: outbox.Claim,
-    lease: timedelta = outbox.LEASE,
-) -> tuple[RowOutcome, str | None]:
-    """Send one notice ``claim`` holds and record the outcome (flushed; the caller commits).
-
-    Returns (outcome, delivery failure reason or None); SKIPPED, unsent, when
-    the lease ran out or another worker took the row. Raises ClaimLost when
-    the claim is taken after the send (nothing recorded: the holder records),
-    TransportFault when the relay cannot be used (nothing recorded: the row is
-    not at fault), else only for unexpected errors.
-    """
-    row = outbox.load(session, notice_id)
-    if row is None or row.status != NoticeStatus.SENDING:
-        return RowOutcome.SKIPPED, None
-    try:
-        email = _prepare(session, row, settings, now, claim)
-    except _Skip as skip:
-        return skip.outcome, None
-    if not outbox.may_send(session, notice_id, claim, now, lease):  # the fence: one sender
-        log.warning("notice %d: lease lost, not sent", notice_id, extra={"notice_id": notice_id})
-        return RowOutcome.SKIPPED, None
-    try:
-        reply = transport.send(email)
-    except TransportFault:
-        raise  # every notice would meet it: the batch goes back to the queue as it is
-    except TransientDeliveryError as err:
-        outbox.mark_retry(session, notice_id, err.reason, now, claim=claim)
-        log.info("notice %d deferred (%s)", notice_id, err.reason, extra={"notice_id": notice_id})
-        return _retry_outcome(row), err.reason
-    except PermanentDeliveryError as err:
-        outbox.mark_failed(session, notice_id, err.reason, claim=claim)
-        log.warning("notice %d failed (%s)", notice_id, err.reason, extra={"notice_id": notice_id})
-        return RowOutcome.FAILED, err.reason
-    outbox.mark_sent(session, notice_id, reply, now, claim=claim)
-    log.info("notice %d sent", notice_id, extra={"notice_id": notice_id})
-    return RowOutcome.SENT, None
+    raise _Skip(RowOutcome.FAILED, "failed", reason)
 
 
 def _retry_outcome(row: Notification) -> RowOutcome:
@@ -273,16 +238,59 @@ def _retry_outcome(row: Notification) -> RowOutcome:
 
 
 # -- batches ------------------------------------------------------------------------------
+#
+# A claimed batch is read in a few queries (its notices, their messages and recipients,
+# what the PHI guard needs, with their data keys: phi.prefetch), and every email is
+# rendered and guarded before anything is sent. Then it goes out in slices: one fence for
+# the slice's rows (outbox.may_send_many, which on PostgreSQL keeps them locked until the
+# slice's commit), the sends over the one connection with their outcomes kept in memory,
+# and one commit recording them all (outbox.mark_sent_many and one audit event per notice,
+# chained under one hold of the audit head: portal.audit.chain_at_commit). A slice ends
+# SLICE_SECONDS after its first send, when the lease is due for renewal (renewed in the
+# same commit), on a stop, or at the batch's end.
+#
+# Crash safety: a worker killed mid-slice leaves that slice's rows ``sending`` under its
+# claim; they are sent again (the lease, or the same worker id at once) with the same
+# Message-ID (derived from the notice's public id). Any error the worker lives through
+# records what the slice sent first. A refusal, a retry or an unreadable key is its
+# row's outcome only; a transport fault hands the unsent rows back queued.
+
+SLICE_SECONDS = 0.5  # a slice's outcomes are committed at most about this long after its first send
+MARKS = ("sent", "failed", "retry", "cancelled")
+
+
+@dataclass
+class _Done:
+    """A row's outcome, recorded at its slice's commit: ``mark`` one of MARKS, or None
+    (nothing to record: not this worker's any more); ``detail`` the server's reply (sent)
+    or the PHI-free reason (failed, retry)."""
+
+    notice_id: int
+    outcome: RowOutcome
+    mark: str | None
+    detail: str | None = None
+    patient_id: int | None = None  # sent: for its audit event
+
+
+@dataclass
+class _Job:
+    """A batch row whose email is built, waiting for its slice."""
+
+    notice_id: int
+    kind: str
+    email: EmailMessage
+    patient_id: int | None  # for its audit event
 
 
 @contextmanager
 def job(session: Session) -> Iterator[None]:
-    """One job of the notifier (a claim, a notice, a reminder): the one place it commits.
+    """One job of the notifier (a claim, a slice's outcomes, a reminder): the one place it
+    commits.
 
     Commits when the block finishes, rolls back when it (or the commit) raises,
     then re-raises: like the portal's request boundary (portal.web.transaction),
-    outbox and services only flush, and each notice's outcome is durable
-    before the next one is tried.
+    outbox and services only flush, and a slice's outcomes are durable before the
+    next slice is sent.
     """
     try:
         yield
@@ -348,21 +356,23 @@ def _run_batch(
     stats: RunStats,
     stop: threading.Event,
 ) -> bool:
-    """Process the rows ``lease`` holds, renewing it on the way; return False when the pass
-    should end (stop). Raises TransportFault (the rows handed back, delayed), or the error
-    that failed the pass (what is still held handed back if the database allows)."""
+    """Process the rows ``lease`` holds, slice by slice, renewing the lease on the way;
+    return False when the pass should end (stop). Raises TransportFault (the rows handed
+    back, delayed), or the error that failed the pass (what is still held handed back if
+    the database allows)."""
     try:
+        jobs, done = _build_batch(session, settings, lease, clock())
         while lease.pending:
             if stop.is_set():
+                _record(session, settings, lease, done, clock, stats)
                 _hand_back(session, lease)
                 return False
-            if lease.due_for_renewal(clock()):
+            if lease.due_for_renewal(clock()):  # else a slice's commit renews it when due
                 _renew(session, lease, clock, settings, stats)
-                if not lease.pending:  # all taken meanwhile
-                    break
-            transport.deadline = lease.send_deadline()  # the send ends before the lease does
-            stats.add(_send_one(session, transport, settings, lease, clock()))
-            lease.pending.pop(0)
+            jobs = _run_slice(session, transport, settings, lease, jobs, done, clock, stats, stop)
+            done = []
+            if lease.pending and not jobs:  # none left to send (never expected): back to the queue
+                _hand_back(session, lease)
     except TransportFault as fault:
         if fault.mid_transaction and lease.pending:
             stats.delayed += _set_back(session, lease, fault.reason, clock())
@@ -374,26 +384,49 @@ def _run_batch(
     return True
 
 
-def _send_one(
-    session: Session,
-    transport: SmtpTransport,
-    settings: Settings,
-    lease: Lease,
-    now: datetime,
-) -> RowOutcome:
-    """Process the batch's next notice as a job of its own; an unexpected error rolls it
-    back and the notice is retried later (itself a job). Returns the outcome; SKIPPED when
-    the claim was taken (the new holder records it). Raises TransportFault, and the
-    database's errors when it is unreachable (the pass ends)."""
-    notice_id, claim, length = lease.pending[0], lease.claim, lease.length
-    try:
-        with job(session):
-            return process(session, transport, settings, notice_id, now, claim, length)[0]
-    except outbox.ClaimLost:
-        return RowOutcome.SKIPPED
-    except (TransportFault, *DATABASE_DOWN):
-        raise  # not this row's fault
-    except DBAPIError as err:  # its text quotes the statement's parameters: the types only
+def _build_batch(
+    session: Session, settings: Settings, lease: Lease, now: datetime
+) -> tuple[list[_Job], list[_Done]]:
+    """Read the batch's rows and what their emails need in a few queries, and build every
+    email (rendered, PHI-guarded); writes nothing. Returns the jobs to send, in the
+    batch's order, and the outcomes of the rows that must not be sent."""
+    rows = outbox.load_many(session, lease.pending)
+    message_ids = {row.message_id for row in rows.values() if row.message_id}
+    # Held here, so that every session.get below is answered from the identity map.
+    held = [
+        *(
+            session.scalars(select(Message).where(Message.id.in_(message_ids)))
+            if message_ids
+            else ()
+        ),
+        *session.scalars(select(User).where(User.id.in_({r.recipient_id for r in rows.values()}))),
+    ]
+    phi.prefetch(session, rows.values())
+    jobs: list[_Job] = []
+    done: list[_Done] = []
+    for notice_id in lease.pending:
+        row = rows.get(notice_id)
+        if row is None or row.status != NoticeStatus.SENDING:
+            done.append(_Done(notice_id, RowOutcome.SKIPPED, None))
+            continue
+        try:
+            email = _prepare(session, row, settings, now)
+            jobs.append(_Job(notice_id, row.kind, email, outbox.patient_id(session, row)))
+        except _Skip as skip:
+            done.append(_Done(notice_id, skip.outcome, skip.mark, skip.reason))
+        except DATABASE_DOWN:
+            raise
+        except Exception as err:  # not this row's outcome to decide: it is tried again later
+            _log_unexpected(notice_id, err)
+            if isinstance(err, DBAPIError):
+                session.rollback()  # PostgreSQL refuses the transaction's next statement
+            done.append(_Done(notice_id, RowOutcome.RETRYING, "retry", "internal-error"))
+    del held
+    return jobs, done
+
+
+def _log_unexpected(notice_id: int, err: Exception) -> None:
+    if isinstance(err, DBAPIError):  # its text quotes the statement's parameters: the types only
         log.error(
             "notice %d: database error (%s: %s)",
             notice_id,
@@ -401,11 +434,204 @@ def _send_one(
             type(err.orig).__name__,
             extra={"notice_id": notice_id},
         )
-    except Exception:
-        log.exception("notice %d: unexpected error", notice_id, extra={"notice_id": notice_id})
+    else:
+        log.error(
+            "notice %d: unexpected error",
+            notice_id,
+            exc_info=err,
+            extra={"notice_id": notice_id},
+        )
+
+
+def _run_slice(
+    session: Session,
+    transport: SmtpTransport,
+    settings: Settings,
+    lease: Lease,
+    jobs: list[_Job],
+    done: list[_Done],
+    clock: Clock,
+    stats: RunStats,
+    stop: threading.Event,
+) -> list[_Job]:
+    """Fence the jobs still pending, send them for one slice, record the slice's outcomes
+    (with ``done``, outcomes decided earlier) in one commit; return the jobs left.
+
+    An error while sending (a transport fault, a crash) records what the slice sent
+    first, and leaves the row being sent first in ``lease.pending``; then it is raised.
+    """
+    now = clock()
+    pending = set(lease.pending)
+    jobs = [j for j in jobs if j.notice_id in pending]
+    fenced = outbox.may_send_many(
+        session, [j.notice_id for j in jobs], lease.claim, now, lease.length
+    )
+    sendable: list[_Job] = []
+    for item in jobs:
+        notice_id = item.notice_id
+        if notice_id not in fenced:  # the lease ran out, or another worker took it
+            log.warning(
+                "notice %d: lease lost, not sent", notice_id, extra={"notice_id": notice_id}
+            )
+            done.append(_Done(notice_id, RowOutcome.SKIPPED, None))
+        elif fenced[notice_id] and item.kind in (NoticeKind.PICKUP, NoticeKind.REMINDER):
+            done.append(_Done(notice_id, RowOutcome.SKIPPED, "cancelled"))  # revoked meanwhile
+        else:
+            sendable.append(item)
+    left: list[_Job] = []
+    started: float | None = None
+    for position, item in enumerate(sendable):
+        if started is not None and (
+            stop.is_set()
+            or time.monotonic() - started >= SLICE_SECONDS
+            or lease.due_for_renewal(clock())
+        ):
+            left = sendable[position:]
+            break
+        started = started if started is not None else time.monotonic()
+        transport.deadline = lease.send_deadline()  # the send ends before the lease does
+        try:
+            done.append(_send(transport, item))
+        except BaseException:
+            _record_before_raising(session, settings, lease, done, clock, stats, item.notice_id)
+            raise
+    _record(session, settings, lease, done, clock, stats)
+    return left
+
+
+def _send(transport: SmtpTransport, item: _Job) -> _Done:
+    """Send one built email; its outcome, to record. Raises TransportFault (not the row's)."""
+    notice_id = item.notice_id
+    try:
+        reply = transport.send(item.email)
+    except TransportFault:
+        raise  # every notice would meet it: the batch goes back to the queue as it is
+    except TransientDeliveryError as err:
+        log.info("notice %d deferred (%s)", notice_id, err.reason, extra={"notice_id": notice_id})
+        return _Done(notice_id, RowOutcome.RETRYING, "retry", err.reason)
+    except PermanentDeliveryError as err:
+        log.warning("notice %d failed (%s)", notice_id, err.reason, extra={"notice_id": notice_id})
+        return _Done(notice_id, RowOutcome.FAILED, "failed", err.reason)
+    return _Done(notice_id, RowOutcome.SENT, "sent", reply, item.patient_id)
+
+
+def _record_before_raising(
+    session: Session,
+    settings: Settings,
+    lease: Lease,
+    done: list[_Done],
+    clock: Clock,
+    stats: RunStats,
+    current: int,
+) -> None:
+    """Record what the slice did before an error; ``current`` (the row being sent) first in
+    ``lease.pending``. Never raises: the slice's rows then stay ``sending`` under the claim
+    and are sent again, with the same Message-IDs."""
+    try:
+        _record(session, settings, lease, done, clock, stats)
+    except Exception as err:
+        log.warning(
+            "could not record %d notices (%s); they are sent again with the same Message-ID",
+            len(done),
+            type(err).__name__,
+        )
+    if current in lease.pending:
+        lease.pending.remove(current)
+        lease.pending.insert(0, current)
+
+
+def _record(
+    session: Session,
+    settings: Settings,
+    lease: Lease,
+    done: list[_Done],
+    clock: Clock,
+    stats: RunStats,
+) -> None:
+    """Record ``done`` in one commit, renewing the rest of the lease when due, and count
+    the outcomes; drop the rows from ``lease.pending``. When the commit fails on anything
+    but the database being down, each row is recorded alone (a failing row is retried
+    later, "internal-error"). Raises the database's errors when it is unreachable."""
+    if not done:
+        return
+    recorded = {d.notice_id for d in done}
+    rest = [i for i in lease.pending if i not in recorded]
+    mark, now = time.monotonic(), clock()
+    renew = bool(rest) and lease.due_for_renewal(now)
     try:
         with job(session):
-            outbox.mark_retry(session, notice_id, "internal-error", now, claim=claim)
+            outcomes = _record_all(session, lease.claim, done, now)
+            held = outbox.renew(session, rest, lease.claim, now) if renew else rest
+            if renew:
+                health.beat(session, lease.claim.worker_id, now, settings.notifier_lease)
+    except DATABASE_DOWN:
+        raise
+    except Exception as err:
+        log.warning(
+            "could not record %d notices at once (%s); recording them one by one",
+            len(done),
+            type(err).__name__,
+        )
+        outcomes = [_record_one(session, lease.claim, d, now) for d in done]
+        renew = False
+        held = rest
+    for outcome in outcomes:
+        stats.add(outcome)
+    lease.pending = rest
+    if renew:
+        stats.skipped += lease.renewed_to(now, held, mark)  # taken meanwhile: the holder records
+
+
+def _record_all(
+    session: Session, claim: outbox.Claim, done: list[_Done], now: datetime
+) -> list[RowOutcome]:
+    """Record ``done`` (flushed): the sent rows in one fenced UPDATE, the rest row by row;
+    the outcome of each (SKIPPED for a row whose claim was lost: its holder records)."""
+    replies = {d.notice_id: d.detail or "" for d in done if d.mark == "sent"}
+    patients = {d.notice_id: d.patient_id for d in done if d.mark == "sent"}
+    sent = outbox.mark_sent_many(session, replies, now, claim=claim, patients=patients)
+    outcomes = []
+    for d in done:
+        if d.mark == "sent":
+            outcomes.append(RowOutcome.SENT if d.notice_id in sent else RowOutcome.SKIPPED)
+            if d.notice_id in sent:
+                log.info("notice %d sent", d.notice_id, extra={"notice_id": d.notice_id})
+        else:
+            outcomes.append(_mark(session, claim, d, now))
+    return outcomes
+
+
+def _mark(session: Session, claim: outbox.Claim, d: _Done, now: datetime) -> RowOutcome:
+    """Record one outcome other than sent (flushed); SKIPPED when the claim was lost."""
+    try:
+        if d.mark == "failed":
+            outbox.mark_failed(session, d.notice_id, d.detail or "failed", claim=claim)
+        elif d.mark == "retry":
+            row = outbox.mark_retry(session, d.notice_id, d.detail or "retry", now, claim=claim)
+            return _retry_outcome(row)
+        elif d.mark == "cancelled":
+            outbox.mark_cancelled(session, d.notice_id, claim=claim)
+        elif d.mark == "sent":
+            outbox.mark_sent(session, d.notice_id, d.detail or "", now, claim=claim)
+            log.info("notice %d sent", d.notice_id, extra={"notice_id": d.notice_id})
+    except outbox.ClaimLost:
+        return RowOutcome.SKIPPED
+    return d.outcome
+
+
+def _record_one(session: Session, claim: outbox.Claim, d: _Done, now: datetime) -> RowOutcome:
+    """Record one outcome as a job of its own; when that fails, the row is retried later
+    ("internal-error", itself a job). Raises the database's errors when it is down."""
+    try:
+        with job(session):
+            return _mark(session, claim, d, now)
+    except DATABASE_DOWN:
+        raise
+    except Exception as err:
+        _log_unexpected(d.notice_id, err)
+    try:
+        with job(session):
+            outbox.mark_retry(session, d.notice_id, "internal-error", now, claim=claim)
     except outbox.ClaimLost:
         return RowOutcome.SKIPPED
     return RowOutcome.RETRYING
@@ -419,8 +645,10 @@ def drain(
     batch: int = outbox.DEFAULT_BATCH,
     stop: threading.Event | None = None,
     probe: bool = False,
+    reminders: bool = True,
 ) -> RunStats:
-    """Enqueue due reminders, then claim and send batches until none is due; return counts.
+    """Enqueue due reminders (unless ``reminders`` is False), then claim and send batches
+    until none is due; return counts.
 
     Runs inside its own app context with one SMTP connection for the pass; with
     ``probe``, or when the worker's stored row shows a current transport error, it
@@ -437,8 +665,10 @@ def drain(
     settings = settings_of(app)
     with app.app_context():
         session = db.session
+        audit.chain_at_commit(session)  # a slice's events under one hold of the audit head
         keys.keyring()  # unreadable: a misconfiguration, so end the pass before any row fails
-        enqueue_reminders(session, clock(), settings)
+        if reminders:
+            enqueue_reminders(session, clock(), settings)
         bounces.collect(session, settings, clock())  # DSNs that came back (notifier.bounces)
         probe = probe or health.error_stored(session, worker_id)  # e.g. a restart after a fix
         transport = SmtpTransport(smtp_settings(settings), dkim_key=dkim_key(settings))
@@ -627,18 +857,24 @@ def run_forever(
     Waits ``poll_seconds`` after a pass, PORTAL_NOTIFIER_RELAY_BACKOFF (15 s) doubling
     to 20 times that (at most 5 min) after a transport fault (probing the relay first
     the next time), and 0.5 s doubling to 5 s after a failed pass (the database down),
-    writing the heartbeat at least every HEARTBEAT_SECONDS. On a signal the row being
-    sent is finished and the rest of the batch handed back to the queue.
+    writing the heartbeat at least every HEARTBEAT_SECONDS. Scans for due reminders on
+    the first pass and then at most every REMINDER_EVERY seconds (a reminder is due days
+    after its message: a minute late changes nothing). On a signal the row being sent is
+    finished, the slice's outcomes recorded and the rest of the batch handed back.
     """
     stop = stop or threading.Event()
     restore = _install_signals(stop)
     pace = _Pace(poll_seconds, relay_backoff(settings_of(app)))
     log.info("notifier worker started")
     _beat(app, worker_id, register=True)
+    reminded: float | None = None  # time.monotonic() of the last pass that scanned for reminders
     try:
         while not stop.is_set():
+            scan = reminded is None or time.monotonic() - reminded >= REMINDER_EVERY
             try:
-                wait = pace.passed(drain(app, worker_id, stop=stop, probe=pace.alarm.active))
+                stats = drain(app, worker_id, stop=stop, probe=pace.alarm.active, reminders=scan)
+                reminded = time.monotonic() if scan else reminded
+                wait = pace.passed(stats)
             except Exception as err:
                 wait = pace.failed(err)
             _pause(app, worker_id, stop, wait)

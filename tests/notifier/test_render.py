@@ -370,3 +370,17 @@ def test_addresses_and_message_ids_are_never_shared_between_notices() -> None:
     kept = " ".join(f"{name} {value}" for name, value in render._SHARED)
     assert "@patients.example.org" not in kept
     assert "notice-" not in kept
+
+
+def test_each_notice_has_its_own_boundary_absent_from_its_parts() -> None:
+    first, second = rendered("pickup"), rendered("pickup")
+    boundary = first.get_boundary()
+    assert boundary
+    assert boundary != second.get_boundary()
+    assert all(boundary not in str(part.get_payload()) for part in first.iter_parts())
+    flat = first.as_bytes(policy=email.policy.SMTP)
+    assert flat.count(f"--{boundary}".encode()) == 3  # two parts and the closing line
+    again = email.message_from_bytes(flat, policy=email.policy.default)
+    assert [p.get_content().replace("\r\n", "\n") for p in again.iter_parts()] == [
+        p.get_content() for p in first.iter_parts()
+    ]

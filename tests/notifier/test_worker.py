@@ -397,6 +397,8 @@ def test_a_database_error_on_one_row_is_logged_by_type_without_its_parameters(
             {"id": seeded.patient_id, "email": marker},
         )
 
+    # Recording the slice at once fails; then the row alone, which is retried later.
+    monkeypatch.setattr(outbox, "mark_sent_many", failing_mark_sent)
     monkeypatch.setattr(outbox, "mark_sent", failing_mark_sent)
     with caplog.at_level(logging.INFO):
         stats = worker.drain(app, "w1", clock=fixed(t0))

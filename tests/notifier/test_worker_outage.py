@@ -5,7 +5,8 @@ for a few seconds while the worker is sending a batch to a slow relay. The
 worker's error path must not leave its batch stuck (it used to wait out the
 ten-minute lease): once the database is back, the batch is sent within
 seconds, well inside the lease and the worker's poll, each notice once (or
-again with the same Message-ID for the one in flight at the cut).
+again with the same Message-ID for those of the slice in flight at the cut: sent, not
+yet recorded).
 
 The outage lasts 3 s, shorter than the 30 s lease on purpose: the worker must
 take its own rows back at once rather than wait for their lease, and retry
@@ -33,6 +34,7 @@ from tests.support.faults import TcpProxy
 from tests.support.notifier_process import wait_for
 
 OUTAGE_SECONDS = 3.0
+SINK_DELAY = 0.3  # seconds the sink takes over each message
 LEASE_SECONDS = 30
 POLL_SECONDS = 60.0  # the worker's wait after a good pass: far longer than the test allows
 
@@ -41,7 +43,7 @@ POLL_SECONDS = 60.0  # the worker's wait after a good pass: far longer than the 
 def test_the_batch_is_sent_promptly_once_the_database_is_back(
     make_app: Callable[..., Flask], slow_sink: Callable[[float], MailSink]
 ) -> None:
-    sink = slow_sink(0.3)
+    sink = slow_sink(SINK_DELAY)
     direct = app_for(make_app, sink.port, sink.cert_file)
     seed(direct, notices_count=COUNT)
     url = make_url(direct.config["DATABASE_URL"])
@@ -66,4 +68,4 @@ def test_the_batch_is_sent_promptly_once_the_database_is_back(
         proxy.cut()  # close its listener and connections
 
     assert not runner.is_alive()
-    _sent_once_or_again_with_the_same_id(direct, sink)
+    _sent_once_or_again_with_the_same_id(direct, sink, SINK_DELAY)
