@@ -342,7 +342,9 @@ def chain_at_commit(session: Session) -> None:
 @sa_event.listens_for(Session, "before_commit")
 def _chain_pending(session: Session) -> None:
     pending: list[AuditEvent] | None = session.info.get(_PENDING)
-    if pending:
+    # before_commit fires for a savepoint's release too: the transaction's events are
+    # chained when it commits, not inside a savepoint that may yet be rolled back.
+    if pending and not session.in_nested_transaction():
         events = pending[:]
         pending.clear()
         _append(session, events)  # the commit flushes them with the rest

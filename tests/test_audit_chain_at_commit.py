@@ -89,6 +89,38 @@ def test_a_savepoint_takes_its_own_events_with_it(app: Flask) -> None:
         assert audit.verify(session).ok
 
 
+def test_a_savepoint_released_inside_one_rolled_back_loses_no_outer_event(app: Flask) -> None:
+    """Regression (issue 13 review): releasing a savepoint fires before_commit too, which
+    chained the transaction's staged events inside the outer savepoint; its rollback then
+    took them away, though the transaction that recorded them committed."""
+    with app.app_context():
+        session = db.session
+        audit.chain_at_commit(session)
+        record(session, "outer")
+        rolled_back = session.begin_nested()
+        released = session.begin_nested()
+        released.commit()
+        rolled_back.rollback()
+        session.commit()
+
+        assert [target for _, target in chain(session)] == ["outer"]
+        assert audit.verify(session).ok
+
+
+def test_record_returns_the_event_as_stored_without_attaching_it(app: Flask) -> None:
+    """The contract of record() since events are inserted by one Core statement: the event
+    returned carries the stored seq and hash, and is not in the session."""
+    with app.app_context():
+        session = db.session
+        event = record(session, "m1")
+        session.commit()
+        assert event not in session
+        stored = session.execute(
+            select(AuditEvent.seq, AuditEvent.hash).where(AuditEvent.target_id == "m1")
+        ).one()
+        assert (stored.seq, stored.hash) == (event.seq, event.hash)
+
+
 def test_a_commit_with_nothing_recorded_leaves_the_head_alone(app: Flask) -> None:
     with app.app_context():
         session = db.session

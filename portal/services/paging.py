@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, TypeVarTuple
 
 from sqlalchemy import BindParameter, ColumnElement, Select, and_, bindparam, or_, select
-from sqlalchemy.engine import Row
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from portal.services.errors import ServiceError
@@ -214,7 +214,7 @@ def fetch_prepared(
         anchor = _anchor(session, prepared, token, bound)
         bound.update((f"_anchor_{i}", value) for i, value in enumerate(anchor))
     ordered = prepared.page(descending, token is not None)
-    runner = session.connection() if prepared.columns else session
+    runner = _runner(session, prepared)
     rows = list(runner.execute(ordered, {**bound, "_limit": want.size + 1}).all())
     more = len(rows) > want.size
     rows = rows[: want.size]
@@ -245,11 +245,23 @@ def _anchor(
         if not token.isdigit() or len(token) > _MAX_SEQ_DIGITS:
             raise PageError
         value = int(token)
-    runner = session.connection() if prepared.columns else session
+    runner = _runner(session, prepared)
     found = runner.execute(prepared.anchor(), {**params, "_cursor": value}).one_or_none()
     if found is None:
         raise PageError
     return tuple(found)
+
+
+def _runner(session: Session, prepared: Prepared[*Ts]) -> Session | Connection:
+    """Where ``prepared``'s statements run: the session, or for plain ``columns`` rows its
+    connection, after flushing what the session holds (a connection never autoflushes, and
+    a list must show the caller's own changes, a message just revoked among them). A clean
+    session's flush runs no statement."""
+    if not prepared.columns:
+        return session
+    if session.autoflush:
+        session.flush()
+    return session.connection()
 
 
 def _beyond(

@@ -15,7 +15,8 @@ from portal.audit import Action, RequestMeta, actor_of, event_hash, record
 from portal.database import utcnow
 from portal.extensions import db
 from portal.models import Attachment, AuditEvent, Message, User
-from portal.services import keys
+from portal.models.messages import MessageState
+from portal.services import keys, patient_lists
 from portal.services.names import DELETED_ACCOUNT
 from portal.services.paging import BAD_PAGE, PAGE_SIZE
 from portal.services.patient_lists import DELETED_SUBJECT
@@ -144,6 +145,24 @@ def test_inbox_names_shredded_senders_and_messages_from_its_one_query(
     assert made[0] not in listed_messages(html)  # no link to a shredded message
     assert set(listed_messages(html)) == set(made[1:])
     assert all(f"Letter {n}</a>" in html for n in range(1, 6))
+
+
+def test_inbox_shows_the_callers_own_unflushed_changes(app: Flask, senders: list[str]) -> None:
+    """Regression (issue 13 review): the inbox's rows are read on the session's connection,
+    which never autoflushes, so a message revoked earlier in the same transaction (not yet
+    flushed) was listed as available, with its link."""
+    enrolled_patient(app, "many@example.org", "Manny Many")
+    made = fill_inbox(app, "many@example.org", 2, senders)
+    with app.app_context():
+        patient = db.session.scalar(select(User).where(User.email == "many@example.org"))
+        revoked = db.session.scalar(select(Message).where(Message.public_id == made[0]))
+        assert patient is not None
+        assert revoked is not None
+        revoked.revoked_at = utcnow()  # pending in the session, not flushed
+        rows = {row.public_id: row.state for row in patient_lists.inbox(db.session, patient).rows}
+        db.session.rollback()
+    assert rows[made[0]] == MessageState.REVOKED
+    assert rows[made[1]] == MessageState.AVAILABLE
 
 
 def test_inbox_views_still_chain_their_audit_events(app: Flask, senders: list[str]) -> None:
