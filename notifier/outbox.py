@@ -31,7 +31,7 @@ row locked over the send and needs no such lock.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -113,11 +113,7 @@ def may_send_many(
     """
     if not ids:
         return {}
-    gone = or_(
-        Message.revoked_at.is_not(None),
-        Message.destroyed_at.is_not(None),
-        Message.expires_at <= now,
-    )
+    gone = _message_gone(now)
     stmt = (
         select(Notification.id, Notification.message_id, gone)
         .outerjoin(Message, Message.id == Notification.message_id)
@@ -128,6 +124,23 @@ def may_send_many(
         notice_id: bool(message_id is not None and is_gone)
         for notice_id, message_id, is_gone in session.execute(stmt)
     }
+
+
+def messages_gone(session: Session, message_ids: Collection[int], now: datetime) -> set[int]:
+    """The ids among ``message_ids`` whose message was revoked, destroyed or has expired
+    (one read, no lock): checked again while a slice is sent, after its fence."""
+    if not message_ids:
+        return set()
+    stmt = select(Message.id).where(Message.id.in_(message_ids), _message_gone(now))
+    return set(session.scalars(stmt))
+
+
+def _message_gone(now: datetime) -> ColumnElement[bool]:
+    return or_(
+        Message.revoked_at.is_not(None),
+        Message.destroyed_at.is_not(None),
+        Message.expires_at <= now,
+    )
 
 
 def _due(now: datetime, lease: timedelta, worker_id: str) -> ColumnElement[bool]:

@@ -99,7 +99,8 @@ class RowOutcome(StrEnum):
 @dataclass
 class RunStats:
     """What one pass did; ``delayed`` rows were handed back, unsent, by ``transport_error``;
-    ``standby``: another worker held the SQLite send lock, so this one claimed nothing."""
+    ``standby``: another worker held the SQLite send lock, so this one claimed nothing;
+    ``more_reminders``: the reminder scan was cut at REMINDER_BATCH, more may be due."""
 
     sent: int = 0
     failed: int = 0
@@ -108,6 +109,7 @@ class RunStats:
     delayed: int = 0
     transport_error: TransportFault | None = None
     standby: bool = False
+    more_reminders: bool = False  # the reminder scan was cut at REMINDER_BATCH
 
     @property
     def processed(self) -> int:
@@ -251,11 +253,17 @@ def _retry_outcome(row: Notification) -> RowOutcome:
 #
 # Crash safety: a worker killed mid-slice leaves that slice's rows ``sending`` under its
 # claim; they are sent again (the lease, or the same worker id at once) with the same
-# Message-ID (derived from the notice's public id). Any error the worker lives through
-# records what the slice sent first. A refusal, a retry or an unreadable key is its
-# row's outcome only; a transport fault hands the unsent rows back queued.
+# Message-ID (derived from the notice's public id); so does a BaseException (the
+# stand-in for a crash). Any error the worker lives through records what the slice sent
+# first. A refusal, a retry, an unreadable key or an unexpected error while sending is
+# its row's outcome only; a transport fault hands the unsent rows back queued.
 
 SLICE_SECONDS = 0.5  # a slice's outcomes are committed at most about this long after its first send
+# Within a slice, its messages are checked again for a revocation (or destruction, or
+# expiry) at least this often, and after this many sends: a revoked message's later
+# notices in the slice are cancelled, not sent.
+RECHECK_SECONDS = 0.05
+RECHECK_SENDS = 8
 MARKS = ("sent", "failed", "retry", "cancelled")
 
 
@@ -280,6 +288,7 @@ class _Job:
     kind: str
     email: EmailMessage
     patient_id: int | None  # for its audit event
+    message_id: int | None = None  # pickups and reminders: a revocation cancels the send
 
 
 @contextmanager
@@ -360,6 +369,7 @@ def _run_batch(
     return False when the pass should end (stop). Raises TransportFault (the rows handed
     back, delayed), or the error that failed the pass (what is still held handed back if
     the database allows)."""
+    jobs: list[_Job] = []
     try:
         jobs, done = _build_batch(session, settings, lease, clock())
         while lease.pending:
@@ -381,6 +391,8 @@ def _run_batch(
     except Exception:
         _hand_back(session, lease)
         raise
+    finally:
+        jobs.clear()  # the built emails (live links): not kept by an error's frames
     return True
 
 
@@ -411,7 +423,16 @@ def _build_batch(
             continue
         try:
             email = _prepare(session, row, settings, now)
-            jobs.append(_Job(notice_id, row.kind, email, outbox.patient_id(session, row)))
+            revocable = row.kind in (NoticeKind.PICKUP, NoticeKind.REMINDER)
+            jobs.append(
+                _Job(
+                    notice_id,
+                    row.kind,
+                    email,
+                    outbox.patient_id(session, row),
+                    row.message_id if revocable else None,
+                )
+            )
         except _Skip as skip:
             done.append(_Done(notice_id, skip.outcome, skip.mark, skip.reason))
         except DATABASE_DOWN:
@@ -457,8 +478,11 @@ def _run_slice(
     """Fence the jobs still pending, send them for one slice, record the slice's outcomes
     (with ``done``, outcomes decided earlier) in one commit; return the jobs left.
 
-    An error while sending (a transport fault, a crash) records what the slice sent
-    first, and leaves the row being sent first in ``lease.pending``; then it is raised.
+    A message revoked (destroyed, expired) while the slice is sent cancels its rows not
+    sent yet: checked every RECHECK_SECONDS or RECHECK_SENDS sends. An error while
+    sending (a transport fault, the database) records what the slice sent first, and
+    leaves the row being sent first in ``lease.pending``; then it is raised. A crash
+    (a BaseException) records nothing: the slice's rows are sent again, same Message-IDs.
     """
     now = clock()
     pending = set(lease.pending)
@@ -480,6 +504,8 @@ def _run_slice(
             sendable.append(item)
     left: list[_Job] = []
     started: float | None = None
+    checked, sends = time.monotonic(), 0  # the fence was the last check for revocations
+    gone: set[int] = set()
     for position, item in enumerate(sendable):
         if started is not None and (
             stop.is_set()
@@ -488,11 +514,20 @@ def _run_slice(
         ):
             left = sendable[position:]
             break
-        started = started if started is not None else time.monotonic()
-        transport.deadline = lease.send_deadline()  # the send ends before the lease does
         try:
+            if sends and (sends >= RECHECK_SENDS or time.monotonic() - checked >= RECHECK_SECONDS):
+                # A read only (SQLite: no write before the slice's commit).
+                watched = {j.message_id for j in sendable[position:] if j.message_id is not None}
+                gone = outbox.messages_gone(session, watched, clock())
+                checked, sends = time.monotonic(), 0
+            if item.message_id in gone:  # revoked, destroyed or expired since the fence
+                done.append(_Done(item.notice_id, RowOutcome.SKIPPED, "cancelled"))
+                continue
+            started = started if started is not None else time.monotonic()
+            transport.deadline = lease.send_deadline()  # the send ends before the lease does
             done.append(_send(transport, item))
-        except BaseException:
+            sends += 1
+        except Exception:  # a transport fault, the database (a crash records nothing)
             _record_before_raising(session, settings, lease, done, clock, stats, item.notice_id)
             raise
     _record(session, settings, lease, done, clock, stats)
@@ -500,7 +535,9 @@ def _run_slice(
 
 
 def _send(transport: SmtpTransport, item: _Job) -> _Done:
-    """Send one built email; its outcome, to record. Raises TransportFault (not the row's)."""
+    """Send one built email; its outcome, to record (any other error of the send is this
+    row's: retried later, "internal-error"). Raises TransportFault and the database being
+    down (not the row's)."""
     notice_id = item.notice_id
     try:
         reply = transport.send(item.email)
@@ -512,6 +549,17 @@ def _send(transport: SmtpTransport, item: _Job) -> _Done:
     except PermanentDeliveryError as err:
         log.warning("notice %d failed (%s)", notice_id, err.reason, extra={"notice_id": notice_id})
         return _Done(notice_id, RowOutcome.FAILED, "failed", err.reason)
+    except DATABASE_DOWN:
+        raise  # not the row's: the pass ends (what the slice sent is recorded if it can be)
+    except Exception as err:  # e.g. flattening or signing the email: this row's, retried later
+        # The type only: its text or frames could quote the email.
+        log.error(
+            "notice %d: unexpected error while sending (%s)",
+            notice_id,
+            type(err).__name__,
+            extra={"notice_id": notice_id},
+        )
+        return _Done(notice_id, RowOutcome.RETRYING, "retry", "internal-error")
     return _Done(notice_id, RowOutcome.SENT, "sent", reply, item.patient_id)
 
 
@@ -668,7 +716,7 @@ def drain(
         audit.chain_at_commit(session)  # a slice's events under one hold of the audit head
         keys.keyring()  # unreadable: a misconfiguration, so end the pass before any row fails
         if reminders:
-            enqueue_reminders(session, clock(), settings)
+            stats.more_reminders = _enqueue_reminders(session, clock(), settings)[1]
         bounces.collect(session, settings, clock())  # DSNs that came back (notifier.bounces)
         probe = probe or health.error_stored(session, worker_id)  # e.g. a restart after a fix
         transport = SmtpTransport(smtp_settings(settings), dkim_key=dkim_key(settings))
@@ -684,10 +732,25 @@ def drain(
                         session, transport, settings, worker_id, clock, batch, stats, stop
                     )
             except TransportFault as fault:
-                stats.transport_error = fault
+                stats.transport_error = _without_frames(fault)
             reached = transport.connections_opened > 0
         _record_pass(session, worker_id, clock(), settings, stats, reached)
     return stats
+
+
+def _without_frames(fault: TransportFault) -> TransportFault:
+    """``fault`` and the errors it chains, with no traceback: their frames hold the batch's
+    emails (live links), and the fault is kept for the whole backoff."""
+    todo: list[BaseException | None] = [fault]
+    seen: set[int] = set()
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        err.__traceback__ = None
+        todo += (err.__cause__, err.__context__)
+    return fault
 
 
 def _claim_and_send(
@@ -859,8 +922,10 @@ def run_forever(
     the next time), and 0.5 s doubling to 5 s after a failed pass (the database down),
     writing the heartbeat at least every HEARTBEAT_SECONDS. Scans for due reminders on
     the first pass and then at most every REMINDER_EVERY seconds (a reminder is due days
-    after its message: a minute late changes nothing). On a signal the row being sent is
-    finished, the slice's outcomes recorded and the rest of the batch handed back.
+    after its message: a minute late changes nothing), or at the next pass when a scan
+    was cut at REMINDER_BATCH (a backlog is not held to REMINDER_BATCH a minute). On a
+    signal the row being sent is finished, the slice's outcomes recorded and the rest of
+    the batch handed back.
     """
     stop = stop or threading.Event()
     restore = _install_signals(stop)
@@ -868,12 +933,14 @@ def run_forever(
     log.info("notifier worker started")
     _beat(app, worker_id, register=True)
     reminded: float | None = None  # time.monotonic() of the last pass that scanned for reminders
+    more = False  # that scan was cut at REMINDER_BATCH
     try:
         while not stop.is_set():
-            scan = reminded is None or time.monotonic() - reminded >= REMINDER_EVERY
+            scan = reminders_due(reminded, more, time.monotonic())
             try:
                 stats = drain(app, worker_id, stop=stop, probe=pace.alarm.active, reminders=scan)
-                reminded = time.monotonic() if scan else reminded
+                if scan:
+                    reminded, more = time.monotonic(), stats.more_reminders
                 wait = pace.passed(stats)
             except Exception as err:
                 wait = pace.failed(err)
@@ -959,11 +1026,24 @@ def enqueue_reminders(session: Session, now: datetime, settings: Settings) -> in
     A message whose reminder fails is confined to itself (see _remind_one); raises
     only for database errors, which end the pass.
     """
+    return _enqueue_reminders(session, now, settings)[0]
+
+
+def _enqueue_reminders(session: Session, now: datetime, settings: Settings) -> tuple[int, bool]:
+    """:func:`enqueue_reminders`; also True when the scan was cut at REMINDER_BATCH and
+    queued some (more may be due: scan again at the next pass; a scan that queued none,
+    its messages all failing, waits REMINDER_EVERY as usual, not to log them every pass)."""
     after = timedelta(seconds=settings.reminder_after)
-    return sum(
-        _remind_one(session, message_id, now)
-        for message_id in _reminder_candidates(session, now, after)
-    )
+    candidates = _reminder_candidates(session, now, after)
+    queued = sum(_remind_one(session, message_id, now) for message_id in candidates)
+    return queued, queued > 0 and len(candidates) >= REMINDER_BATCH
+
+
+def reminders_due(last_scan: float | None, more: bool, now: float) -> bool:
+    """Whether a pass of run_forever scans for due reminders: on the first pass, when the
+    last scan was cut at REMINDER_BATCH (``more``), and REMINDER_EVERY seconds after the
+    last scan; ``last_scan`` and ``now`` are time.monotonic() readings."""
+    return last_scan is None or more or now - last_scan >= REMINDER_EVERY
 
 
 def _remind_one(session: Session, message_id: int, now: datetime) -> int:

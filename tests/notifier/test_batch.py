@@ -9,10 +9,13 @@ Real database (SQLite and PostgreSQL), real STARTTLS sink.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
+from email.message import EmailMessage
 from typing import Any
 
 import pytest
@@ -21,16 +24,18 @@ from sqlalchemy import event, select, update
 
 from notifier import outbox, worker
 from notifier.sink import MailSink
-from notifier.smtp import make_message_id
+from notifier.smtp import SmtpTransport, make_message_id
 from portal.extensions import db
-from portal.models import AuditEvent, Notification, User
+from portal.models import AuditEvent, Message, Notification, User
 from tests.notifier.test_worker import (
     DOMAIN,
+    PATIENT_EMAIL,
     Crash,
     _delivered_ids,
     app_for,
     fixed,
     make_message,
+    make_people,
     queue_pickup,
     seed,
     t0,  # noqa: F401  (the fixture)
@@ -234,8 +239,15 @@ def test_a_batch_costs_a_bounded_number_of_statements_whatever_its_size(
         db.session.commit()
     later = t0 + timedelta(seconds=1)
     with _statements(app) as many:
+        started = time.monotonic()
         assert worker.drain(app, "w1", clock=fixed(later)).sent == 40
+        took = time.monotonic() - started
 
+    # The slice's messages read again for revocations: every RECHECK_SENDS sends or
+    # RECHECK_SECONDS of sending, not per notice; counted apart.
+    rechecks = [len([s for s in run if _is_recheck(s)]) for run in (few, many)]
+    assert 1 <= rechecks[1] <= 40 / worker.RECHECK_SENDS + took / worker.RECHECK_SECONDS + 1
+    few, many = ([s for s in run if not _is_recheck(s)] for run in (few, many))
     # Eight times the notices in the one batch: a few statements more, not one per notice.
     # (On SQLite the ORM inserts the audit events one by one, in-process: not counted.)
     counted = [
@@ -244,3 +256,171 @@ def test_a_batch_costs_a_bounded_number_of_statements_whatever_its_size(
     if backend == "postgresql":
         counted = [len(few), len(many)]
     assert counted[1] - counted[0] <= 5, "\n".join(s[:90].replace("\n", " ") for s in many)
+
+
+def _is_recheck(statement: str) -> bool:
+    """outbox.messages_gone's read: the ids alone of the slice's messages gone meanwhile."""
+    return " ".join(statement.split()).startswith("SELECT messages.id FROM messages WHERE")
+
+
+# -- review of the batch path (issue 12) ----------------------------------------------------
+
+
+def test_an_unexpected_error_while_sending_is_its_rows_alone(
+    make_app: Callable[..., Flask],
+    sink: MailSink,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    t0: datetime,  # noqa: F811
+) -> None:
+    app = app_for(make_app, sink.port, sink.cert_file)
+    ids = seed(app, notices_count=4).notice_ids
+    bad = ids[0]  # first of the batch: it used to hand the batch back at every pass
+    [bad_message_id] = _message_ids(app, [bad])
+    real_send = SmtpTransport.send
+
+    def send(self: SmtpTransport, msg: EmailMessage) -> str:
+        if msg["Message-ID"] == bad_message_id:  # e.g. flattening or DKIM signing it
+            raise UnicodeEncodeError("ascii", PATIENT_EMAIL, 0, 1, "ordinal not in range")
+        return real_send(self, msg)
+
+    monkeypatch.setattr(SmtpTransport, "send", send)
+    with caplog.at_level(logging.INFO, logger="notifier"):
+        passes = [worker.drain(app, "w1", clock=fixed(t0 + timedelta(seconds=n))) for n in range(3)]
+
+    assert [(s.sent, s.retrying) for s in passes] == [(3, 1), (0, 0), (0, 0)]
+    assert sink.handler.stored == 3
+    with app.app_context():
+        failed = db.session.get(Notification, bad)
+        assert failed is not None
+        assert (failed.status, failed.failure_reason, failed.attempts) == (
+            "queued",
+            "internal-error",
+            1,
+        )
+        assert failed.next_attempt_at > t0 + timedelta(seconds=2)
+    [logged] = [r for r in caplog.records if "unexpected error while sending" in r.getMessage()]
+    assert (
+        logged.getMessage() == f"notice {bad}: unexpected error while sending (UnicodeEncodeError)"
+    )
+    assert logged.exc_info is None  # its text and frames could quote the email
+    assert PATIENT_EMAIL not in caplog.text
+
+
+def _revoke(app: Flask, message_id: int, when: datetime) -> None:
+    """Revoke the message from another session (as staff would, in the portal)."""
+    with app.app_context():  # a context of its own: its own session and connection
+        db.session.execute(update(Message).where(Message.id == message_id).values(revoked_at=when))
+        db.session.commit()
+
+
+RECHECK_WITHIN = 0.06  # seconds: a slice sees a revocation at most this long after it
+
+
+@pytest.mark.parametrize("trigger", ["time", "sends"])
+def test_a_revocation_during_a_slice_stops_its_later_sends(
+    make_app: Callable[..., Flask],
+    sink: MailSink,
+    monkeypatch: pytest.MonkeyPatch,
+    t0: datetime,  # noqa: F811
+    trigger: str,
+) -> None:
+    app = app_for(make_app, sink.port, sink.cert_file)
+    seeded = seed(app, notices_count=5)
+    real_send = SmtpTransport.send
+    if trigger == "sends":  # checked again after every send, whatever the time
+        monkeypatch.setattr(worker, "RECHECK_SENDS", 1)
+        monkeypatch.setattr(worker, "RECHECK_SECONDS", 3600.0)
+
+    def send(self: SmtpTransport, msg: EmailMessage) -> str:
+        reply = real_send(self, msg)
+        if sink.handler.stored == 1:  # the slice's first send is through: staff revoke now
+            _revoke(app, seeded.message_id, t0)
+            if trigger == "time":
+                time.sleep(RECHECK_WITHIN)
+        return reply
+
+    monkeypatch.setattr(SmtpTransport, "send", send)
+    stats = worker.drain(app, "w1", clock=fixed(t0))
+
+    assert sink.handler.stored == 1
+    assert (stats.sent, stats.skipped) == (1, 4)
+    if trigger == "time":
+        assert worker.RECHECK_SECONDS <= RECHECK_WITHIN
+    with app.app_context():
+        stmt = select(Notification.status).where(Notification.id.in_(seeded.notice_ids))
+        assert Counter(db.session.scalars(stmt)) == {"sent": 1, "cancelled": 4}
+
+
+def test_a_relay_fault_is_kept_without_the_frames_that_hold_the_batch(
+    make_app: Callable[..., Flask],
+    sink: MailSink,
+    other_ca_file: str,
+    t0: datetime,  # noqa: F811
+) -> None:
+    app = app_for(make_app, sink.port, other_ca_file)  # the handshake fails at the first send
+    seed(app, notices_count=3)
+
+    stats = worker.drain(app, "w1", clock=fixed(t0))
+
+    fault = stats.transport_error
+    assert fault is not None
+    assert stats.delayed == 3
+    chained: list[BaseException] = []
+    err: BaseException | None = fault
+    while err is not None:
+        chained.append(err)
+        err = err.__cause__ or err.__context__
+    # Kept for the whole backoff: its frames would keep every rendered email (live links).
+    assert [e.__traceback__ for e in chained] == [None] * len(chained)
+
+
+def test_reminders_are_scanned_again_at_once_while_a_scan_fills_its_batch() -> None:
+    assert worker.reminders_due(None, False, 5.0)  # the first pass
+    assert not worker.reminders_due(100.0, False, 100.0 + worker.REMINDER_EVERY - 1)
+    assert worker.reminders_due(100.0, False, 100.0 + worker.REMINDER_EVERY)
+    assert worker.reminders_due(100.0, True, 101.0)  # the last scan was cut: a backlog
+
+
+def test_a_pass_says_when_its_reminder_scan_was_cut(
+    make_app: Callable[..., Flask],
+    sink: MailSink,
+    monkeypatch: pytest.MonkeyPatch,
+    t0: datetime,  # noqa: F811
+) -> None:
+    app = app_for(make_app, sink.port, sink.cert_file)
+    with app.app_context():
+        staff, patient = make_people(db.session)
+        old = t0 - timedelta(days=4)
+        for _ in range(3):
+            make_message(db.session, staff, patient, created_at=old)
+        db.session.commit()
+    monkeypatch.setattr(worker, "REMINDER_BATCH", 2)
+
+    passes = [worker.drain(app, "w1", clock=fixed(t0 + timedelta(seconds=n))) for n in range(3)]
+
+    assert [s.more_reminders for s in passes] == [True, False, False]
+    assert sum(s.sent for s in passes) == 3
+
+
+def test_a_cut_reminder_scan_that_queued_none_waits_as_usual(
+    make_app: Callable[..., Flask],
+    sink: MailSink,
+    monkeypatch: pytest.MonkeyPatch,
+    t0: datetime,  # noqa: F811
+) -> None:
+    app = app_for(make_app, sink.port, sink.cert_file)
+    with app.app_context():
+        staff, patient = make_people(db.session)
+        for _ in range(3):
+            make_message(db.session, staff, patient, created_at=t0 - timedelta(days=4))
+        db.session.commit()
+    monkeypatch.setattr(worker, "REMINDER_BATCH", 2)
+
+    def broken(*args: Any, **kwargs: Any) -> int:
+        raise RuntimeError("a bug")  # tried again at the next scan, logged each time
+
+    monkeypatch.setattr(worker, "_remind", broken)
+
+    # Scanning at every pass would log the same failures every few seconds.
+    assert worker.drain(app, "w1", clock=fixed(t0)).more_reminders is False
