@@ -456,6 +456,11 @@ class SmtpTransport:
             err.mid_transaction = mail_accepted and isinstance(err, RelayUnavailable)
             self._end_refused_transaction(smtp, err)
             raise
+        except BaseException:
+            # Not the relay's answer (a bug, a signal): the transaction may be half done,
+            # so the connection goes, or the next MAIL would meet "503 nested MAIL".
+            self._discard()
+            raise
         log.info("SMTP server accepted message %s", outgoing.message_id)
         text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
         return f"{code} {text}"[:MAX_RESPONSE_CHARS]

@@ -63,6 +63,12 @@ from portal.services import delivery, keys, messaging, notices
 
 log = logging.getLogger(__name__)
 
+INTERNAL_ERROR = "internal-error"
+# An unexpected error is one row's (retried later, its attempt counted) until it happens to
+# this many rows in a row: then it is the worker's (a bug every email meets), the pass ends
+# and the rows go back unsent and uncounted, as on a transport fault, so a systematic bug
+# cannot use up every notice's attempts and fail the whole queue for good.
+INTERNAL_ERRORS_IN_A_ROW = 3
 POLL_SECONDS = 5.0  # pause between passes of run_forever when nothing is due
 REMINDER_BATCH = 200  # messages reminded per pass at most
 REMINDER_EVERY = 60.0  # seconds: run_forever scans for due reminders at most this often
@@ -441,7 +447,7 @@ def _build_batch(
             _log_unexpected(notice_id, err)
             if isinstance(err, DBAPIError):
                 session.rollback()  # PostgreSQL refuses the transaction's next statement
-            done.append(_Done(notice_id, RowOutcome.RETRYING, "retry", "internal-error"))
+            done.append(_Done(notice_id, RowOutcome.RETRYING, "retry", INTERNAL_ERROR))
     del held
     return jobs, done
 
@@ -480,9 +486,12 @@ def _run_slice(
 
     A message revoked (destroyed, expired) while the slice is sent cancels its rows not
     sent yet: checked every RECHECK_SECONDS or RECHECK_SENDS sends. An error while
-    sending (a transport fault, the database) records what the slice sent first, and
-    leaves the row being sent first in ``lease.pending``; then it is raised. A crash
-    (a BaseException) records nothing: the slice's rows are sent again, same Message-IDs.
+    sending (a transport fault, the database, a KeyboardInterrupt of ``notifier run
+    --once``) records what the slice sent first, if it still can, and leaves the row being
+    sent first in ``lease.pending``; then it is raised. Only a crash that runs no handler
+    (SIGKILL, power) records nothing: the slice's rows are sent again, same Message-IDs.
+    More than INTERNAL_ERRORS_IN_A_ROW unexpected send errors in a row end the pass as a
+    fault of the worker (UnexpectedSendErrors), not of each row.
     """
     now = clock()
     pending = set(lease.pending)
@@ -505,6 +514,7 @@ def _run_slice(
     left: list[_Job] = []
     started: float | None = None
     checked, sends = time.monotonic(), 0  # the fence was the last check for revocations
+    unexpected: list[_Done] = []  # the last sends' outcomes, while unexpected errors
     gone: set[int] = set()
     for position, item in enumerate(sendable):
         if started is not None and (
@@ -525,13 +535,26 @@ def _run_slice(
                 continue
             started = started if started is not None else time.monotonic()
             transport.deadline = lease.send_deadline()  # the send ends before the lease does
-            done.append(_send(transport, item))
+            outcome = _send(transport, item)
+            done.append(outcome)
             sends += 1
-        except Exception:  # a transport fault, the database (a crash records nothing)
+            unexpected = [*unexpected, outcome] if outcome.detail == INTERNAL_ERROR else []
+            if len(unexpected) >= INTERNAL_ERRORS_IN_A_ROW:
+                for counted in unexpected:  # handed back with the rest, no attempt counted
+                    done.remove(counted)
+                raise UnexpectedSendErrors(len(unexpected))
+        except BaseException:  # a transport fault, the database, Ctrl-C on --once
             _record_before_raising(session, settings, lease, done, clock, stats, item.notice_id)
             raise
     _record(session, settings, lease, done, clock, stats)
     return left
+
+
+class UnexpectedSendErrors(RuntimeError):
+    """INTERNAL_ERRORS_IN_A_ROW notices in a row met an unexpected error while being sent."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(f"{count} notices in a row met an unexpected error while sent")
 
 
 def _send(transport: SmtpTransport, item: _Job) -> _Done:
@@ -559,7 +582,7 @@ def _send(transport: SmtpTransport, item: _Job) -> _Done:
             type(err).__name__,
             extra={"notice_id": notice_id},
         )
-        return _Done(notice_id, RowOutcome.RETRYING, "retry", "internal-error")
+        return _Done(notice_id, RowOutcome.RETRYING, "retry", INTERNAL_ERROR)
     return _Done(notice_id, RowOutcome.SENT, "sent", reply, item.patient_id)
 
 
@@ -679,7 +702,7 @@ def _record_one(session: Session, claim: outbox.Claim, d: _Done, now: datetime) 
         _log_unexpected(d.notice_id, err)
     try:
         with job(session):
-            outbox.mark_retry(session, d.notice_id, "internal-error", now, claim=claim)
+            outbox.mark_retry(session, d.notice_id, INTERNAL_ERROR, now, claim=claim)
     except outbox.ClaimLost:
         return RowOutcome.SKIPPED
     return RowOutcome.RETRYING

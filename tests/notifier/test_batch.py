@@ -10,6 +10,7 @@ Real database (SQLite and PostgreSQL), real STARTTLS sink.
 from __future__ import annotations
 
 import logging
+import smtplib
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -305,6 +306,60 @@ def test_an_unexpected_error_while_sending_is_its_rows_alone(
     )
     assert logged.exc_info is None  # its text and frames could quote the email
     assert PATIENT_EMAIL not in caplog.text
+
+
+def test_an_unexpected_error_mid_transaction_leaves_no_half_transaction_behind(
+    make_app: Callable[..., Flask],
+    sink: MailSink,
+    monkeypatch: pytest.MonkeyPatch,
+    t0: datetime,  # noqa: F811
+) -> None:
+    """Regression (review of the internal-error path): an unexpected error after the relay
+    took MAIL left the connection mid-transaction, so the next notice's MAIL met "503 nested
+    MAIL", read as a misconfigured sender: every row handed back, a false relay alarm."""
+    app = app_for(make_app, sink.port, sink.cert_file)
+    seed(app, notices_count=4)
+    real_rcpt = smtplib.SMTP.rcpt
+    calls = 0
+
+    def rcpt(self: smtplib.SMTP, *args: Any, **kwargs: Any) -> tuple[int, bytes]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug between MAIL and RCPT")
+        return real_rcpt(self, *args, **kwargs)
+
+    monkeypatch.setattr(smtplib.SMTP, "rcpt", rcpt)
+    stats = worker.drain(app, "w1", clock=fixed(t0))
+    assert stats.transport_error is None
+    assert (stats.sent, stats.retrying, stats.delayed) == (3, 1, 0)
+    assert sink.handler.stored == 3
+
+
+def test_an_unexpected_error_every_email_meets_is_the_workers_and_counts_no_attempt(
+    make_app: Callable[..., Flask],
+    sink: MailSink,
+    monkeypatch: pytest.MonkeyPatch,
+    t0: datetime,  # noqa: F811
+) -> None:
+    """Regression (review of the internal-error path): a bug every send meets made each row
+    an internal-error retry, using up every notice's attempts until the whole queue failed
+    for good. After INTERNAL_ERRORS_IN_A_ROW the pass ends as the worker's fault instead."""
+    app = app_for(make_app, sink.port, sink.cert_file)
+    ids = seed(app, notices_count=6).notice_ids
+
+    def broken(self: SmtpTransport, msg: EmailMessage) -> str:
+        raise UnicodeEncodeError("ascii", "x", 0, 1, "a bug in every email")
+
+    monkeypatch.setattr(SmtpTransport, "send", broken)
+    for n in range(3):
+        with pytest.raises(worker.UnexpectedSendErrors):
+            worker.drain(app, "w1", clock=fixed(t0 + timedelta(seconds=n)))
+    monkeypatch.undo()
+    with app.app_context():
+        rows = [db.session.get(Notification, i) for i in ids]
+        assert [(r.status, r.attempts) for r in rows if r is not None] == [("queued", 0)] * 6
+    assert worker.drain(app, "w1", clock=fixed(t0 + timedelta(seconds=5))).sent == 6  # fixed
 
 
 def _revoke(app: Flask, message_id: int, when: datetime) -> None:
