@@ -84,32 +84,16 @@ def _held(claim: Claim | None) -> ColumnElement[bool]:
     )
 
 
-def may_send(
-    session: Session, notice_id: int, claim: Claim, now: datetime, lease: timedelta = LEASE
-) -> bool:
-    """Return True when ``claim`` still holds the row and its ``lease`` has not run out.
-
-    Call it just before the send, with no write made yet in the transaction
-    (SQLite then reads the latest commit). On PostgreSQL the row stays locked
-    until the caller commits, so no claim can take it while it is being sent.
-    """
-    stmt = (
-        select(Notification.id)
-        .where(Notification.id == notice_id, _held(claim), Notification.claimed_at > now - lease)
-        .with_for_update()
-    )
-    return session.scalar(stmt) is not None
-
-
 def may_send_many(
     session: Session, ids: Sequence[int], claim: Claim, now: datetime, lease: timedelta = LEASE
 ) -> dict[int, bool]:
     """The rows of ``ids`` that ``claim`` still holds with a live ``lease``, locked (one
     statement): {id: True when its message was revoked, destroyed or has expired}.
 
-    :func:`may_send` for a slice of a batch: call it just before the slice's sends, with
-    no write made yet in the transaction. On PostgreSQL the rows stay locked until the
-    caller commits (``FOR UPDATE`` of the notices only, not of their messages).
+    The fence of a slice of a batch: call it just before the slice's sends, with no write
+    made yet in the transaction (SQLite then reads the latest commit). On PostgreSQL the
+    rows stay locked until the caller commits (``FOR UPDATE`` of the notices only, not of
+    their messages), so no claim can take them while they are being sent.
     """
     if not ids:
         return {}
@@ -164,7 +148,7 @@ def claim(
 ) -> list[int]:
     """Claim up to ``batch`` due notices for ``worker_id`` (flushed) and return their ids.
 
-    The claim is ``Claim(worker_id, now)``: pass it to :func:`may_send` and
+    The claim is ``Claim(worker_id, now)``: pass it to :func:`may_send_many` and
     the ``mark_*`` functions. Rows still ``sending`` under ``worker_id`` are
     taken back whatever their lease: a worker id names one running worker at a
     time, so they were left by a run that died (a stable ``--worker-id`` lets a
