@@ -24,12 +24,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy import event as sa_event
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 
+from portal.audit_group import APPENDER
 from portal.database import utcnow
 from portal.models import AuditEvent, AuditHead, User
 
@@ -264,9 +265,62 @@ def record(
     once, so that rolling the savepoint back takes it with it. Raises
     AuditDetailError for details that could carry free text.
     """
-    detail_text = _check_details(details or {})
+    event = _new_event(
+        action, actor, meta, outcome, target_type, target_id, patient_id, message_id, details
+    )
     pending: list[AuditEvent] | None = session.info.get(_PENDING)
-    event = AuditEvent(
+    if pending is not None and not session.connection().in_nested_transaction():
+        pending.append(event)
+        return event
+    _append(session, [event])
+    session.flush()
+    return event
+
+
+def record_read(
+    session: Session,
+    action: Action,
+    *,
+    actor: Actor = SYSTEM,
+    meta: RequestMeta = NO_REQUEST,
+    patient_id: int | None = None,
+    details: Mapping[str, object] | None = None,
+) -> None:
+    """Record that PHI was shown, for a request whose transaction changes nothing.
+
+    With the app's group appender (``portal.audit_group``, in ``session.info``) the event
+    is appended with other requests' in one short transaction of the appender's, and is
+    committed when this returns. Without one (the CLI, an in-memory database), or when
+    ``session`` has written anything since its last commit (the appender would wait for
+    that transaction's locks), it is appended in ``session`` as :func:`record` does, and
+    commits with it. Raises AuditDetailError as :func:`record` does, and the database's
+    errors (the caller must then show nothing).
+    """
+    appender: _Appender | None = session.info.get(APPENDER)
+    if appender is None or session.info.get(_WROTE) or _has_changes(session):
+        record(session, action, actor=actor, meta=meta, patient_id=patient_id, details=details)
+        return
+    appender.append(
+        _new_event(action, actor, meta, Outcome.SUCCESS, None, None, patient_id, None, details)
+    )
+
+
+def _has_changes(session: Session) -> bool:
+    return bool(session.new or session.dirty or session.deleted or session.info.get(_PENDING))
+
+
+def _new_event(
+    action: Action,
+    actor: Actor,
+    meta: RequestMeta,
+    outcome: Outcome,
+    target_type: str | None,
+    target_id: str | None,
+    patient_id: int | None,
+    message_id: int | None,
+    details: Mapping[str, object] | None,
+) -> AuditEvent:
+    return AuditEvent(
         actor_id=actor.id,
         actor_role=actor.role,
         action=Action(action).value,
@@ -278,14 +332,34 @@ def record(
         client_ip=meta.client_ip,
         user_agent=(meta.user_agent or "")[:256] or None,
         request_id=meta.request_id,
-        details=detail_text,
+        details=_check_details(details or {}),
     )
-    if pending is not None and not session.connection().in_nested_transaction():
-        pending.append(event)
-        return event
-    _append(session, [event])
-    session.flush()
-    return event
+
+
+class _Appender(Protocol):
+    def append(self, audit_event: AuditEvent) -> None: ...
+
+
+# Session.info key: whether the session's transaction has written (then record_read must
+# not wait for the group appender, which is under audit_group.APPENDER).
+_WROTE = "audit_wrote"
+
+
+@sa_event.listens_for(Session, "do_orm_execute")
+def _note_write(state: ORMExecuteState) -> None:
+    if state.is_insert or state.is_update or state.is_delete:
+        state.session.info[_WROTE] = True
+
+
+@sa_event.listens_for(Session, "after_flush")
+def _note_flush(session: Session, _context: object) -> None:
+    session.info[_WROTE] = True
+
+
+@sa_event.listens_for(Session, "after_commit")
+@sa_event.listens_for(Session, "after_rollback")
+def _forget_writes(session: Session) -> None:
+    session.info.pop(_WROTE, None)
 
 
 # The head's two statements, built once: Core statements on the table (not ORM-enabled
@@ -309,7 +383,13 @@ _EVENT_COLUMNS = tuple(c.key for c in _EVENT_TABLE.c if not c.primary_key)
 _INSERT_EVENTS = insert(_EVENT_TABLE)
 
 
-def _append(session: Session, events: list[AuditEvent]) -> None:
+def append_events(connection: Connection, events: list[AuditEvent]) -> None:
+    """Chain ``events`` after the head, in ``connection``'s transaction (the group
+    appender's: ``portal.audit_group``), under one lock of the head row."""
+    _append(connection, events)
+
+
+def _append(session: Session | Connection, events: list[AuditEvent]) -> None:
     """Chain ``events`` after the head, in order, under one lock of the head row (flushed)."""
     last, prev_hash = session.execute(_TAKE_HEAD, {"count": len(events)}).one()
     now = utcnow()

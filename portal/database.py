@@ -112,6 +112,7 @@ class _AppSessionMaker(sessionmaker[Session]):
 
     def __call__(self, **local_kw: Any) -> Session:
         local_kw.setdefault("bind", current_app.extensions["engine"])
+        local_kw.setdefault("info", current_app.extensions.get("session_info"))
         return super().__call__(**local_kw)
 
 
@@ -157,10 +158,17 @@ class Database:
 
     def init_app(self, app: Any) -> None:
         """Create the engine from ``app.config['DATABASE_URL']``, its pool sized for
-        ``WEB_THREADS`` (:func:`pool_for_threads`), and remove sessions at teardown."""
+        ``WEB_THREADS`` (:func:`pool_for_threads`), and the audit trail's group appender
+        (``portal.audit_group``); remove sessions at teardown."""
+        from portal import audit_group  # it makes its engine here
+
         url = app.config["DATABASE_URL"]
         threads = int(app.config.get("WEB_THREADS") or 1)
-        app.extensions["engine"] = make_engine(url, **pool_for_threads(url, threads))
+        engine = make_engine(url, **pool_for_threads(url, threads))
+        app.extensions["engine"] = engine
+        # What each of the app's sessions starts with in its info: the audit trail's group
+        # appender (for requests that only read PHI: audit.record_read).
+        app.extensions["session_info"] = {audit_group.APPENDER: audit_group.for_engine(engine)}
         app.teardown_appcontext(self._remove)
 
     def _remove(self, _exc: BaseException | None) -> None:

@@ -114,9 +114,9 @@ def inbox() -> ResponseReturnValue:
     """The patient's messages, a page at a time, newest first, unread ones marked (subjects
     are PHI: audited).
 
-    The page is rendered before its audit event is written: the event takes the trail's
-    head (a lock every audited request queues for) and the commit follows at once, so the
-    lock is held for the event alone, not for the queries and the template.
+    The page is rendered before its audit event is written, and returned only once the
+    event is committed: by the app's group appender, with other requests' reads under one
+    hold of the trail's head (``portal.audit_group``).
     """
     user = _user()
     try:

@@ -371,8 +371,10 @@ def record_history_view(session: Session, user: User, rows: int, meta: RequestMe
 
 
 def record_inbox_view(session: Session, user: User, rows: int, meta: RequestMeta) -> None:
-    """Audit that ``user`` read their inbox (message.list: the subjects shown are PHI)."""
-    audit.record(
+    """Audit that ``user`` read their inbox (message.list: the subjects shown are PHI),
+    committed with other requests' reads when the app has a group appender (the inbox
+    changes nothing else: ``audit.record_read``)."""
+    audit.record_read(
         session,
         Action.MESSAGE_LIST,
         actor=audit.actor_of(user),

@@ -14,6 +14,8 @@ from typing import Any
 from flask import Flask
 from sqlalchemy import event
 
+from portal.audit_group import APPENDER
+
 
 @dataclass
 class Statements:
@@ -31,15 +33,21 @@ class Statements:
 
 @contextlib.contextmanager
 def counting(app: Flask) -> Iterator[Statements]:
-    """Count every statement ``app``'s engine runs inside the block."""
+    """Count every statement ``app``'s engine runs inside the block, and its audit group
+    appender's (``portal.audit_group``: the inbox's event is written there)."""
     seen = Statements()
-    engine = app.extensions["engine"]
+    engines = [app.extensions["engine"]]
+    appender = app.extensions["session_info"][APPENDER]
+    if appender is not None:
+        engines.append(appender.engine())
 
     def before(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         seen.sql.append(" ".join(statement.split()))
 
-    event.listen(engine, "before_cursor_execute", before)
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", before)
     try:
         yield seen
     finally:
-        event.remove(engine, "before_cursor_execute", before)
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", before)

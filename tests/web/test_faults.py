@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 from flask import Flask
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 
 from portal.extensions import db
@@ -311,6 +311,50 @@ def test_sqlite_on_a_full_disk_answers_503_and_readyz_says_not_writable(
             ready = app.test_client().get("/readyz")
             assert ready.status_code == 503
             assert ready.get_json()["database"] == "not writable"
+        finally:
+            app.extensions["engine"].dispose()
+
+
+def test_an_inbox_whose_audit_event_cannot_be_written_is_not_shown(
+    tmp_path: Path, instance: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The inbox's event is written by the audit group appender (portal.audit_group), on a
+    connection of its own: when that write fails (SQLite on a full disk: reads still work)
+    the patient gets the 503 page, and no subject is shown without its event."""
+    from portal import create_app
+    from portal.database import make_engine
+    from portal.migrate import upgrade
+    from tests.support.lists import fill_inbox
+    from tests.support.pickup import enrolled_patient, signed_in
+
+    with tiny_disk(tmp_path / "disk", "16m") as disk:
+        url = f"sqlite:///{disk / 'portal.db'}"
+        engine = make_engine(url)
+        upgrade(engine)
+        engine.dispose()
+        app = create_app(
+            {"DATABASE_URL": url, "TESTING": True, "BLOB_DIR": str(tmp_path / "blobs")}
+        )
+        try:
+            enrolled_user(app, email="sam@example.org")
+            _, secret = enrolled_patient(app, "pat@example.org", PATIENT_NAME)
+            fill_inbox(app, "pat@example.org", 3, ["sam@example.org"], subject=SUBJECT)
+            browser = signed_in(app, "pat@example.org", secret)
+            assert SUBJECT in browser.get("/inbox").get_data(as_text=True)
+            with app.app_context():
+                shown = db.session.scalar(select(func.count()).select_from(AuditEvent))
+                db.session.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+            fill(disk)
+            with caplog.at_level(logging.INFO):
+                refused = browser.get("/inbox")
+            assert refused.status_code == 503
+            page = refused.get_data(as_text=True)
+            assert DOWN_TEXT in page
+            assert SUBJECT not in page
+            assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+            no_phi(caplog.text)
+            with app.app_context():
+                assert db.session.scalar(select(func.count()).select_from(AuditEvent)) == shown
         finally:
             app.extensions["engine"].dispose()
 
