@@ -26,9 +26,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Engine, Pool, bindparam, func, insert, select, update
 from sqlalchemy import event as sa_event
-from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
+from sqlalchemy.orm import Session, SessionTransaction
 
 from portal.audit_group import APPENDER
 from portal.database import utcnow
@@ -291,13 +291,13 @@ def record_read(
     With the app's group appender (``portal.audit_group``, in ``session.info``) the event
     is appended with other requests' in one short transaction of the appender's, and is
     committed when this returns. Without one (the CLI, an in-memory database), or when
-    ``session`` has written anything since its last commit (the appender would wait for
-    that transaction's locks), it is appended in ``session`` as :func:`record` does, and
-    commits with it. Raises AuditDetailError as :func:`record` does, and the database's
-    errors (the caller must then show nothing).
+    ``session`` has changes or its transaction has written or locked rows (the appender
+    would wait for that transaction's locks), it is appended in ``session`` as
+    :func:`record` does, and commits with it. Raises AuditDetailError as :func:`record`
+    does, and the database's errors (the caller must then show nothing).
     """
     appender: _Appender | None = session.info.get(APPENDER)
-    if appender is None or session.info.get(_WROTE) or _has_changes(session):
+    if appender is None or _has_changes(session) or _holds_locks(session):
         record(session, action, actor=actor, meta=meta, patient_id=patient_id, details=details)
         return
     appender.append(
@@ -340,26 +340,44 @@ class _Appender(Protocol):
     def append(self, audit_event: AuditEvent) -> None: ...
 
 
-# Session.info key: whether the session's transaction has written (then record_read must
-# not wait for the group appender, which is under audit_group.APPENDER).
+# Connection.info key: whether the connection's transaction has written or taken row
+# locks (then record_read must not wait for the group appender, which would wait for
+# them). Set from the SQL itself as it is sent, whoever sends it (the ORM, Core, raw SQL
+# text, a savepoint's statements), and cleared only when the transaction really ends:
+# a savepoint's release or rollback leaves the outer transaction's locks in place.
 _WROTE = "audit_wrote"
+_READ = re.compile(r"\s*(?:SELECT|WITH)\b", re.IGNORECASE)
+_WRITES_OR_LOCKS = re.compile(
+    r"\b(?:INSERT|UPDATE|DELETE|MERGE|FOR\s+(?:NO\s+KEY\s+)?UPDATE|FOR\s+(?:KEY\s+)?SHARE)\b",
+    re.IGNORECASE,
+)
 
 
-@sa_event.listens_for(Session, "do_orm_execute")
-def _note_write(state: ORMExecuteState) -> None:
-    if state.is_insert or state.is_update or state.is_delete:
-        state.session.info[_WROTE] = True
+def _holds_locks(session: Session) -> bool:
+    """Whether ``session``'s transaction may hold locks (module constant ``_WROTE``)."""
+    return bool(session.connection().info.get(_WROTE))
 
 
-@sa_event.listens_for(Session, "after_flush")
-def _note_flush(session: Session, _context: object) -> None:
-    session.info[_WROTE] = True
+@sa_event.listens_for(Engine, "before_cursor_execute")
+def _note_write(
+    conn: Connection, _cursor: object, statement: str, *_args: object, **_kwargs: object
+) -> None:
+    if not conn.info.get(_WROTE) and (
+        not _READ.match(statement) or _WRITES_OR_LOCKS.search(statement)
+    ):
+        conn.info[_WROTE] = True  # a false alarm only costs the group commit
 
 
-@sa_event.listens_for(Session, "after_commit")
-@sa_event.listens_for(Session, "after_rollback")
-def _forget_writes(session: Session) -> None:
-    session.info.pop(_WROTE, None)
+@sa_event.listens_for(Engine, "commit")
+@sa_event.listens_for(Engine, "rollback")
+def _transaction_ended(conn: Connection) -> None:
+    conn.info.pop(_WROTE, None)
+
+
+@sa_event.listens_for(Pool, "checkin")
+def _returned(_dbapi_connection: object, record: Any) -> None:
+    if record is not None:
+        record.info.pop(_WROTE, None)  # the pool's reset rolled the transaction back
 
 
 # The head's two statements, built once: Core statements on the table (not ORM-enabled

@@ -27,14 +27,15 @@ the child starts with an empty queue and a connection of its own.
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Engine, event
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from portal.database import make_engine
@@ -42,10 +43,15 @@ from portal.models import AuditEvent
 
 APPENDER = "audit_appender"  # the Session.info key of the app's appender (or None)
 MAX_BATCH = 200  # events in one transaction; the rest wait for the next
-WAIT_SECONDS = 40.0  # past SQLite's 30 s busy timeout: an answer is always had first
+# A queued caller's wait for its answer. Past the 30 s a writer may wait on the head
+# (SQLite's busy timeout, LOCK_TIMEOUT_MS on PostgreSQL), but a caller queued behind two
+# slow batches can still give up first: its event may then be committed after it
+# answered 503 (recorded, not shown: never the other way round).
+WAIT_SECONDS = 40.0
 # The writer's own wait for the head, bounded as SQLite's busy timeout bounds it (a
-# PostgreSQL row lock waits for ever by default): then the batch fails, and says so.
+# PostgreSQL row lock waits for ever by default): then the batch fails with AppendTimeout.
 LOCK_TIMEOUT_MS = 30_000
+LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for a lock timeout
 
 
 @dataclass
@@ -74,7 +80,8 @@ class GroupAppender:
         self._queued: deque[_Waiting] = deque()
         self._writing = False  # a caller is writing a batch (the leader)
         self._engine: Engine | None = None
-        self._pid = os.getpid()
+        me = weakref.ref(self)  # the hook must not keep every app's appender alive
+        os.register_at_fork(after_in_child=lambda: _forked(me))
 
     def append(self, audit_event: AuditEvent) -> None:
         """Chain ``audit_event`` after the head and commit it; return once it is durable.
@@ -86,21 +93,32 @@ class GroupAppender:
         """
         mine = _Waiting(audit_event)
         with self._lock:
-            if self._pid != os.getpid():  # a forked child: the parent's queue is not its own
-                self._forked()
             self._queued.append(mine)
             if not self._writing:
                 self._writing = mine.lead = True
-        if not mine.lead and not mine.done.wait(self._wait):
-            with self._lock:
-                if not mine.lead:  # never handed the turn: no one waits for it
-                    if mine in self._queued:
-                        self._queued.remove(mine)
-                    raise AppendTimeout("the audit trail did not answer in time")
+        if not mine.lead:
+            try:
+                answered = mine.done.wait(self._wait)
+            except BaseException:  # interrupted while queued: the queue must go on
+                if not self._leave(mine):
+                    self._write_queued()  # handed the turn meanwhile: take it, then go
+                raise
+            if not answered and self._leave(mine):
+                raise AppendTimeout("the audit trail did not answer in time")
         if mine.lead:
             self._write_queued()
         if mine.error is not None:
-            raise mine.error
+            raise _fresh(mine.error)
+
+    def _leave(self, mine: _Waiting) -> bool:
+        """Take ``mine`` out of the queue for a caller that stops waiting; return True.
+        False when it was handed the turn meanwhile (it must write after all)."""
+        with self._lock:
+            if mine.lead:
+                return False
+            if mine in self._queued:  # else it is in the batch being written
+                self._queued.remove(mine)
+            return True
 
     def queued(self) -> int:
         """How many events wait for a turn now (not counting the batch being written)."""
@@ -109,17 +127,15 @@ class GroupAppender:
     def engine(self) -> Engine:
         """The engine the appender writes with in this process (made on first use)."""
         with self._lock:
-            if self._pid != os.getpid():
-                self._forked()
             if self._engine is None:
-                self._engine = make_engine(
-                    self._url, pool_size=1, max_overflow=0, **_bounded_waits(self._url)
-                )
+                self._engine = make_engine(self._url, pool_size=1, max_overflow=0)
+                if self._engine.dialect.name == "postgresql":
+                    event.listen(self._engine, "connect", _bound_lock_waits)
             return self._engine
 
     def stop(self) -> None:
         """Close the appender's connection (the next event opens one); raises nothing."""
-        if self._engine is not None and self._pid == os.getpid():
+        if self._engine is not None:
             self._engine.dispose()
 
     def _write_queued(self) -> None:
@@ -144,9 +160,13 @@ class GroupAppender:
         try:
             with self.engine().begin() as connection:
                 append_events(connection, [waiting.event for waiting in batch])
-        except BaseException as error:  # each caller raises it; nothing was committed
+        except BaseException as error:  # each caller raises a copy; nothing was committed
+            failure: BaseException = error
+            if getattr(getattr(error, "orig", None), "sqlstate", None) == LOCK_NOT_AVAILABLE:
+                failure = AppendTimeout("the audit trail's head stayed locked")
+                failure.__cause__ = error
             for waiting in batch:
-                waiting.error = error
+                waiting.error = failure
                 waiting.done.set()
             self.stop()  # a connection that failed may be dead: the next batch opens one
             if not isinstance(error, Exception):
@@ -155,20 +175,34 @@ class GroupAppender:
         for waiting in batch:
             waiting.done.set()
 
-    def _forked(self) -> None:
-        """Forget the parent's queue and engine (its connection is the parent's)."""
-        self._pid, self._queued, self._writing, self._engine = os.getpid(), deque(), False, None
+
+def _forked(appender: weakref.ref[GroupAppender]) -> None:
+    """In a forked child: forget the parent's queue, lock and engine (its connection is the
+    parent's, and its lock may have been held by a thread that is not in the child)."""
+    found = appender()
+    if found is not None:
+        found._lock = threading.Lock()
+        found._queued, found._writing, found._engine = deque(), False, None
 
 
-def _bounded_waits(url: str) -> dict[str, Any]:
-    """``create_engine``'s arguments for the lock timeout (kept beside the URL's own
-    ``options``, such as a search path)."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "postgresql":
-        return {}
-    given = parsed.query.get("options", "")
-    options = " ".join([*([given] if isinstance(given, str) else given), ""]).strip()
-    return {"connect_args": {"options": f"{options} -c lock_timeout={LOCK_TIMEOUT_MS}".strip()}}
+def _fresh(error: BaseException) -> BaseException:
+    """A copy of ``error`` for one caller (each raise adds to an exception's traceback, and
+    the callers of a batch raise on threads of their own), caused by the original."""
+    try:
+        copied = copy.copy(error)
+    except Exception:  # an exception that cannot be copied: raised as it is
+        return error
+    copied.__cause__ = error.__cause__ or error
+    return copied
+
+
+def _bound_lock_waits(dbapi_connection: Any, _record: object) -> None:
+    """The appender's PostgreSQL connections wait at most LOCK_TIMEOUT_MS for a lock (a
+    session setting: the URL's and PGOPTIONS's own options, a search path, stay)."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"SET lock_timeout = {int(LOCK_TIMEOUT_MS)}")
+    cursor.close()
+    dbapi_connection.commit()
 
 
 def for_engine(engine: Engine) -> GroupAppender | None:

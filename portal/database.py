@@ -79,7 +79,8 @@ def pool_for_threads(url: str, threads: int) -> dict[str, Any]:
 
     A request holds one connection at a time (its ORM session's; the session store's short
     transactions run before the view and after the commit), so no thread ever waits for
-    another's connection, and workers x threads bounds what one node opens on PostgreSQL.
+    another's connection, and workers x (threads + 1) bounds what one node opens on
+    PostgreSQL: the one more is each worker's audit group appender's (portal.audit_group).
     In-memory SQLite keeps SQLAlchemy's single-connection pool (it takes no size).
     """
     parsed = make_url(url)

@@ -7,6 +7,7 @@ Real SQLite files and PostgreSQL; the head is held from a connection of the test
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from sqlalchemy import Connection, delete, event, insert, select, text, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from portal import audit, audit_group
@@ -212,6 +214,63 @@ def test_a_session_that_wrote_records_in_its_own_transaction(app: Flask) -> None
         assert audit.verify(db.session).ok
 
 
+def _orm_update_then_savepoint(session: Any, user_id: int) -> None:
+    """A write, then a savepoint released (SQLAlchemy's after_commit fires for it)."""
+    session.execute(update(User).where(User.id == user_id).values(failed_signins=1))
+    with session.begin_nested():
+        session.execute(select(User.id))
+
+
+def _record_then_savepoint(session: Any, _user_id: int) -> None:
+    """An event appended (the head taken), then a savepoint rolled back."""
+    audit.record(session, Action.MESSAGE_VIEW, actor=PATIENT)
+    nested = session.begin_nested()
+    nested.rollback()
+
+
+def _raw_sql_update(session: Any, user_id: int) -> None:
+    session.execute(text(f"UPDATE users SET failed_signins = 1 WHERE id = {int(user_id)}"))
+
+
+def _connection_level_update(session: Any, user_id: int) -> None:
+    session.connection().execute(update(User).where(User.id == user_id).values(failed_signins=1))
+
+
+def _select_for_update(session: Any, _user_id: int) -> None:
+    session.execute(select(AuditHead).with_for_update())  # locks the head on PostgreSQL
+
+
+@pytest.mark.parametrize(
+    "lock",
+    [
+        _orm_update_then_savepoint,
+        _record_then_savepoint,
+        _raw_sql_update,
+        _connection_level_update,
+        pytest.param(_select_for_update, marks=pytest.mark.postgres_only),  # SQLite: no-op
+    ],
+)
+def test_a_transaction_holding_locks_however_taken_records_in_its_own(
+    app: Flask, lock: Any
+) -> None:
+    """Writes and row locks taken any way (raw SQL, on the connection, in or before a
+    savepoint, SELECT ... FOR UPDATE) keep record_read in the caller's transaction: it
+    neither waits for its own locks nor commits apart from them."""
+    from tests.browser_client import enrolled_user
+
+    user, _, _ = enrolled_user(app, role="patient", email="pat@example.org", name="Pat Ient")
+    before = len(listed_events(app))
+    with app.app_context():
+        lock(db.session, user.id)
+        began = time.monotonic()
+        audit.record_read(db.session, Action.MESSAGE_LIST, actor=PATIENT)
+        assert time.monotonic() - began < 5  # no wait for its own lock
+        db.session.rollback()
+    assert len(listed_events(app)) == before  # rolled back with the transaction
+    read(app)  # and the next read, on the same pooled connection, is the appender's again
+    assert len(listed_events(app)) == before + 1
+
+
 def test_without_an_appender_record_read_is_record(app: Flask) -> None:
     """The CLI and in-memory databases have none: the event is in the caller's transaction."""
     with app.app_context():
@@ -230,7 +289,12 @@ def test_an_in_memory_database_gets_no_appender() -> None:
         engine.dispose()
 
 
-def _append_in_child(url: str, result: Any) -> None:
+def backend_pid(engine: Any) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def _append_in_child(result: Any) -> None:
     try:
         appender = _INHERITED[0]
         appender.append(
@@ -246,8 +310,7 @@ def _append_in_child(url: str, result: Any) -> None:
                 {"count": 77},
             )
         )
-        appender.stop()
-        result.put("ok")
+        result.put(backend_pid(appender.engine()))
     except BaseException as error:  # reported to the parent
         result.put(repr(error))
 
@@ -255,23 +318,81 @@ def _append_in_child(url: str, result: Any) -> None:
 _INHERITED: list[GroupAppender] = []
 
 
-def test_a_forked_worker_appends_with_a_thread_and_connection_of_its_own(app: Flask) -> None:
-    """gunicorn forks its workers: the parent's thread is not in the child, nor may the
-    child use the parent's connection. The appender starts afresh in the child."""
+@pytest.mark.postgres_only
+def test_a_forked_worker_appends_on_a_connection_of_its_own(app: Flask) -> None:
+    """Forked with the parent's connection open (a preloaded app): the child must not use
+    the parent's connection (one server session for two processes), and its queue and
+    lock are its own. The server process behind each connection tells them apart."""
     appender = appender_of(app)
-    read(app, 1)  # the parent's thread and connection exist now
+    read(app, 1)
+    parents = backend_pid(appender.engine())  # the pooled connection, kept open
     _INHERITED[:] = [appender]
     context = multiprocessing.get_context("fork")
     result = context.Queue()
-    child = context.Process(target=_append_in_child, args=(app.config["DATABASE_URL"], result))
+    child = context.Process(target=_append_in_child, args=(result,))
     child.start()
     child.join(timeout=60)
-    assert result.get(timeout=5) == "ok"
+    childs = result.get(timeout=5)
     assert child.exitcode == 0
-    read(app, 2)  # the parent's appender goes on
+    assert isinstance(childs, int), childs
+    assert childs != parents
+    assert backend_pid(appender.engine()) == parents  # the parent's is still its own
+    read(app, 2)
     assert listed_events(app) == ['{"count":1}', '{"count":77}', '{"count":2}']
     with app.app_context():
         assert audit.verify(db.session).ok
+
+
+def test_an_interrupted_caller_leaves_the_queue_going(app: Flask) -> None:
+    """A caller interrupted while queued (a signal's exception) leaves the queue: the
+    writer's turn is not handed to it, and the next caller is not left waiting."""
+    appender = appender_of(app)
+    takes = head_takes(appender)
+    writer = threading.Thread(target=read, args=(app, 1))
+
+    def interrupt(*_args: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with head_held(app):
+            writer.start()
+            wait_for(lambda: len(takes) == 1)
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(KeyboardInterrupt):
+                read(app, 2)  # queued behind the writer, interrupted
+            assert appender.queued() == 0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    writer.join(timeout=60)
+    began = time.monotonic()
+    read(app, 3)
+    assert time.monotonic() - began < 5
+    assert listed_events(app) == ['{"count":1}', '{"count":3}']
+
+
+@pytest.mark.postgres_only
+def test_the_appenders_lock_timeout_keeps_the_servers_own_options(
+    app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock timeout is set on each new connection, not as libpq's ``options``, which
+    would replace PGOPTIONS (here the search path to this test's schema, and a statement
+    timeout): the appender must write to the same trail as the app."""
+    url = make_url(app.config["DATABASE_URL"])
+    options = str(url.query["options"])  # the test database's -csearch_path=<schema>
+    monkeypatch.setenv("PGOPTIONS", f"{options} -c statement_timeout=4321")
+    appender = GroupAppender(url.difference_update_query(["options"]).render_as_string(False))
+    try:
+        with appender.engine().connect() as connection:
+            shown = {
+                name: connection.execute(text(f"SHOW {name}")).scalar_one()
+                for name in ("lock_timeout", "statement_timeout", "search_path")
+            }
+    finally:
+        appender.stop()
+    schema = options.removeprefix("-c").removeprefix(" ").removeprefix("search_path=")
+    assert shown == {"lock_timeout": "30s", "statement_timeout": "4321ms", "search_path": schema}
 
 
 def test_disposing_the_apps_engine_closes_the_appenders_connection(app: Flask) -> None:
@@ -304,15 +425,18 @@ def test_the_writers_own_wait_for_the_head_is_bounded_on_postgresql(
     app: Flask, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A PostgreSQL row lock waits for ever by default; the appender's connection has a lock
-    timeout (SQLite's busy timeout bounds it there), so a held head fails the batch."""
+    timeout (SQLite's busy timeout bounds it there), so a held head fails the batch with
+    AppendTimeout (a 503), caused by the database's error."""
     monkeypatch.setattr(audit_group, "LOCK_TIMEOUT_MS", 300)
     appender = GroupAppender(app.config["DATABASE_URL"])
     try:
         with app.app_context(), head_held(app):
             db.session.info[APPENDER] = appender
             began = time.monotonic()
-            with pytest.raises(OperationalError, match="lock timeout"):
+            with pytest.raises(AppendTimeout) as raised:
                 audit.record_read(db.session, Action.MESSAGE_LIST, actor=PATIENT)
+            assert isinstance(raised.value.__cause__, OperationalError)
+            assert "lock timeout" in str(raised.value.__cause__)
             assert time.monotonic() - began < 10
         assert listed_events(app) == []
     finally:

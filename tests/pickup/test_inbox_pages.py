@@ -70,11 +70,12 @@ def test_inbox_runs_the_same_statements_for_3_and_60_messages(
 def test_a_signed_in_inbox_request_reads_its_session_and_user_in_one_statement(
     app: Flask, senders: list[str]
 ) -> None:
-    """The fixed cost of a signed-in page (README "Inbox"): one pooled connection and one
-    transaction, the session's row and its user in one statement (the old code checked out
-    a second connection for the session's own transaction, then loaded the user again by
-    public id), then the page with its senders, and the audit event: five statements in
-    all (six before the senders joined the page's query)."""
+    """The fixed cost of a signed-in page (README "Inbox"): one connection of the app's pool
+    and one transaction, the session's row and its user in one statement (the old code
+    checked out a second connection for the session's own transaction, then loaded the
+    user again by public id), then the page with its senders, and the audit event (on the
+    audit group appender's own connection, portal.audit_group): five statements in all
+    (six before the senders joined the page's query)."""
     _, secret = enrolled_patient(app, "few@example.org", "Fay Few")
     fill_inbox(app, "few@example.org", 3, senders)
     browser = signed_in(app, "few@example.org", secret)
