@@ -136,7 +136,7 @@ class ContentInspector:
         self._tail = b""
         self._size = 0
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes | memoryview) -> None:
         """Take the next ``chunk``; raises ContentRejected as soon as the file is refused."""
         self._size += len(chunk)
         if self._held is not None:

@@ -34,10 +34,12 @@ class Inspector(Protocol[T_co]):
 
     ``feed`` and ``finish`` raise :class:`UploadRejected` (or a subclass) to
     refuse the file. ``close`` releases what the inspector holds (a socket, a
-    buffer) and is safe to call at any point, also after a refusal or twice.
+    buffer) and is safe to call at any point, also after a refusal or twice. A ``chunk``
+    is bytes or a byte view of bytes (a slice of an upload parser's read, uncopied):
+    either may be kept, as nothing changes it.
     """
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes | memoryview) -> None:
         """Inspect the next ``chunk`` of the file; raise UploadRejected to refuse it."""
         ...
 

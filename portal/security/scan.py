@@ -236,7 +236,7 @@ class ScanStream:
         """Send the INSTREAM command (:meth:`Scanner.open` does); raises ScanRefused."""
         self._send(b"zINSTREAM\0")
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes | memoryview) -> None:
         """Send ``chunk`` to clamd. Raises ScanRefused when clamd does not take it
         (down, too slow, hung up) or the stream grew past ``max_bytes``."""
         self._check_open()
@@ -327,7 +327,7 @@ class NotScanning:
     def __init__(self) -> None:
         self._size = 0
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes | memoryview) -> None:
         """Count ``chunk``; never refuses."""
         self._size += len(chunk)
 

@@ -106,7 +106,7 @@ class PdfInspector:
         self._upload = upload
         self._head = b""
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes | memoryview) -> None:
         """Check the magic as soon as its bytes arrive; raise UploadRejected if it is wrong."""
         if len(self._head) < len(MAGIC):
             self._head += chunk[: len(MAGIC) - len(self._head)]
@@ -150,7 +150,7 @@ class AttachmentInspector:
             self._refused = refused
         self._content = ContentInspector(declared=declared)
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes | memoryview) -> None:
         """Check the next ``chunk``; raise UploadRejected as soon as the file is refused."""
         if self._refused is not None:
             raise self._refused

@@ -104,7 +104,7 @@ class AfterScan:
         self._inner = inner
         self._held: UploadRejected | None = None
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes | memoryview) -> None:
         """Feed ``chunk`` to the content check, unless it has already refused the file."""
         if self._held is None:
             try:

@@ -55,10 +55,41 @@ MAX_FILES = 20  # file parts per staging: each holds an open, locked temporary b
 # and waits to get it back behind the parser) and, with no core to spare, overlaps
 # nothing: 0.25-0.30 CPU-s and 0.30-0.47 s with it, 0.23-0.24 CPU-s and 0.29-0.42 s
 # without. Through gunicorn at load 1.5-2 (bench/bench_upload.py, best of 5): 276 MB/s at
-# 3.81 CPU-s/GB with it, 283 MB/s at 3.53 without: the same speed for more CPU.
+# 3.81 CPU-s/GB with it, 283 MB/s at 3.53 without: the same speed for more CPU. Still 0
+# once the parser had stopped copying (portal.web.uploads._write_through), 2026-12-03:
+# 100 MiB read from a socket as gunicorn reads it (8 KiB recvs; sent by another process),
+# ten alternating runs at load 1.1-1.3: with it 0.277 s median, 3.39 CPU-s/GB (the whole
+# process); without 0.343 s, 3.08; SHA-256 alone on a thread (HASH_BEHIND) 0.270 s,
+# 3.19: as fast, for less CPU.
 PIPELINE_DEPTH = 0
+# Batches of about HASH_BATCH bytes queued for a file's SHA-256 thread (hashlib lets go of
+# the interpreter lock while it hashes a large piece; SHA-256, ~0.7 CPU-s/GB here, is the
+# largest cost of ours on the request's thread); 0: hashed on the thread that takes the
+# pieces. 2 by measurement, 2026-12-03, the set-up above: at load 1.0-1.3 0.215 s median
+# with it, 0.301 s without (eight alternating runs, CPU 2.67 CPU-s/GB either way); at load
+# 3.6-4.2, no core to spare, 0.311 s and 0.309 s (2.38 and 2.31 CPU-s/GB). Through
+# gunicorn (bench/bench_upload.py, six alternating runs of best-of-5 each at load 0.8-3.6)
+# no difference shows through the noise: 245-287 MB/s at 2.96-4.01 CPU-s/GB with it,
+# 206-314 MB/s at 2.77-4.29 without.
+HASH_BEHIND = 2
+HASH_BATCH = 1024 * 1024
 READ_CHUNK = 256 * 1024  # bytes read at a time from a file the caller hands in
 MAX_FILENAME = 255
+# A piece of a file as the hasher, inspectors and encryptor are handed it: bytes, or a
+# byte view of bytes (a slice of a parser's read), which no one can change meanwhile.
+Piece = bytes | memoryview
+
+
+def _piece(data: ReadableBuffer) -> Piece:
+    """``data`` as a Piece: itself when it is bytes, a byte view of it when it is a view of
+    bytes (neither copied), else a copy (a bytearray, say, which its owner may change
+    while an inspector or the pipeline thread still holds it)."""
+    if isinstance(data, bytes):
+        return data
+    view = memoryview(data)
+    if isinstance(view.obj, bytes) and view.c_contiguous:
+        return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+    return bytes(view)
 
 
 def safe_filename(raw: str) -> str:
@@ -211,18 +242,80 @@ class Staging:
             upload.discard()
 
 
+class _Digest:
+    """SHA-256 of one file's pieces, on a thread of its own when ``HASH_BEHIND`` (hashlib lets
+    go of the interpreter lock while it hashes a large piece): fed batches of about
+    ``HASH_BATCH`` bytes, at most ``HASH_BEHIND`` of them waiting. Pieces are kept, not
+    copied, until hashed: bytes and views of bytes (``Piece``), which nothing changes."""
+
+    def __init__(self) -> None:
+        self._hasher = hashlib.sha256()
+        self._batch: list[Piece] = []
+        self._size = 0
+        self._queue: queue.Queue[list[Piece] | None] | None = None
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None  # met by the hashing thread
+
+    def update(self, piece: Piece) -> None:
+        """Hash ``piece`` after those before it (at once, or on the hashing thread)."""
+        if not HASH_BEHIND:
+            self._hasher.update(piece)
+            return
+        self._batch.append(piece)
+        self._size += len(piece)
+        if self._size >= HASH_BATCH:
+            self._hand_off()
+
+    def hexdigest(self) -> str:
+        """Return the digest of every piece so far, the hashing thread ended (the last batch
+        hashed here); raises what the hashing thread met, if anything."""
+        self.stop()
+        if self._failure is not None:
+            raise self._failure
+        batch, self._batch, self._size = self._batch, [], 0
+        for piece in batch:
+            self._hasher.update(piece)
+        return self._hasher.hexdigest()
+
+    def stop(self) -> None:
+        """End the hashing thread once it has hashed what it was handed; idempotent."""
+        if self._thread is not None and self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+        self._thread = self._queue = None
+
+    def _hand_off(self) -> None:
+        batch, self._batch, self._size = self._batch, [], 0
+        if self._queue is None:
+            self._queue = queue.Queue(maxsize=HASH_BEHIND)
+            self._thread = threading.Thread(target=self._run, name="upload-sha256", daemon=True)
+            self._thread.start()
+        self._queue.put(batch)  # waits while the queue is full: memory stays bounded
+
+    def _run(self) -> None:
+        assert self._queue is not None  # made before this thread starts
+        while (batch := self._queue.get()) is not None:
+            try:
+                for piece in batch if self._failure is None else ():
+                    self._hasher.update(piece)
+            except BaseException as error:  # raised by hexdigest; the queue is still drained,
+                self._failure = error  # lest the caller wait on it for ever
+
+
 class StagedUpload(io.RawIOBase):
     """One file on its way into the store: written to (as a multipart parser writes a file
     part), never read back as plaintext except through :meth:`open_plaintext`.
 
     Nothing is created until the first byte arrives, so an empty file input costs nothing.
     Then the temporary blob and the inspectors are made (on the caller's thread, so that
-    a full disk or a scanner out of reach is told at once), and each piece is hashed,
-    inspected and encrypted as it is written, on the caller's thread (the blob's writes
-    go behind, ``BlobWriter``). With ``PIPELINE_DEPTH`` above 0 a thread of the file's own
-    does that while the caller parses the next piece (at most that many queued); it
+    a full disk or a scanner out of reach is told at once), and each piece is inspected
+    and encrypted as it is written, on the caller's thread (the blob's writes go behind,
+    ``BlobWriter``), and hashed on a thread of the file's own (``HASH_BEHIND``; ``seal``
+    waits for the digest). With ``PIPELINE_DEPTH`` above 0 a thread of the file's own
+    does all that while the caller parses the next piece (at most that many queued); it
     costs more than it saves (see the constant). ``seal`` waits for it; a failure of it
-    is raised by the next call. Either way a failure deletes what was stored.
+    is raised by the next call. Either way a failure deletes what was stored. Pieces
+    handed in as bytes, or as views of bytes, are not copied (``_piece``).
     """
 
     def __init__(self, staging: Staging, filename: str, content_type: str | None) -> None:
@@ -243,13 +336,13 @@ class StagedUpload(io.RawIOBase):
         self.replaced = False
         self.blob_id: str | None = None  # once kept
         self._staging = staging
-        self._hasher = hashlib.sha256()
+        self._hasher = _Digest()
         self._writer: BlobWriter | None = None
         self._encryptor: StreamEncryptor | None = None
         self._inspectors: list[Inspector[object]] | None = None
         self._sealed = False
         self._discarded = False
-        self._pieces: queue.Queue[bytes | None] | None = None
+        self._pieces: queue.Queue[Piece | None] | None = None
         self._pipeline: threading.Thread | None = None
         self._failure: BaseException | None = None
 
@@ -282,7 +375,7 @@ class StagedUpload(io.RawIOBase):
         """
         if self._sealed or (self._discarded and self.rejection is None):
             raise ValueError("this upload is sealed or discarded")
-        chunk = bytes(data)  # the same object for bytes, which is what parsers hand in
+        chunk = _piece(data)
         self.size += len(chunk)
         if self._staging.max_bytes is not None and self.size > self._staging.max_bytes:
             self.discard()
@@ -315,7 +408,11 @@ class StagedUpload(io.RawIOBase):
             return
         self._sealed = True
         self._end_pipeline()
-        self.sha256 = self._hasher.hexdigest()
+        try:
+            self.sha256 = self._hasher.hexdigest()
+        except BaseException:
+            self.discard()
+            raise
         self._raise_failure()
         if self.rejection is not None or self._discarded or not self.chosen:
             return
@@ -353,6 +450,7 @@ class StagedUpload(io.RawIOBase):
         """Delete what was stored, unless kept; idempotent, raises nothing."""
         self._discarded = True
         self._end_pipeline()
+        self._hasher.stop()
         self._close_inspectors()
         if self._writer is not None and self.blob_id is None:
             self._writer.abort()
@@ -407,7 +505,7 @@ class StagedUpload(io.RawIOBase):
         # The replacement's plaintext goes with it: the findings live on for the request.
         self.findings = tuple(f.without_replacement() if f is typed else f for f in self.findings)
 
-    def _hand_off(self, chunk: bytes) -> None:
+    def _hand_off(self, chunk: Piece) -> None:
         if not PIPELINE_DEPTH:  # no pipeline thread: everything on the caller's
             try:
                 self._take(chunk)
@@ -445,7 +543,7 @@ class StagedUpload(io.RawIOBase):
             self.discard()
             raise failure
 
-    def _take(self, chunk: bytes) -> None:
+    def _take(self, chunk: Piece) -> None:
         """Hash, inspect, encrypt and write one piece (on the pipeline thread)."""
         started = self._started()
         if started is None:

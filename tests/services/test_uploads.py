@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import io
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from portal.security.inspection import UploadRejected
 from portal.security.scan import ScanRefused, ScanResult, ScanStream, Verdict
 from portal.services import pdfcheck
 from portal.services.uploads import (
+    HASH_BEHIND,
     InspectorFactory,
     Staging,
     TooManyFiles,
@@ -114,6 +116,70 @@ def test_every_piece_reaches_every_inspector_then_the_store(store: FilesystemBlo
     blob_id = accepted.keep()
     assert temporary(store) == []
     assert b"".join(read_decrypted(store, staging.key, blob_id, accepted.object_id)) == data
+
+
+def test_views_of_bytes_pass_uncopied_and_buffers_anyone_may_change_are_copied(
+    store: FilesystemBlobStore,
+) -> None:
+    """A view of bytes (a slice of a parser's read) reaches the inspectors as it is; a
+    bytearray, or a view of one, as a copy: its owner changing it afterwards changes
+    nothing hashed, inspected or stored."""
+    recorders = Recorders()
+    staging = Staging(store, inspectors=[recorders])
+    read = os.urandom(MIB)
+    view = memoryview(read)[100 : 100 + 300_000]
+    owned = bytearray(os.urandom(200_000))
+    owned_view = memoryview(bytearray(os.urandom(100_000)))
+    words = memoryview(bytes(range(256)) * 4).cast("I")  # not a byte view: counted in bytes
+    upload = staging.open("scan.pdf")
+    expected = bytes(view) + bytes(owned) + bytes(owned_view) + bytes(words)
+    assert upload.write(view) == len(view)
+    assert upload.write(owned) == len(owned)
+    assert upload.write(owned_view) == len(owned_view)
+    assert upload.write(words) == 1024
+    owned[:] = b"\0" * len(owned)
+    owned_view[:] = b"\0" * len(owned_view)
+    [accepted] = staging.accepted()
+    [recorder] = recorders.made
+    first, *copies, last = recorder.chunks
+    assert isinstance(first, memoryview)
+    assert first.obj is read  # the very bytes, uncopied
+    assert all(type(chunk) is bytes for chunk in copies)
+    assert isinstance(last, memoryview)
+    assert last.format == "B"
+    assert len(last) == 1024
+    assert b"".join(recorder.chunks) == expected
+    assert (accepted.size, accepted.sha256) == (len(expected), hashlib.sha256(expected).hexdigest())
+    blob_id = accepted.keep()
+    assert b"".join(read_decrypted(store, staging.key, blob_id, accepted.object_id)) == expected
+
+
+def test_sha256_is_hashed_on_a_thread_that_ends_with_its_file(store: FilesystemBlobStore) -> None:
+    """With HASH_BEHIND, a file of several batches is hashed on a thread of its own (the
+    digest the same), which ends when the file is sealed, or discarded halfway."""
+
+    def hashing() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "upload-sha256"]
+
+    staging = Staging(store)
+    data = os.urandom(5 * MIB + 3)
+    upload = staging.open("a.pdf")
+    for piece in pieces(data, 256 * 1024):
+        upload.write(piece)
+    behind = hashing()
+    assert len(behind) == (1 if HASH_BEHIND else 0)
+    upload.seal()
+    assert upload.sha256 == hashlib.sha256(data).hexdigest()
+    assert not any(t.is_alive() for t in behind)
+    halfway = staging.open("b.pdf")
+    for piece in pieces(data[: 3 * MIB], 256 * 1024):
+        halfway.write(piece)
+    behind = hashing()
+    assert len(behind) == (1 if HASH_BEHIND else 0)
+    staging.discard()
+    assert not any(t.is_alive() for t in behind)
+    assert hashing() == []
+    assert temporary(store) == []
 
 
 def test_the_plaintext_is_never_read_back_but_through_the_store(

@@ -7,8 +7,10 @@ defect 1; the CSRF token and the staff rate limit: the review's second round).""
 from __future__ import annotations
 
 import io
+import random
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from flask import Flask, request
@@ -360,3 +362,372 @@ def test_the_parser_reads_every_body_as_werkzeugs_does(name: str) -> None:
     assert ours == _parse(MultiPartParser(**options), boundary, body)
     if isinstance(ours, tuple):  # each field told as it ended, in order, files left out
         assert seen == ours[0]
+
+
+# --- ... and writes the bulk of a file past Werkzeug's decoder, changing no byte ---------------
+
+BOUNDARY = b"----parity-7d1e"
+HOLD = len(b"\r\n--" + BOUNDARY)  # the bytes the shortcut leaves to the decoder (K)
+# Werkzeug's delimiter (its MultipartDecoder.boundary_re), the boundary in group 1.
+_DELIMITER = re.compile(rb"(?:\r\n|\n|\r)(--%s)(?:--|[ \t]*(?:\r\n|\n|\r))" % BOUNDARY)
+
+
+def _read_sizes() -> list[int]:
+    from portal.web.uploads import PARSE_CHUNK
+
+    return [1, 2, 3, HOLD - 1, HOLD, HOLD + 1, 7, 64, 4096, PARSE_CHUNK]
+
+
+def _file(name: str, filename: str, content: bytes, lb: bytes = b"\r\n") -> bytes:
+    disposition = b'Content-Disposition: form-data; name="%s"; filename="%s"' % (
+        name.encode(),
+        filename.encode(),
+    )
+    return disposition + lb + b"Content-Type: application/octet-stream" + lb + lb + content
+
+
+def _field(name: str, value: bytes, lb: bytes = b"\r\n") -> bytes:
+    return b'Content-Disposition: form-data; name="%s"' % name.encode() + lb + lb + value
+
+
+def _body(
+    parts: list[bytes],
+    *,
+    lb: bytes = b"\r\n",
+    preamble: bytes = b"",
+    epilogue: bytes = b"",
+    closing: bytes = b"--",
+) -> bytes:
+    """A multipart body of ``parts`` (each a part's headers, blank line and content), every
+    delimiter's line break ``lb``; ``closing``: what follows the last boundary."""
+    body = preamble + (lb if preamble else b"")
+    for part in parts:
+        body += b"--" + BOUNDARY + lb + part + lb
+    return body + b"--" + BOUNDARY + closing + lb + epilogue
+
+
+def _tricky(seed: int, size: int, *, delimiters: bool = False) -> bytes:
+    """File data made of what a delimiter is made of: line breaks, dashes, the boundary whole
+    and cut short, blanks, plain and random bytes, in a random order (``seed``). Those pieces
+    can make a real delimiter (which ends the part there): only when ``delimiters``."""
+    rng = random.Random(seed)
+    pieces = [
+        b"\r",
+        b"\n",
+        b"\r\n",
+        b"-",
+        b"--",
+        b" ",
+        b"\t",
+        b"x",
+        BOUNDARY,
+        b"--" + BOUNDARY,
+        b"\r\n--" + BOUNDARY + b"x",  # a boundary line that is no delimiter (Werkzeug's rule)
+        b"\n--" + BOUNDARY[:-1],
+        b"\r\n--" + BOUNDARY[: rng.randrange(len(BOUNDARY))],
+        b"\r--" + BOUNDARY[:5] + b"\r\n",
+    ]
+    out = bytearray()
+    while len(out) < size:
+        out += rng.choice(pieces) if rng.random() < 0.6 else rng.randbytes(rng.randrange(1, 40))
+    del out[size:]
+    while not delimiters and (found := _DELIMITER.search(out)):
+        out[found.end(1) : found.end(1)] = b"x"  # "--boundaryx" delimits nothing
+    return bytes(out)
+
+
+def _small_bodies() -> dict[str, bytes]:
+    bodies = {
+        "file-of-delimiter-bits": _body(
+            [_field("csrf_token", b"t"), _file("f", "a.bin", _tricky(1, 3000))]
+        ),
+        "several-files-and-fields": _body(
+            [
+                _field("csrf_token", b"t"),
+                _file("f", "a.bin", _tricky(2, 1500)),
+                _field("between", b"\r\n--" + BOUNDARY[:4]),
+                _file("f", "b.bin", _tricky(3, 1200)),
+                _file("f", "", b""),
+                _file("g", "c.bin", b"\r\n" * 300),
+                _field("after", b"x"),
+            ]
+        ),
+        "empty-file": _body([_file("f", "e.bin", b""), _field("after", b"y")]),
+        "file-ends-with-line-breaks": _body([_file("f", "a.bin", b"abc" * 100 + b"\r\n\r")]),
+        "file-ends-with-dashes": _body([_file("f", "a.bin", b"z" * 300 + b"\r\n--")]),
+        "bare-lf-delimiters": _body(
+            [_field("csrf_token", b"t"), _file("f", "a.bin", _tricky(4, 2000), b"\n")], lb=b"\n"
+        ),
+        "bare-cr-delimiters": _body([_file("f", "a.bin", b"q" * 700 + b"\n\n", b"\r")], lb=b"\r"),
+        "preamble-and-epilogue": _body(
+            [_file("f", "a.bin", _tricky(5, 1000))],
+            preamble=b"This is a preamble.",
+            epilogue=b"and an epilogue\r\n--" + BOUNDARY + b"\r\n",
+        ),
+        "padded-delimiters": _body([_file("f", "a.bin", _tricky(6, 900))], closing=b"--  \t"),
+        # A delimiter inside what looks like file data ends the part there.
+        "early-close": _body([_file("f", "a.bin", b"w" * 500 + b"\r\n--" + BOUNDARY + b"--")]),
+    }
+    for seed in range(12):
+        rng = random.Random(100 + seed)
+        parts = [
+            _file(
+                "f", f"{i}.bin", _tricky(200 + seed * 10 + i, rng.randrange(2500), delimiters=True)
+            )
+            if rng.random() < 0.7
+            else _field(f"v{i}", _tricky(300 + seed * 10 + i, rng.randrange(60), delimiters=True))
+            for i in range(rng.randrange(1, 4))
+        ]
+        bodies[f"random-{seed}"] = _body(parts)
+    good = bodies["several-files-and-fields"]
+    bodies["no-closing-boundary"] = good[: -len(b"--" + BOUNDARY + b"--\r\n")]
+    bodies["cut-in-a-file"] = good[: len(good) // 3]
+    bodies["cut-after-a-file"] = good[: good.index(b'name="between"') - 10]
+    bodies["no-headers-end"] = b"--" + BOUNDARY + b"\r\nContent-Disposition: form-data"
+    bodies["no-disposition"] = b"--" + BOUNDARY + b"\r\nX: y\r\n\r\nz\r\n--" + BOUNDARY + b"--\r\n"
+    return bodies
+
+
+def _compare(body: bytes, read_size: int) -> None:
+    from werkzeug.formparser import MultiPartParser
+
+    from portal.web.uploads import _MultiPartParser
+
+    options: dict[str, Any] = {
+        "max_form_memory_size": 500_000,
+        "max_form_parts": 20,
+        "buffer_size": read_size,
+    }
+    seen: list[tuple[str, str]] = []
+    ours = _parse(_MultiPartParser(lambda n, v: seen.append((n, v)), **options), BOUNDARY, body)
+    theirs = _parse(MultiPartParser(**options), BOUNDARY, body)
+    assert ours == theirs, f"read size {read_size}"
+    if isinstance(ours, tuple):
+        assert seen == ours[0]
+
+
+@pytest.mark.parametrize("name", sorted(_small_bodies()))
+def test_files_and_fields_are_werkzeugs_whatever_the_read_size(name: str) -> None:
+    body = _small_bodies()[name]
+    for size in _read_sizes():
+        _compare(body, size)
+
+
+def test_a_body_werkzeug_fails_fails_the_same_way() -> None:
+    """The malformed bodies above fail as Werkzeug's do (ValueError: the 400), at every size."""
+    bodies = _small_bodies()
+    for name in ("no-closing-boundary", "cut-in-a-file", "no-headers-end", "no-disposition"):
+        from werkzeug.formparser import MultiPartParser
+
+        assert _parse(MultiPartParser(), BOUNDARY, bodies[name]) is ValueError, name
+        for size in _read_sizes():
+            _compare(bodies[name], size)
+
+
+@pytest.mark.parametrize("read_size", [HOLD - 1, HOLD, HOLD + 1, 7, 64])
+def test_every_split_of_a_delimiter_across_reads_is_werkzeugs(read_size: int) -> None:
+    """Each byte of every delimiter, and of the boundary-like bytes before it, falls on a read's
+    edge in one of these bodies (the file grows a byte at a time). Werkzeug's own quirk comes
+    out the same: a read ending just after ``\\r\\n--boundary-`` leaves a CR in the file."""
+    tail = b"\r\n--" + BOUNDARY[:3] + b"\r\r\n\n--" + BOUNDARY + b" \r\n-"
+    for pad in range(read_size + HOLD + 2):
+        content = b"p" * (read_size + pad) + tail
+        body = _body([_file("f", "a.bin", content), _file("f", "b.bin", content)])
+        _compare(body, read_size)
+        _compare(_body([_file("f", "a.bin", content, b"\n")], lb=b"\n"), read_size)
+
+
+def test_large_files_are_werkzeugs_at_the_parsers_read_size() -> None:
+    """Files of several reads (the shortcut's case), binary and boundary-like, among fields."""
+    rng = random.Random(7)
+    body = _body(
+        [
+            _field("csrf_token", b"t"),
+            _file("f", "big.bin", rng.randbytes(700_000)),
+            _file("f", "tricky.bin", _tricky(8, 600_000)),
+            _field("note", b"n"),
+            _file("f", "lines.bin", b"\r\n" * 200_000),
+        ]
+    )
+    for size in (64, 4096, HOLD + 1, *_read_sizes()[-1:]):
+        _compare(body, size)
+
+
+def test_the_bulk_of_a_file_reaches_its_stream_uncopied() -> None:
+    """The file's bytes are written as views of the body's own reads, not copies of them
+    (Werkzeug's decoder copies each byte about four times on its way)."""
+    from portal.web.uploads import PARSE_CHUNK, _MultiPartParser
+
+    content = random.Random(9).randbytes(4 * PARSE_CHUNK)
+    body = _body([_field("csrf_token", b"t"), _file("f", "a.bin", content)])
+    reads: list[bytes] = []
+    written: list[object] = []
+
+    class Recording(io.BytesIO):
+        def read(self, size: int | None = -1) -> bytes:
+            data = super().read(size)
+            reads.append(data)
+            return data
+
+    class Sink(io.BytesIO):
+        def write(self, data: Any) -> int:
+            written.append(data)
+            return super().write(data)
+
+    parser = _MultiPartParser(
+        lambda n, v: None, stream_factory=lambda **_: Sink(), buffer_size=PARSE_CHUNK
+    )
+    _, files = parser.parse(Recording(body), BOUNDARY, len(body))
+    assert files["f"].stream.read() == content
+    uncopied = [d for d in written if isinstance(d, memoryview) and any(d.obj is r for r in reads)]
+    assert sum(len(d) for d in uncopied) >= len(content) - 2 * PARSE_CHUNK
+
+
+def test_werkzeugs_decoder_is_the_one_the_shortcut_was_written_for() -> None:
+    """Pins what ``_write_through`` relies on in Werkzeug's ``MultipartDecoder``: should this
+    fail, read the shortcut's docstring again against the new decoder before changing this.
+
+    Its state is ``decoder.state``, ``State.DATA`` inside a part; the bytes it holds back in
+    ``decoder.buffer``, a bytearray, are at most a delimiter's length, and it reads that
+    buffer afresh at each step (the shortcut puts the tail it leaves there)."""
+    from werkzeug.sansio.multipart import Data, File, MultipartDecoder, NeedData, Preamble, State
+
+    decoder = MultipartDecoder(BOUNDARY)
+    assert decoder.state is State.PREAMBLE
+    assert isinstance(decoder.buffer, bytearray)
+    head = b"--" + BOUNDARY + b"\r\n" + _file("f", "a.bin", b"")
+    decoder.receive_data(head + b"0123456789\r\n--" + BOUNDARY[:3])
+    events = []
+    while not isinstance(event := decoder.next_event(), NeedData):
+        events.append(event)
+    assert [type(e) for e in events] == [Preamble, File, Data]
+    assert decoder.state is State.DATA
+    assert events[2] == Data(data=b"0123456789", more_data=True)
+    assert decoder.buffer == b"\r\n--" + BOUNDARY[:3]  # held back: at most HOLD bytes
+    decoder.buffer[:] = b"ABCDEF" + b"\r\n--" + BOUNDARY[:3]  # as _write_through leaves it
+    decoder.receive_data(BOUNDARY[3:] + b"--\r\n")
+    assert decoder.next_event() == Data(data=b"ABCDEF", more_data=False)
+    assert decoder.state is State.EPILOGUE
+
+
+def test_a_read_past_the_memory_limit_is_refused_as_werkzeug_refuses_it() -> None:
+    """Werkzeug's decoder refuses a read that, with what it holds, passes its
+    max_form_memory_size (413), also inside a file; the shortcut leaves such a read to it."""
+    from werkzeug.exceptions import RequestEntityTooLarge
+    from werkzeug.formparser import MultiPartParser
+
+    from portal.web.uploads import _MultiPartParser
+
+    body = _body([_field("csrf_token", b"t"), _file("f", "a.bin", b"\0" * 300_000)])
+
+    class ShortFirst(io.BytesIO):
+        """Its first read short (as a socket's may be), the next as long as asked."""
+
+        first = True
+
+        def read(self, size: int | None = -1) -> bytes:
+            if self.first:
+                self.first = False
+                return super().read(1000)
+            return super().read(size)
+
+    options: dict[str, Any] = {"max_form_memory_size": 100_000, "buffer_size": 200_000}
+    for parser in (MultiPartParser(**options), _MultiPartParser(lambda n, v: None, **options)):
+        with pytest.raises(RequestEntityTooLarge):
+            parser.parse(ShortFirst(body), BOUNDARY, len(body))
+
+
+# --- the body is read without LimitedStream's copies, its limits and errors the same ----------
+
+
+class _Server:
+    """A server's body stream without ``readinto`` (gunicorn's): ``read`` answers from
+    ``pieces`` (bytes given as they are, or an exception raised), then b"" (a hang-up)."""
+
+    def __init__(self, *pieces: bytes | Exception) -> None:
+        self.pieces = list(pieces)
+        self.returned: list[bytes] = []
+
+    def read(self, size: int) -> bytes:
+        if not self.pieces:
+            return b""
+        piece = self.pieces.pop(0)
+        if isinstance(piece, Exception):
+            raise piece
+        head, rest = piece[:size], piece[size:]
+        if rest:
+            self.pieces.insert(0, rest)
+        self.returned.append(head)
+        return head
+
+
+def _outcome(stream: Any, sizes: list[int]) -> list[object]:
+    """What each read of ``stream`` gives: its bytes, or the type of what it raised."""
+    got: list[object] = []
+    for size in sizes:
+        try:
+            got.append(stream.read(size))
+        except Exception as error:  # the kind of error is what is compared
+            got.append(type(error))
+            break
+    return got
+
+
+@pytest.mark.parametrize(
+    ("pieces", "limit", "is_max", "sizes"),
+    [
+        ((b"a" * 100, b"b" * 50), 150, False, [64, 64, 64, 64]),  # the whole body
+        ((b"a" * 100,), 150, False, [64, 64, 64]),  # the client hangs up early: 400
+        ((b"a" * 100,), 150, True, [64, 64, 64]),  # ... under a maximum: the end
+        ((b"a" * 200,), 150, True, [100, 100, 100]),  # past the maximum: 413
+        ((b"a" * 200,), 150, False, [100, 100, 100]),  # past the length: not read
+        ((b"a" * 10, OSError("reset")), 150, False, [10, 10]),  # a broken connection: 400
+        ((b"a" * 10, ValueError("closed")), 150, True, [10, 10]),
+        ((b"a" * 100,), 150, False, [0, -1]),
+    ],
+)
+def test_the_body_reads_as_werkzeugs_limited_stream_reads_it(
+    pieces: tuple[bytes | Exception, ...], limit: int, is_max: bool, sizes: list[int]
+) -> None:
+    from werkzeug.wsgi import LimitedStream
+
+    from portal.web.uploads import _uncopied, _UncopiedBody
+
+    server = _Server(*pieces)
+    ours = _uncopied(cast(Any, LimitedStream(cast(Any, server), limit, is_max=is_max)))
+    assert isinstance(ours, _UncopiedBody)
+    theirs = LimitedStream(cast(Any, _Server(*pieces)), limit, is_max=is_max)
+    got = _outcome(ours, sizes)
+    assert got == _outcome(theirs, sizes)
+    assert ours.tell() == theirs.tell()
+    for data in got:  # the server's own bytes, not copies of them
+        if isinstance(data, bytes) and data:
+            assert any(data is returned for returned in server.returned)
+
+
+def test_the_request_stream_werkzeug_gives_is_the_one_read_uncopied() -> None:
+    """Pins what ``_uncopied`` relies on in Werkzeug: a request with a body is read through a
+    LimitedStream, whose state is ``_stream``, ``_pos``, ``limit`` and ``_limit_is_max``
+    (should this fail, the body is read through LimitedStream again, copies and all)."""
+    from werkzeug.test import EnvironBuilder
+    from werkzeug.wrappers import Request
+    from werkzeug.wsgi import LimitedStream
+
+    from portal.web.uploads import _uncopied, _UncopiedBody
+
+    environ = EnvironBuilder(method="POST", data=b"0123456789").get_environ()
+    environ["wsgi.input_terminated"] = True  # as gunicorn says
+    got = Request(environ)
+    got.max_content_length = 64
+    stream = got.stream
+    assert type(stream) is LimitedStream
+    assert stream._stream is environ["wsgi.input"]
+    assert (stream.limit, stream._limit_is_max, stream._pos) == (64, True, 0)
+    assert stream.read(4) == b"0123"
+    assert stream._pos == 4
+    ours = _uncopied(stream)
+    assert isinstance(ours, _UncopiedBody)
+    assert ours.read(100) == b"456789"
+    assert ours.read(100) == b""
+    plain = io.BytesIO(b"x")
+    assert _uncopied(plain) is plain
