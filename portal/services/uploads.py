@@ -278,23 +278,32 @@ class _Digest:
         return self._hasher.hexdigest()
 
     def stop(self) -> None:
-        """End the hashing thread once it has hashed what it was handed; idempotent."""
-        if self._thread is not None and self._queue is not None:
-            self._queue.put(None)
-            self._thread.join()
+        """End the hashing thread once it has hashed what it was handed; idempotent, and
+        raises nothing (discard relies on it)."""
+        thread, batches = self._thread, self._queue
         self._thread = self._queue = None
+        if thread is not None and batches is not None:
+            batches.put(None)
+            thread.join()
 
     def _hand_off(self) -> None:
         batch, self._batch, self._size = self._batch, [], 0
         if self._queue is None:
-            self._queue = queue.Queue(maxsize=HASH_BEHIND)
-            self._thread = threading.Thread(target=self._run, name="upload-sha256", daemon=True)
-            self._thread.start()
+            batches: queue.Queue[list[Piece] | None] = queue.Queue(maxsize=HASH_BEHIND)
+            thread = threading.Thread(
+                target=self._run, args=(batches,), name="upload-sha256", daemon=True
+            )
+            try:
+                thread.start()
+            except RuntimeError:  # no thread to be had now (a process at its limit):
+                for piece in batch:  # hashed here, as with HASH_BEHIND 0
+                    self._hasher.update(piece)
+                return
+            self._queue, self._thread = batches, thread
         self._queue.put(batch)  # waits while the queue is full: memory stays bounded
 
-    def _run(self) -> None:
-        assert self._queue is not None  # made before this thread starts
-        while (batch := self._queue.get()) is not None:
+    def _run(self, batches: queue.Queue[list[Piece] | None]) -> None:
+        while (batch := batches.get()) is not None:
             try:
                 for piece in batch if self._failure is None else ():
                     self._hasher.update(piece)

@@ -290,11 +290,12 @@ def _write_through(
     would have its ``delimiter`` whole inside ``held + data``. Those bytes are the part's,
     whatever follows; the decoder would hand each on as Data, in order. They go to
     ``sink``: the held bytes (a few, copied: the decoder's buffer is mutable), then
-    ``data`` but its last ``hold`` bytes, as a memoryview (not copied). The last ``hold``
-    bytes become the decoder's buffer, parsed with what follows as a tail it held back
-    itself would be. The decoder would have held back at most those and handed the rest
-    on at once; handed on a read later instead, they begin no delimiter still, so no
-    match the decoder then finds or misses (its quirks included) differs from its own,
+    ``data`` but what the decoder would itself hold back of it, as a memoryview (not
+    copied). That tail (from the earliest of the last CR and the last LF within the last
+    ``hold`` bytes, or nothing: Werkzeug's own rule) becomes the decoder's buffer, parsed
+    with what follows as if it had held it back itself, so its buffer, and its
+    max_form_memory_size check of buffer plus next read, are what they would have been;
+    no match the decoder then finds or misses (its quirks included) differs from its own,
     and what it hands on, in all, is what it would have: the part's bytes are Werkzeug's,
     byte for byte, whatever the read sizes (the parity tests of test_upload_gate.py).
 
@@ -309,11 +310,23 @@ def _write_through(
         return False
     if held and (held + data[: len(delimiter) - 1]).find(delimiter) != -1:
         return False
+    # Held back: what the decoder itself would hold of this read (from the earliest of the
+    # last CR and the last LF within its last ``hold`` bytes, or nothing), so that its
+    # buffer, and its max_form_memory_size check of buffer plus next read, are Werkzeug's.
+    tail = data[-hold:]
+    keep = (
+        len(data)
+        - hold
+        + min(
+            (found for found in (tail.rfind(b"\n"), tail.rfind(b"\r")) if found != -1),
+            default=hold,
+        )
+    )
     view = memoryview(data)
     if held:
         sink.write(bytes(held))
-    sink.write(view[:-hold])
-    held[:] = view[-hold:]
+    sink.write(view[:keep])
+    held[:] = view[keep:]
     return True
 
 

@@ -182,6 +182,36 @@ def test_sha256_is_hashed_on_a_thread_that_ends_with_its_file(store: FilesystemB
     assert temporary(store) == []
 
 
+def test_no_thread_for_the_sha256_hashes_it_on_the_callers(
+    store: FilesystemBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process at its thread limit (start() raises RuntimeError): the file is hashed on the
+    caller's thread, the digest the same, and a discard still releases everything (it
+    joined a thread never started, raised, and hung on its third call)."""
+    started = threading.Thread.start
+
+    def no_hashing_thread(thread: threading.Thread) -> None:
+        if thread.name == "upload-sha256":
+            raise RuntimeError("can't start new thread")
+        started(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", no_hashing_thread)
+    staging = Staging(store)
+    data = os.urandom(3 * MIB + 5)
+    upload = staging.open("a.pdf")
+    for piece in pieces(data, 256 * 1024):
+        upload.write(piece)
+    upload.seal()
+    assert upload.sha256 == hashlib.sha256(data).hexdigest()
+    halfway = staging.open("b.pdf")
+    for piece in pieces(data, 256 * 1024):
+        halfway.write(piece)
+    for _ in range(3):  # the request's write path, its form's end and its teardown
+        staging.discard()
+    assert temporary(store) == []
+    assert not [t for t in threading.enumerate() if t.name == "upload-sha256"]
+
+
 def test_the_plaintext_is_never_read_back_but_through_the_store(
     store: FilesystemBlobStore,
 ) -> None:

@@ -637,6 +637,25 @@ def test_a_read_past_the_memory_limit_is_refused_as_werkzeug_refuses_it() -> Non
             parser.parse(ShortFirst(body), BOUNDARY, len(body))
 
 
+@pytest.mark.parametrize("buffer_size", [995, 1000])
+def test_a_memory_limit_just_above_the_read_size_is_werkzeugs(buffer_size: int) -> None:
+    """After the shortcut the decoder holds what it would itself have held (usually
+    nothing), not the last ``len("\r\n--" + boundary)`` bytes of every read: with
+    max_form_memory_size between the read size and that much more, it refused every file
+    longer than a read with 413 where Werkzeug takes it."""
+    from werkzeug.formparser import MultiPartParser
+
+    from portal.web.uploads import _MultiPartParser
+
+    data = bytes(range(1, 256)).replace(b"\n", b"").replace(b"\r", b"") * 80  # 20 kB
+    body = _body([_field("csrf_token", b"t"), _file("f", "a.bin", data)])
+    options: dict[str, Any] = {"max_form_memory_size": 1000, "buffer_size": buffer_size}
+    theirs = _parse(MultiPartParser(**options), BOUNDARY, body)
+    ours = _parse(_MultiPartParser(lambda n, v: None, **options), BOUNDARY, body)
+    assert theirs == ours
+    assert theirs[1][0][3] == data
+
+
 # --- the body is read without LimitedStream's copies, its limits and errors the same ----------
 
 
