@@ -103,3 +103,33 @@ def test_a_full_disk_is_refused_with_nothing_kept(tmp_path: Path) -> None:
         late.abort()
         assert temporary(store) == []
         filler.unlink()
+
+
+def test_writeback_is_started_as_a_large_blob_is_written(
+    store: FilesystemBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every WRITEBACK_EVERY bytes the writing thread starts the kernel's writeback of what
+    it wrote (so keep()'s fsync has only the tail left): the blob's bytes are the same,
+    and the advice is taken on this platform (an error would fail the write)."""
+    from portal import storage
+
+    monkeypatch.setattr(storage, "WRITEBACK_EVERY", WRITE_BUFFER)
+    advised: list[tuple[int, int]] = []
+    advise = os.posix_fadvise
+
+    def counted(fd: int, offset: int, length: int, advice: int) -> None:
+        advised.append((offset, length))
+        advise(fd, offset, length, advice)  # the real call: it must succeed
+
+    monkeypatch.setattr(storage.os, "posix_fadvise", counted)
+    data = os.urandom(WRITE_BUFFER)
+    writer = store.begin()
+    for _ in range(6):
+        writer.write(data)
+    blob_id = writer.keep()
+    with store.open(blob_id) as stored:
+        assert stored.read() == data * 6
+    assert advised  # in order, each range once, from the start
+    assert [offset for offset, _ in advised] == [
+        sum(length for _, length in advised[:n]) for n in range(len(advised))
+    ]
