@@ -9,17 +9,19 @@ storage) can replace it by implementing ``BlobStore``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
 import queue
 import re
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from portal.crypto.stream import decrypt_stream, encrypt_stream
 
@@ -32,8 +34,9 @@ FILE_MODE = 0o600
 WRITE_BUFFER = 1024 * 1024  # bytes; one write(2) per MiB, not per segment (64 KiB puts +35%)
 WRITE_BEHIND = 2  # batches of WRITE_BUFFER a writer may have queued for its writing thread
 # Every this many bytes the writing thread asks the kernel to start writing the file's new
-# pages to disk (posix_fadvise DONTNEED starts writeback of dirty pages and drops none of
-# them), so that keep()'s fsync has only the tail left to wait for.
+# pages to disk (Linux sync_file_range, SYNC_FILE_RANGE_WRITE: it neither waits nor evicts
+# a page, so the PDF check's read-back stays in the cache), so that keep()'s fsync has only
+# the tail left to wait for. Advice only: elsewhere, or should it fail, nothing is done.
 WRITEBACK_EVERY = 8 * 1024 * 1024
 # A temporary file is created and then locked: one younger than this may not be locked yet.
 TEMP_GRACE_SECONDS = 60
@@ -418,8 +421,8 @@ class _PartWriter(BlobWriter):
                 try:
                     _write_all(self._fd, *batch)
                     written += batch[1]
-                    if written - started >= WRITEBACK_EVERY and _ADVISE is not None:
-                        os.posix_fadvise(self._fd, started, written - started, _ADVISE)
+                    if written - started >= WRITEBACK_EVERY:
+                        start_writeback(self._fd, started, written - started)
                         started = written
                 except BaseException as error:  # raised to the producer by its next call
                     self._failure = error
@@ -455,7 +458,30 @@ class _PartWriter(BlobWriter):
 
 
 _MAX_GATHER = 64  # pieces per writev, well under IOV_MAX (1024 on Linux)
-_ADVISE = getattr(os, "POSIX_FADV_DONTNEED", None)  # Linux; elsewhere no early writeback
+_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of the range's dirty pages, no wait
+
+
+def _sync_file_range() -> Any:
+    """libc's sync_file_range (called without the interpreter lock), or None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    call.restype = ctypes.c_int
+    return call
+
+
+_SYNC_RANGE = _sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, length: int) -> bool:
+    """Ask the kernel to start writing ``length`` bytes of ``fd`` from ``offset`` to disk,
+    without waiting and without dropping them from the cache; return whether it took the
+    advice (False off Linux or when the call fails: nothing else changes). Raises nothing."""
+    return _SYNC_RANGE is not None and _SYNC_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ live writer's temporary file safe from the sweep, a full disk refused with nothi
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,23 +106,25 @@ def test_a_full_disk_is_refused_with_nothing_kept(tmp_path: Path) -> None:
         filler.unlink()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
 def test_writeback_is_started_as_a_large_blob_is_written(
     store: FilesystemBlobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every WRITEBACK_EVERY bytes the writing thread starts the kernel's writeback of what
-    it wrote (so keep()'s fsync has only the tail left): the blob's bytes are the same,
-    and the advice is taken on this platform (an error would fail the write)."""
+    it wrote (so keep()'s fsync has only the tail left): each range once, in order, the
+    kernel takes the advice, and the blob's bytes are the same."""
     from portal import storage
 
     monkeypatch.setattr(storage, "WRITEBACK_EVERY", WRITE_BUFFER)
-    advised: list[tuple[int, int]] = []
-    advise = os.posix_fadvise
+    advised: list[tuple[int, int, bool]] = []
+    start = storage.start_writeback
 
-    def counted(fd: int, offset: int, length: int, advice: int) -> None:
-        advised.append((offset, length))
-        advise(fd, offset, length, advice)  # the real call: it must succeed
+    def counted(fd: int, offset: int, length: int) -> bool:
+        taken = start(fd, offset, length)  # the real call
+        advised.append((offset, length, taken))
+        return taken
 
-    monkeypatch.setattr(storage.os, "posix_fadvise", counted)
+    monkeypatch.setattr(storage, "start_writeback", counted)
     data = os.urandom(WRITE_BUFFER)
     writer = store.begin()
     for _ in range(6):
@@ -129,7 +132,21 @@ def test_writeback_is_started_as_a_large_blob_is_written(
     blob_id = writer.keep()
     with store.open(blob_id) as stored:
         assert stored.read() == data * 6
-    assert advised  # in order, each range once, from the start
-    assert [offset for offset, _ in advised] == [
-        sum(length for _, length in advised[:n]) for n in range(len(advised))
+    assert advised
+    assert all(taken for _, _, taken in advised)
+    assert [offset for offset, _, _ in advised] == [
+        sum(length for _, length, _ in advised[:n]) for n in range(len(advised))
     ]
+
+
+def test_writeback_advice_that_fails_changes_nothing(tmp_path: Path) -> None:
+    """Advice only: a descriptor the kernel refuses it for (a pipe) is answered False, not
+    an error that would fail an upload whose bytes are all written."""
+    from portal import storage
+
+    read_end, write_end = os.pipe()
+    try:
+        assert storage.start_writeback(write_end, 0, 4096) is False
+    finally:
+        os.close(read_end)
+        os.close(write_end)
