@@ -3,6 +3,7 @@ during an upload, a database outage, and what /readyz says about each."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import shutil
@@ -271,11 +272,10 @@ def test_outage_state_is_one_line_each_way_under_threads() -> None:
 # --- SQLite on a full disk (its own database: the file lives on the tiny disk) --------------
 
 
-def test_sqlite_on_a_full_disk_answers_503_and_readyz_says_not_writable(
-    tmp_path: Path, instance: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    from sqlalchemy import text
-
+@contextlib.contextmanager
+def sqlite_on_a_tiny_disk(tmp_path: Path) -> Iterator[tuple[Flask, Path]]:
+    """The portal on a SQLite database of its own on a 16 MiB disk (blobs elsewhere):
+    (app, the disk's folder); the engine disposed at the end."""
     from portal import create_app
     from portal.database import make_engine
     from portal.migrate import upgrade
@@ -289,30 +289,37 @@ def test_sqlite_on_a_full_disk_answers_503_and_readyz_says_not_writable(
             {"DATABASE_URL": url, "TESTING": True, "BLOB_DIR": str(tmp_path / "blobs")}
         )
         try:
-            browser = signed_in_staff(app)
-            token = browser.token("/staff/patients")
-            with app.app_context():  # an empty WAL: the next write needs new blocks
-                db.session.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
-            fill(disk)
-            with caplog.at_level(logging.INFO):
-                refused = browser.client.post(
-                    "/staff/patients",
-                    data={
-                        "csrf_token": token,
-                        "email": "zq@example.org",
-                        "name": PATIENT_NAME,
-                        "dob": "1961-07-23",
-                    },
-                )
-            assert refused.status_code == 503
-            assert DOWN_TEXT in refused.get_data(as_text=True)
-            assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
-            no_phi(caplog.text)
-            ready = app.test_client().get("/readyz")
-            assert ready.status_code == 503
-            assert ready.get_json()["database"] == "not writable"
+            yield app, disk
         finally:
             app.extensions["engine"].dispose()
+
+
+def test_sqlite_on_a_full_disk_answers_503_and_readyz_says_not_writable(
+    tmp_path: Path, instance: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with sqlite_on_a_tiny_disk(tmp_path) as (app, disk):
+        browser = signed_in_staff(app)
+        token = browser.token("/staff/patients")
+        with app.app_context():  # an empty WAL: the next write needs new blocks
+            db.session.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+        fill(disk)
+        with caplog.at_level(logging.INFO):
+            refused = browser.client.post(
+                "/staff/patients",
+                data={
+                    "csrf_token": token,
+                    "email": "zq@example.org",
+                    "name": PATIENT_NAME,
+                    "dob": "1961-07-23",
+                },
+            )
+        assert refused.status_code == 503
+        assert DOWN_TEXT in refused.get_data(as_text=True)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        no_phi(caplog.text)
+        ready = app.test_client().get("/readyz")
+        assert ready.status_code == 503
+        assert ready.get_json()["database"] == "not writable"
 
 
 def test_an_inbox_whose_audit_event_cannot_be_written_is_not_shown(
@@ -321,42 +328,29 @@ def test_an_inbox_whose_audit_event_cannot_be_written_is_not_shown(
     """The inbox's event is written by the audit group appender (portal.audit_group), on a
     connection of its own: when that write fails (SQLite on a full disk: reads still work)
     the patient gets the 503 page, and no subject is shown without its event."""
-    from portal import create_app
-    from portal.database import make_engine
-    from portal.migrate import upgrade
     from tests.support.lists import fill_inbox
     from tests.support.pickup import enrolled_patient, signed_in
 
-    with tiny_disk(tmp_path / "disk", "16m") as disk:
-        url = f"sqlite:///{disk / 'portal.db'}"
-        engine = make_engine(url)
-        upgrade(engine)
-        engine.dispose()
-        app = create_app(
-            {"DATABASE_URL": url, "TESTING": True, "BLOB_DIR": str(tmp_path / "blobs")}
-        )
-        try:
-            enrolled_user(app, email="sam@example.org")
-            _, secret = enrolled_patient(app, "pat@example.org", PATIENT_NAME)
-            fill_inbox(app, "pat@example.org", 3, ["sam@example.org"], subject=SUBJECT)
-            browser = signed_in(app, "pat@example.org", secret)
-            assert SUBJECT in browser.get("/inbox").get_data(as_text=True)
-            with app.app_context():
-                shown = db.session.scalar(select(func.count()).select_from(AuditEvent))
-                db.session.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
-            fill(disk)
-            with caplog.at_level(logging.INFO):
-                refused = browser.get("/inbox")
-            assert refused.status_code == 503
-            page = refused.get_data(as_text=True)
-            assert DOWN_TEXT in page
-            assert SUBJECT not in page
-            assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
-            no_phi(caplog.text)
-            with app.app_context():
-                assert db.session.scalar(select(func.count()).select_from(AuditEvent)) == shown
-        finally:
-            app.extensions["engine"].dispose()
+    with sqlite_on_a_tiny_disk(tmp_path) as (app, disk):
+        enrolled_user(app, email="sam@example.org")
+        _, secret = enrolled_patient(app, "pat@example.org", PATIENT_NAME)
+        fill_inbox(app, "pat@example.org", 3, ["sam@example.org"], subject=SUBJECT)
+        browser = signed_in(app, "pat@example.org", secret)
+        assert SUBJECT in browser.get("/inbox").get_data(as_text=True)
+        with app.app_context():
+            shown = db.session.scalar(select(func.count()).select_from(AuditEvent))
+            db.session.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+        fill(disk)
+        with caplog.at_level(logging.INFO):
+            refused = browser.get("/inbox")
+        assert refused.status_code == 503
+        page = refused.get_data(as_text=True)
+        assert DOWN_TEXT in page
+        assert SUBJECT not in page
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        no_phi(caplog.text)
+        with app.app_context():
+            assert db.session.scalar(select(func.count()).select_from(AuditEvent)) == shown
 
 
 def test_a_missing_table_is_a_logged_500_not_a_quiet_outage(
